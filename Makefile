@@ -1,0 +1,33 @@
+# Two commands for a fresh clone:  `make run` (server on http://127.0.0.1:8000)  and  `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STUDIES ?= demo_studies
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+DEMO_COUNT ?= 8
+# MONAI Label re-launches `python` from PATH, so the venv's bin must come first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: run test venv demo clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+demo: $(STUDIES)/manifest.csv
+
+$(STUDIES)/manifest.csv: | venv
+	$(PY) -m sarco_app phantom --count $(DEMO_COUNT) --seed 2024 --out $(STUDIES)
+
+run: venv demo
+	$(VENV)/bin/monailabel start_server --app apps/sarcopenia --studies $(STUDIES) \
+		--host $(HOST) --port $(PORT)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(STUDIES)

@@ -1,0 +1,67 @@
+"""MONAI Label app for body-composition labelling at L3 (muscle, SAT, VAT, IMAT).
+
+Thin on purpose: every algorithm lives in the ``sarco_app`` library; the task classes in
+``lib/`` only adapt it to MONAI Label. Configuration lives in one place, :class:`AppConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Dict
+
+# The library sits at the repository root, two levels above this app.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
+
+import sarco_app  # noqa: E402
+from sarco_app.labels import LABELS  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class AppConfig:
+    """Everything configurable, from ``--conf key value`` or environment, in one place."""
+
+    def __init__(self, app_dir: str, conf: Dict[str, str]):
+        self.app_dir = Path(app_dir)
+        self.conf = conf
+        # Where retrained checkpoints go (gitignored); the shipped one is the fallback.
+        self.model_dir = Path(self.get("model_dir", str(self.app_dir / "model")))
+        self.shipped_model = Path(self.get("shipped_model", str(REPO_ROOT / "models" / "bodycomp_unet.pt")))
+
+    def get(self, key: str, default: str) -> str:
+        return self.conf.get(key, os.environ.get(f"SARCO_{key.upper()}", default))
+
+
+class SarcopeniaApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.config = AppConfig(app_dir, conf)
+        self.config.model_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="sarcopenia",
+            description="Body composition at L3 on CT: skeletal muscle, subcutaneous, visceral and "
+            "intermuscular fat; semi-automatic tools and sarcopenia quantification.",
+            version=sarco_app.__version__,
+            labels=dict(LABELS),
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        infers: Dict[str, InferTask] = {}
+        # --- task registrations (one block per task family) ---
+        return infers
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        trainers: Dict[str, TrainTask] = {}
+        # --- trainer registrations ---
+        return trainers

@@ -1,0 +1,110 @@
+"""Shared fixtures: paths, the real CT samples in ../shared, and a real MONAI Label server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "sarcopenia"
+SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data/real``; tests that need it skip when it is absent (a user's clone)."""
+    if not SHARED_REAL.is_dir():
+        pytest.skip("../shared/data/real is not present")
+    return SHARED_REAL
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    """A ``monailabel start_server`` process in its own process group."""
+
+    def __init__(self, studies: Path, log_path: Path, conf: dict | None = None,
+                 env: dict | None = None, timeout: float = 180.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        venv_bin = Path(sys.executable).parent
+        full_env = dict(os.environ)
+        # MONAI Label re-launches `python` from PATH: the test interpreter's bin goes first.
+        full_env["PATH"] = f"{venv_bin}{os.pathsep}{full_env.get('PATH', '')}"
+        full_env.setdefault("OMP_NUM_THREADS", "2")
+        full_env.update(env or {})
+        cmd = [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR),
+               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in (conf or {}).items():
+            cmd += ["--conf", key, str(value)]
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=full_env,
+                                     start_new_session=True, cwd=str(ROOT))
+        self._wait(timeout)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Factory ``start_server(studies_dir, conf=None, env=None) -> base_url``.
+
+    Starts the real MONAI Label server with ``apps/sarcopenia`` on a free port; every server
+    started in a test module is stopped when the module ends.
+    """
+    servers: list[RunningServer] = []
+
+    def _start(studies: Path, conf: dict | None = None, env: dict | None = None) -> str:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = RunningServer(Path(studies), log, conf=conf, env=env)
+        servers.append(server)
+        return server.url
+
+    yield _start
+    for server in servers:
+        server.stop()
