@@ -1,0 +1,48 @@
+"""``python -m sarco_app cohort``: quantify every labelled scan of a studies folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "cohort",
+        help="quantify every image with a final label into an Excel workbook, CSV and overlays",
+        description=(
+            "For every image in a studies folder with a label in labels/final/, measure the "
+            "labelled slice (see `quantify`) and write an Excel workbook (sheets scans, summary by "
+            "sex with mean ± SD, reference), the same tables as CSV and an overlay PNG per scan."
+        ),
+    )
+    parser.add_argument("--studies", required=True, type=Path, help="studies folder (MONAI Label layout)")
+    parser.add_argument("--out", required=True, type=Path, help="Excel workbook to write (.xlsx)")
+    parser.add_argument("--slice", type=int, default=None, dest="slice_index",
+                        help="slice index for 3D images (default: each label's only labelled slice)")
+    parser.add_argument("--reference", type=Path, default=None, help="T-score table CSV")
+    parser.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    return parser
+
+
+def run(args) -> int:
+    from sarco_app.cohort import quantify_studies
+
+    result = quantify_studies(
+        args.studies,
+        args.out,
+        reference=args.reference,
+        slice_index=args.slice_index,
+        overlays=not args.no_overlays,
+    )
+    n = len(result["rows"])
+    print(f"{n} scan(s) quantified, {result['failed']} failed")
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            print(f"  {row['id']}: {row['status']}", file=sys.stderr)
+    if result["unlabelled"]:
+        print(f"{len(result['unlabelled'])} image(s) without a final label skipped")
+    print(f"wrote {result['xlsx']}, {result['csv']}, {result['summary_csv']}")
+    if result["overlay_dir"]:
+        print(f"overlays in {result['overlay_dir']}")
+    return 0 if result["failed"] < n else 1
