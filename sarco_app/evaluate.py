@@ -100,13 +100,20 @@ def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))
         data = np.rint(np.asarray(img.dataobj)).astype(np.int16)
     except Exception as exc:  # nibabel raises many types for a damaged file
         raise SarcoError(f"{path.name}: not a readable NIfTI label ({exc})") from exc
-    while data.ndim > 2 and data.shape[-1] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    return data, img.affine
+    if data.ndim == 2:  # a 2D slice: orient it as a one-slice volume
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise SarcoError(f"{path.name}: expected a 2D or 3D label, got shape {data.shape}")
+    # Same voxel order (RAS) for both maps whatever the files' orientations.
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+    data = np.asarray(canonical.dataobj)
+    return (data[:, :, 0] if data.shape[2] == 1 else data), canonical.affine
 
 
 def pair_files(pred: str | Path, truth: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
