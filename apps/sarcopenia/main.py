@@ -59,6 +59,9 @@ class SarcopeniaApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
         # --- task registrations (one block per task family) ---
+        from lib.infers.quantification import QuantificationInfer
+
+        infers["quantification"] = QuantificationInfer(datastore=self.datastore)
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:

@@ -1,0 +1,120 @@
+"""MONAI Label infer task ``quantification``: body-composition measures of a labelled scan.
+
+Post-processing only (no network): for the request's image and either the label sent with
+the request or the image's stored label (tag ``final`` by default, ``label_tag`` to choose
+another), it returns the JSON of :func:`sarco_app.quantify.quantify_scan` and no label file.
+
+Request params (all optional): ``height_cm``, ``weight_kg``, ``sex`` (M/F), ``age`` (years)
+override or fill the image's patient data; ``slice`` picks the axial slice of a 3D image;
+``reference`` names a T-score table (a file stem in ``sarco_app/references/`` or
+``<studies>/references/``, or a CSV path on the server); ``label_tag`` the stored label used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from sarco_app.errors import SarcoError
+
+logger = logging.getLogger(__name__)
+
+
+def _http_error(status: int, message: str) -> Exception:
+    """An error FastAPI answers with ``status`` and ``{"detail": message}``."""
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=status, detail=message)
+
+
+class QuantificationInfer(BasicInferTask):
+    """Areas, HU statistics, indices, T-scores and cut-off flags as JSON (no label output)."""
+
+    def __init__(self, datastore: Any = None, description: str | None = None):
+        super().__init__(
+            path=None,
+            network=None,
+            type=InferType.OTHERS,
+            labels=None,
+            dimension=2,
+            description=description
+            or "Body-composition measures (areas, HU, SMI, T-scores, Prado/Martin flags) "
+            "of the stored final label or a label sent with the request; returns JSON",
+            config={
+                "label_tag": "final",
+                "height_cm": "",
+                "weight_kg": "",
+                "sex": "",
+                "age": "",
+                "slice": "",
+                "reference": "lee2022_young_adults",
+            },
+        )
+        # The app's datastore, or a callable returning it (``MONAILabelApp.datastore``).
+        self._datastore = datastore
+
+    def is_valid(self) -> bool:
+        return True  # nothing to load
+
+    def _get_datastore(self):
+        store = self._datastore
+        if store is None:
+            from monailabel.interfaces.utils.app import app_instance
+
+            return app_instance().datastore()
+        return store() if callable(store) else store
+
+    def _stored_label(self, image_path: str, tag: str) -> str:
+        """Path of the ``tag`` label stored for the datastore image at ``image_path``."""
+        store = self._get_datastore()
+        wanted = os.path.realpath(image_path)
+        image_id = None
+        for candidate in store.list_images():
+            try:
+                if os.path.realpath(store.get_image_uri(candidate)) == wanted:
+                    image_id = candidate
+                    break
+            except Exception:  # an image the datastore cannot resolve is not ours
+                continue
+        if image_id is None:
+            raise _http_error(400, "no label sent and the image is not in the datastore: send a label file")
+        label_id = store.get_label_by_image_id(image_id, tag)
+        if not label_id:
+            raise _http_error(404, f"image {image_id} has no {tag!r} label: save one or send a label file")
+        return store.get_label_uri(label_id, tag)
+
+    def _reference_dirs(self) -> list[Path]:
+        dirs = []
+        try:
+            dirs.append(Path(self._get_datastore()._datastore_path) / "references")
+        except Exception:  # a datastore without a local folder
+            pass
+        return dirs
+
+    def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
+        from sarco_app.quantify import clean_json, quantify_request
+
+        begin = time.time()
+        req = copy.deepcopy(self._config)
+        req.update(request)
+        image_path = req.get("image")
+        if not isinstance(image_path, str) or not os.path.exists(image_path):
+            raise _http_error(400, "quantification needs an image from the datastore or an uploaded file")
+        label_path = req.get("label")
+        try:
+            if not (isinstance(label_path, str) and os.path.exists(label_path)):
+                label_path = self._stored_label(image_path, str(req.get("label_tag") or "final"))
+            result = quantify_request(image_path, label_path, req, reference_dirs=self._reference_dirs())
+        except SarcoError as exc:
+            raise _http_error(400, str(exc)) from exc
+        result = clean_json(result)
+        result["latencies"] = {"total": round(time.time() - begin, 3)}
+        logger.info(f"quantification of {image_path}: SMA {result['indices']['sma_cm2']:.2f} cm²")
+        return None, result
