@@ -63,6 +63,13 @@ class QuantificationInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return True  # nothing to load
 
+    # No MONAI pipeline runs: __call__ below measures the label directly.
+    def pre_transforms(self, data=None):
+        return []
+
+    def post_transforms(self, data=None):
+        return []
+
     def _get_datastore(self):
         store = self._datastore
         if store is None:
