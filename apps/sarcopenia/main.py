@@ -24,6 +24,10 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 import sarco_app  # noqa: E402
 from sarco_app.labels import LABELS  # noqa: E402
 
+# Task modules are imported here, at load time: MONAI Label puts the app folder on sys.path
+# only while it executes this file, so `lib` cannot be imported later inside init_infers().
+from lib.infers.quantification import QuantificationInfer  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,8 +63,6 @@ class SarcopeniaApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
         # --- task registrations (one block per task family) ---
-        from lib.infers.quantification import QuantificationInfer
-
         infers["quantification"] = QuantificationInfer(datastore=self.datastore)
         return infers
 
