@@ -401,6 +401,12 @@ def test_user_reference_table_is_used(tmp_path, capsys):
     assert result["reference"] == "my group"
     assert result["t_scores"] == {"sma_cm2": pytest.approx(-2.0)}
     assert result["categories"] == {"sma_cm2": "sarcopenia"}
+    assert cli(["quantify", "--image", str(tmp_path / "a.nii.gz"), "--label", str(tmp_path / "l.nii.gz"),
+                "--reference", "lee2022_young_adults"]) == 0  # a bundled table by name
+    assert json.loads(capsys.readouterr().out)["reference"] == load_reference().describe()
+    assert cli(["quantify", "--image", str(tmp_path / "a.nii.gz"), "--label", str(tmp_path / "l.nii.gz"),
+                "--reference", "nonexistent_table"]) != 0
+    assert "unknown reference table" in capsys.readouterr().err
     table.write_text("sex,index,mean,sd\nM,sma_cm2,150,0\n")
     assert cli(["quantify", "--image", str(tmp_path / "a.nii.gz"), "--label", str(tmp_path / "l.nii.gz"),
                 "--reference", str(table)]) != 0

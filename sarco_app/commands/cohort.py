@@ -20,18 +20,20 @@ def add_parser(subparsers):
     parser.add_argument("--out", required=True, type=Path, help="Excel workbook to write (.xlsx)")
     parser.add_argument("--slice", type=int, default=None, dest="slice_index",
                         help="slice index for 3D images (default: each label's only labelled slice)")
-    parser.add_argument("--reference", type=Path, default=None, help="T-score table CSV")
+    parser.add_argument("--reference", default=None, metavar="NAME_OR_CSV",
+                        help="T-score table: a CSV path or a bundled table name (default: the paper's Table 4)")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     return parser
 
 
 def run(args) -> int:
     from sarco_app.cohort import quantify_studies
+    from sarco_app.reference import find_reference
 
     result = quantify_studies(
         args.studies,
         args.out,
-        reference=args.reference,
+        reference=find_reference(args.reference),
         slice_index=args.slice_index,
         overlays=not args.no_overlays,
     )

@@ -53,8 +53,9 @@ def add_parser(subparsers):
     parser.add_argument("--slice", type=int, default=None, dest="slice_index",
                         help="axial slice index for 3D images (default: the only labelled slice)")
     add_patient_options(parser)
-    parser.add_argument("--reference", type=Path, default=None,
-                        help="T-score table CSV (default: the paper's Table 4 young adults)")
+    parser.add_argument("--reference", default=None, metavar="NAME_OR_CSV",
+                        help="T-score table: a CSV path or a bundled table name "
+                        "(default: lee2022_young_adults, the paper's Table 4)")
     parser.add_argument("--json", type=Path, default=None, dest="json_out", help="also write the JSON here")
     parser.add_argument("--overlay", type=Path, default=None, help="write an overlay PNG of the slice here")
     return parser
@@ -67,7 +68,10 @@ def run(args) -> int:
     image = load_image(args.image)
     label = load_label(args.label, image)
     manual = PatientInfo(sex=args.sex, age=args.age, height_cm=args.height_cm, weight_kg=args.weight_kg)
-    result = clean_json(quantify_scan(image, label, args.slice_index, manual, args.reference))
+    from sarco_app.reference import find_reference
+
+    reference = find_reference(args.reference)
+    result = clean_json(quantify_scan(image, label, args.slice_index, manual, reference))
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if args.json_out:
         try:
