@@ -235,6 +235,14 @@ def body_indices(tissues: dict[str, dict], patient: dict[str, Any]) -> tuple[dic
     return indices, reasons
 
 
+def _decimal_spacing(value: float) -> float:
+    """NIfTI stores spacing as float32: a value that is exactly a float32 is given its shortest
+    decimal form (0.8, not 0.800000011920929) so areas from known spacings come out exact.
+    Other values (DICOM, in-memory images) are kept as they are."""
+    single = np.float32(value)
+    return float(str(single)) if float(single) == float(value) else float(value)
+
+
 def choose_slice(image: CTImage, label: np.ndarray, slice_index: int | None) -> int:
     """The axial slice to measure: ``slice_index`` (negative counts from the end), the only
     slice of a 2D image, or the only labelled slice of a 3D label; else :class:`SarcoError`."""
@@ -291,9 +299,7 @@ def quantify_scan(
     k = choose_slice(image, label, slice_index)
     hu_xy = image.hu if image.hu.ndim == 2 else image.hu[:, :, k]
     label_xy = label if label.ndim == 2 else label[:, :, k]
-    # NIfTI keeps spacing as float32: use its shortest decimal form (0.8, not 0.800000011920929)
-    # so areas from known spacings come out exact.
-    spacing = tuple(float(str(np.float32(s))) for s in image.pixel_spacing)
+    spacing = tuple(_decimal_spacing(s) for s in image.pixel_spacing)
     reasons: dict[str, str] = {}
 
     tissues = tissue_measures(hu_xy, label_xy, spacing)

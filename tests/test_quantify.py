@@ -419,3 +419,17 @@ def test_reference_command_needs_enough_rows(tmp_path, capsys):
                 "--indices", "sma_cm2"]) != 0
     assert "fewer than two" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_phantom_areas_and_martin_flag_agree():
+    """Cross-check with the independent phantom generator: its exact areas and its
+    sarcopenic flag (drawn against Martin 2013) must match what quantify measures."""
+    phantom = pytest.importorskip("sarco_app.phantom")
+    for seed, sarcopenic in ((3, True), (4, False)):
+        p = phantom.generate(seed, sex="M", height_cm=178, weight_kg=92, sarcopenic=sarcopenic,
+                             muscle_hu=25, size=256)
+        result = quantify_scan(p.to_image(), p.label)
+        for tissue, area in p.areas_cm2().items():
+            assert result["tissues"][tissue]["area_cm2"] == pytest.approx(area, rel=1e-12)
+        assert result["flags"]["martin2013_sarcopenia"] is sarcopenic
+        assert result["flags"]["martin2013_myosteatosis"] is True  # muscle ~25 HU < 33 (BMI 29)
