@@ -202,6 +202,8 @@ def quantify_studies(
                 row["overlay"] = str(_write_overlay(image, label, result, overlay_dir / f"{study_id}.png", study_id))
         except (ValueError, OSError) as exc:  # one bad scan must not stop the run
             row["status"] = f"error: {exc}"
+        except Exception as exc:  # an unexpected failure is recorded too, with its type
+            row["status"] = f"error: {type(exc).__name__}: {exc}"
         rows.append(row)
 
     frame = pd.DataFrame.from_records(rows)
@@ -216,7 +218,7 @@ def quantify_studies(
         *INDEX_KEYS,
         *[f"t_{i}" for i in reference.indices],
     ]
-    summary = summary_by_sex(frame, measures)
+    summary = summary_by_sex(frame, list(dict.fromkeys(measures)))  # muscle_hu_mean is listed twice
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with pd.ExcelWriter(out_path, engine="openpyxl") as writer:
         frame.to_excel(writer, sheet_name="scans", index=False)

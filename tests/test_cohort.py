@@ -178,3 +178,10 @@ def test_quantify_json_keys_are_stable(studies, capsys):
     assert list(result["indices"]) == ["sma_cm2", "smi_cm2_m2", "sma_per_weight", "sma_per_bmi",
                                        "muscle_hu_mean", "vat_sat_ratio", "total_adipose_cm2"]
     assert list(result["flags"]) == ["prado2008_sarcopenia", "martin2013_sarcopenia", "martin2013_myosteatosis"]
+
+
+def test_summary_lists_each_measure_once(exported):
+    _, out = exported
+    summary = pd.read_excel(out, sheet_name="summary")
+    assert not summary.duplicated(["measure", "group"]).any()
+    assert {"muscle_hu_mean", "smi_cm2_m2", "vat_sat_ratio", "bmi"} <= set(summary["measure"])
