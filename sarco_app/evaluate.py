@@ -87,9 +87,9 @@ def _label_files(path: Path, what: str) -> dict[str, Path]:
         raise SarcoError(f"{what} {path}: no such file or folder")
     if path.is_file():
         return {_stem(path): path}
-    files = {_stem(p): p for p in sorted(path.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)}
-    if not files and (path / "labels" / "final").is_dir():  # a studies folder
+    if (path / "labels" / "final").is_dir():  # a studies folder: its files are images, not labels
         return _label_files(path / "labels" / "final", what)
+    files = {_stem(p): p for p in sorted(path.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)}
     if not files:
         raise SarcoError(f"{what} {path}: no NIfTI label files found")
     return files
@@ -104,6 +104,11 @@ def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.rint(np.asarray(img.dataobj)).astype(np.int16)
     except Exception as exc:  # nibabel raises many types for a damaged file
         raise SarcoError(f"{path.name}: not a readable NIfTI label ({exc})") from exc
+    bad = np.setdiff1d(np.unique(data), [0, *L.NAMES])
+    if bad.size:
+        raise SarcoError(
+            f"{path.name}: values {bad[:5].tolist()} outside 0-4 — an image rather than a label map?"
+        )
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2:  # a 2D slice: orient it as a one-slice volume

@@ -134,3 +134,23 @@ def test_orientation_of_files_does_not_matter(tmp_path, capsys):
     nib.save(ras, str(tmp_path / "p.nii.gz"))
     assert cli(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--truth", str(tmp_path / "t.nii.gz")]) == 0
     assert "| t | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in capsys.readouterr().out
+
+
+def test_studies_folder_means_its_final_labels(tmp_path, capsys):
+    """A studies folder holds images next to labels/final/: the labels are compared, and an
+    image passed where a label is expected is refused."""
+    hu = np.full((16, 12), -1000.0, np.float32)
+    hu[2:10, 2:10] = 40.0
+    truth = np.zeros((16, 12), np.uint8)
+    truth[2:10, 2:10] = L.MUSCLE
+    from sarco_app.ingest import save_image
+
+    image = make_image(hu, (1, 1))
+    save_image(image, tmp_path / "studies" / "a.nii.gz")
+    save_label(truth, image, tmp_path / "studies" / "labels" / "final" / "a.nii.gz")
+    save_label(truth, image, tmp_path / "pred" / "a.nii.gz")
+    assert cli(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "studies")]) == 0
+    assert "| a | 1.0000 | 1.0000 |" in capsys.readouterr().out
+    assert cli(["evaluate", "--pred", str(tmp_path / "pred" / "a.nii.gz"),
+                "--truth", str(tmp_path / "studies" / "a.nii.gz")]) != 0
+    assert "an image rather than a label map" in capsys.readouterr().err
