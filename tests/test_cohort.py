@@ -185,3 +185,26 @@ def test_summary_lists_each_measure_once(exported):
     summary = pd.read_excel(out, sheet_name="summary")
     assert not summary.duplicated(["measure", "group"]).any()
     assert {"muscle_hu_mean", "smi_cm2_m2", "vat_sat_ratio", "bmi"} <= set(summary["measure"])
+
+
+def test_reference_derived_from_cohort_export(exported, tmp_path, capsys):
+    """The cohort CSV feeds `reference` directly (the paper's way of building Table 4)."""
+    _, out = exported
+    table_path = tmp_path / "ours.csv"
+    assert cli(["reference", "--cohort", str(out.with_suffix(".csv")), "--out", str(table_path),
+                "--age-max", "99", "--indices", "sma_cm2,muscle_hu_mean"]) == 0
+    capsys.readouterr()
+    scans = pd.read_csv(out.with_suffix(".csv"))
+    ok = scans[scans.status == "ok"]
+    from sarco_app.reference import load_reference
+
+    table = load_reference(table_path)
+    for sex in ("M", "F"):
+        values = ok[ok.sex == sex]["sma_cm2"].to_numpy(dtype=float)
+        assert table.stat(sex, "sma_cm2").n == len(values) == 2
+        assert table.stat(sex, "sma_cm2").mean == pytest.approx(values.mean(), rel=1e-5)
+        assert table.stat(sex, "sma_cm2").sd == pytest.approx(values.std(ddof=1), rel=1e-5)
+    assert table.stat("M", "muscle_hu_mean") is not None
+    # Only one man is 39 or younger: no table, a clear error.
+    assert cli(["reference", "--cohort", str(out.with_suffix(".csv")), "--out", str(tmp_path / "x.csv")]) != 0
+    assert "fewer than two" in capsys.readouterr().err
