@@ -27,6 +27,8 @@ from sarco_app.labels import LABELS  # noqa: E402
 # Task modules are imported here, at load time: MONAI Label puts the app folder on sys.path
 # only while it executes this file, so `lib` cannot be imported later inside init_infers().
 from lib.infers.quantification import QuantificationInfer  # noqa: E402
+from lib.infers.bodycomp import BodyCompInfer  # noqa: E402
+from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +62,22 @@ class SarcopeniaApp(MONAILabelApp):
             labels=dict(LABELS),
         )
 
+    def bodycomp_model_paths(self) -> list:
+        """Checkpoints of the body-composition U-Net, preferred first: retrained, shipped."""
+        return [self.config.model_dir / "bodycomp_unet.pt", self.config.shipped_model]
+
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
         # --- task registrations (one block per task family) ---
         infers["quantification"] = QuantificationInfer(datastore=self.datastore)
+        infers["bodycomp_unet"] = BodyCompInfer("unet", model_paths=self.bodycomp_model_paths)
+        infers["bodycomp_threshold"] = BodyCompInfer("threshold")
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         trainers: Dict[str, TrainTask] = {}
         # --- trainer registrations ---
+        trainers["bodycomp_unet"] = BodyCompTrainer(
+            self.config.model_dir / "bodycomp_unet.pt", init_paths=self.bodycomp_model_paths
+        )
         return trainers

@@ -1,0 +1,167 @@
+"""MONAI Label infer tasks ``bodycomp_unet`` and ``bodycomp_threshold``: automatic muscle, SAT,
+VAT and IMAT labels (the paper's "Sarcopenia Predict" button).
+
+Both load the request's image with :func:`sarco_app.ingest.load_image` (NIfTI file or DICOM
+series folder), label it with :func:`sarco_app.segment.segment_image` and return a uint8 NIfTI
+on the image file's own grid (same shape, voxel order and affine), plus JSON.
+
+Request params (all optional):
+
+* ``slice_index`` - canonical axial slice (axis 2 toward superior, as everywhere in sarco);
+  default: L3 found by :func:`sarco_app.l3.locate_l3`, else the middle slice;
+* ``all_slices`` - label every slice (bool);
+* ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only).
+
+The JSON has ``slices`` (canonical), ``file_slices``, ``confidence`` (mean probability per
+tissue, ``bodycomp_unet`` only), ``model`` (checkpoint path), ``method`` and ``slice_source``.
+
+``bodycomp_unet`` uses the app's retrained checkpoint (``<model_dir>/bodycomp_unet.pt``) when
+it exists, else the shipped ``models/bodycomp_unet.pt``; the checkpoint is reloaded whenever its
+file changes, so a model written by the trainer is used without a restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from sarco_app.errors import SarcoError
+from sarco_app.labels import LABELS
+
+logger = logging.getLogger(__name__)
+
+
+def _http_error(status: int, message: str) -> Exception:
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=status, detail=message)
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class BodyCompInfer(BasicInferTask):
+    """Automatic body-composition label of one slice (default) or all slices."""
+
+    def __init__(
+        self,
+        method: str = "unet",
+        model_paths: Sequence[Path] | Callable[[], Sequence[Path]] = (),
+        description: str | None = None,
+    ):
+        self.method = method
+        self._model_paths = model_paths
+        default_description = (
+            "2D U-Net body composition (muscle, SAT, VAT, IMAT) on L3 or a chosen slice"
+            if method == "unet"
+            else "Rule-based body composition: HU thresholds with body contour and abdominal-wall "
+            "geometry (classical baseline and pseudo-labeller)"
+        )
+        config: dict[str, Any] = {"slice_index": "", "all_slices": False}
+        if method == "unet":
+            config["hu_refine"] = False
+        super().__init__(
+            path=None,
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=dict(LABELS),
+            dimension=2,
+            description=description or default_description,
+            config=config,
+        )
+
+    def model_path(self) -> Path | None:
+        """The first existing checkpoint of the configured candidates."""
+        paths = self._model_paths() if callable(self._model_paths) else self._model_paths
+        for path in paths:
+            if Path(path).is_file():
+                return Path(path)
+        return None
+
+    def is_valid(self) -> bool:
+        return self.method == "threshold" or self.model_path() is not None
+
+    def pre_transforms(self, data=None):
+        return []
+
+    def post_transforms(self, data=None):
+        return []
+
+    def _slices(self, image, req: dict) -> tuple[Any, str]:
+        if image.hu.ndim == 2:
+            return 0, "2d"
+        if _as_bool(req.get("all_slices", False)):
+            return "all", "all_slices"
+        value = req.get("slice_index", "")
+        if value not in ("", None):
+            try:
+                return int(value), "request"
+            except (TypeError, ValueError):
+                raise SarcoError(f"slice_index must be an integer, not {value!r}") from None
+        try:
+            from sarco_app.l3 import locate_l3
+
+            found = locate_l3(image)
+            if found.found and found.slice_index is not None:
+                return int(found.slice_index), "l3_locator"
+        except Exception as exc:  # the locator is optional help; fall back to the middle
+            logger.info(f"L3 locator failed ({exc}); using the middle slice")
+        return image.hu.shape[2] // 2, "middle"
+
+    def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
+        from sarco_app.ingest import load_image, save_label
+        from sarco_app.segment import segment_image
+
+        begin = time.time()
+        req = copy.deepcopy(self._config)
+        req.update(request)
+        image_path = req.get("image")
+        if not isinstance(image_path, str) or not os.path.exists(image_path):
+            raise _http_error(400, "bodycomp needs an image from the datastore or an uploaded file")
+        model = None
+        if self.method == "unet":
+            model = self.model_path()
+            if model is None:
+                raise _http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
+        try:
+            image = load_image(image_path)
+            slices, source = self._slices(image, req)
+            t0 = time.time()
+            result = segment_image(
+                image, slices, method=self.method, model=model, hu_refine=_as_bool(req.get("hu_refine", False))
+            )
+            t_segment = time.time() - t0
+        except SarcoError as exc:
+            raise _http_error(400, str(exc)) from exc
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        save_label(result.label, image, out)
+        file_slices = result.slices
+        if image.hu.ndim == 3:
+            from sarco_app.l3 import file_slice_index
+
+            file_slices = [file_slice_index(image, k) for k in result.slices]
+        counts = {name: int((result.label == value).sum()) for name, value in LABELS.items()}
+        result_json = {
+            "method": self.method,
+            "model": result.model_path,
+            "slices": result.slices,
+            "file_slices": file_slices,
+            "slice_source": source,
+            "confidence": result.confidence,
+            "pixels": counts,
+            "label_names": dict(LABELS),
+            "latencies": {"segment": round(t_segment, 3), "total": round(time.time() - begin, 3)},
+        }
+        logger.info(f"bodycomp_{self.method} on {image_path}: slices {result.slices[:5]} ({source})")
+        return out, result_json

@@ -1,0 +1,159 @@
+"""The body-composition network, its input encoding and its checkpoint format.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can read::
+
+    {"format": "sarco-bodycomp/1",
+     "network": {"name": "BasicUNet", "kwargs": {...}},   # enough to rebuild the module
+     "spacing_mm": 2.0,                                   # in-plane working spacing
+     "windows": [[-250.0, 250.0], [-1000.0, 1000.0]],     # HU windows -> input channels
+     "class_names": ["background", "muscle", "sat", "vat", "imat"],
+     "state_dict": {...},
+     "meta": {...}}                                       # training record, metrics
+
+so a model trained with other settings is rebuilt correctly by :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sarco_app import labels as L
+from sarco_app.errors import SarcoError
+
+CHECKPOINT_FORMAT = "sarco-bodycomp/1"
+CLASS_NAMES = ["background"] + [L.NAMES[v] for v in sorted(L.NAMES)]
+
+#: Default in-plane working spacing (mm): clinical 0.6-1.0 mm pixels are downsampled to it,
+#: 3 mm pixels upsampled. 2 mm keeps training on a shared 2-core CPU feasible; fine boundaries
+#: come from bilinear upsampling of the logits (and optionally the HU rule) on the original grid.
+DEFAULT_SPACING_MM = 2.0
+#: HU windows, one input channel each, scaled to [0, 1]: a soft-tissue window that separates
+#: fat (-190..-30) from muscle (-29..150), and a wide one that shows air, gas and bone.
+DEFAULT_WINDOWS = ((-250.0, 250.0), (-1000.0, 1000.0))
+#: The network all shipped checkpoints use (see models/MODEL_CARD.md for why).
+DEFAULT_NETWORK = {
+    "name": "BasicUNet",
+    "kwargs": {"features": [16, 16, 32, 64, 128, 16], "norm": "instance", "dropout": 0.0},
+}
+#: Spatial size multiple the network needs (four 2x poolings).
+SIZE_MULTIPLE = 16
+
+
+def build_network(config: dict[str, Any], in_channels: int, out_channels: int) -> torch.nn.Module:
+    """A 2D MONAI network from ``{"name": ..., "kwargs": {...}}``.
+
+    Supported names: ``BasicUNet``, ``UNet`` (needs ``channels`` and ``strides``), ``DynUNet``.
+    """
+    from monai.networks import nets
+
+    name = config.get("name")
+    kwargs = dict(config.get("kwargs", {}))
+    if name == "BasicUNet":
+        kwargs["features"] = tuple(kwargs.get("features", (32, 32, 64, 128, 256, 32)))
+        return nets.BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    if name == "UNet":
+        kwargs["channels"] = tuple(kwargs["channels"])
+        kwargs["strides"] = tuple(kwargs["strides"])
+        return nets.UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    if name == "DynUNet":
+        return nets.DynUNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    raise SarcoError(f"unknown network {name!r} in checkpoint (BasicUNet, UNet or DynUNet)")
+
+
+def encode_windows(hu: torch.Tensor | np.ndarray, windows=DEFAULT_WINDOWS) -> torch.Tensor:
+    """HU array ``(..., H, W)`` -> float tensor ``(..., C, H, W)``, one clipped [0, 1] channel
+    per HU window ``(low, high)``."""
+    hu = torch.as_tensor(hu, dtype=torch.float32)
+    channels = [((hu - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in windows]
+    return torch.stack(channels, dim=-3)
+
+
+@dataclass
+class BodyCompModel:
+    """A loaded network with the settings it was trained with."""
+
+    network: torch.nn.Module
+    spacing_mm: float = DEFAULT_SPACING_MM
+    windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NETWORK))
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    mtime: float | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def new_model(
+    config: dict[str, Any] | None = None,
+    spacing_mm: float = DEFAULT_SPACING_MM,
+    windows=DEFAULT_WINDOWS,
+) -> BodyCompModel:
+    """An untrained :class:`BodyCompModel` with the given (or default) network."""
+    config = dict(config or DEFAULT_NETWORK)
+    windows = tuple((float(a), float(b)) for a, b in windows)
+    net = build_network(config, in_channels=len(windows), out_channels=len(CLASS_NAMES))
+    return BodyCompModel(net, float(spacing_mm), windows, list(CLASS_NAMES), config)
+
+
+def checkpoint_dict(model: BodyCompModel, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict of ``model`` (see module docstring)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "network": model.config,
+        "spacing_mm": float(model.spacing_mm),
+        "windows": [list(w) for w in model.windows],
+        "class_names": list(model.class_names),
+        "state_dict": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
+        "meta": dict(meta if meta is not None else model.meta),
+    }
+
+
+def save_checkpoint(model: BodyCompModel, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` atomically (temp file + rename), so a server reloading on mtime change
+    never reads a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint_dict(model, meta), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> BodyCompModel:
+    """Rebuild the network stored at ``path`` (a checkpoint written by :func:`save_checkpoint`),
+    in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise SarcoError(f"{path}: model checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # pickle / zip errors of a damaged or foreign file
+        raise SarcoError(f"{path.name}: not a readable model checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SarcoError(f"{path.name}: not a sarco body-composition checkpoint")
+    windows = tuple((float(a), float(b)) for a, b in ckpt["windows"])
+    class_names = list(ckpt["class_names"])
+    net = build_network(ckpt["network"], in_channels=len(windows), out_channels=len(class_names))
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise SarcoError(f"{path.name}: weights do not match the network it names ({exc})") from exc
+    net.to(device).eval()
+    return BodyCompModel(
+        network=net,
+        spacing_mm=float(ckpt["spacing_mm"]),
+        windows=windows,
+        class_names=class_names,
+        config=dict(ckpt["network"]),
+        meta=dict(ckpt.get("meta", {})),
+        path=str(path),
+        mtime=path.stat().st_mtime,
+    )

@@ -1,0 +1,323 @@
+"""Automatic body-composition labels: network inference with pre- and post-processing.
+
+The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
+
+1. **Resample** in-plane to the model's working spacing (antialiased bilinear), pad with air to a
+   multiple of 16; any matrix size and 0.5-3 mm pixels are accepted.
+2. **Encode** HU as one [0, 1] channel per HU window (soft-tissue and wide windows).
+3. **Network** (2D MONAI U-Net) -> 5 class logits, resampled *back to the original grid*
+   (bilinear on logits, so boundaries stay sub-pixel smooth) and soft-maxed.
+4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
+   ``min_island_mm2`` handed to the next most likely class, IMAT only inside the muscle
+   compartment, optionally (``hu_refine``) the clinical HU rule applied to the regions.
+
+:func:`segment_volume` / :func:`segment_image` run it on a 2D image, one slice of a volume or all
+slices, with the method ``"unet"`` or ``"threshold"`` (:mod:`sarco_app.threshold`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sarco_app import labels as L
+from sarco_app.errors import SarcoError
+from sarco_app.network import SIZE_MULTIPLE, BodyCompModel, encode_windows, load_checkpoint
+from sarco_app.threshold import body_mask, closing, remove_small_components, threshold_segment
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Where ``python -m sarco_app train`` and the MONAI Label trainer put a retrained model.
+APP_MODEL_PATH = REPO_ROOT / "apps" / "sarcopenia" / "model" / "bodycomp_unet.pt"
+#: The model shipped in the repository (trained on phantoms, see models/MODEL_CARD.md).
+SHIPPED_MODEL_PATH = REPO_ROOT / "models" / "bodycomp_unet.pt"
+#: Environment variable naming a checkpoint that overrides both (tests, deployments).
+MODEL_ENV = "SARCO_BODYCOMP_MODEL"
+
+METHODS = ("unet", "threshold")
+
+
+def default_model_path() -> Path:
+    """The checkpoint inference uses: ``$SARCO_BODYCOMP_MODEL``, else the app's retrained model
+    (``apps/sarcopenia/model/bodycomp_unet.pt``) when it exists, else the shipped one."""
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if env:
+        return Path(env)
+    if APP_MODEL_PATH.is_file():
+        return APP_MODEL_PATH
+    return SHIPPED_MODEL_PATH
+
+
+_cache: dict[str, BodyCompModel] = {}
+_cache_lock = threading.Lock()
+
+
+def get_model(path: str | Path | None = None) -> BodyCompModel:
+    """The model at ``path`` (default :func:`default_model_path`), cached; reloaded when the
+    file's modification time changes, so a retrained checkpoint is used without a restart."""
+    path = Path(path) if path is not None else default_model_path()
+    key = str(path.resolve())
+    if not path.is_file():
+        raise SarcoError(f"{path}: model checkpoint not found (train one or pass --model)")
+    mtime = path.stat().st_mtime
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is None or cached.mtime != mtime:
+            cached = load_checkpoint(path)
+            _cache[key] = cached
+        return cached
+
+
+# --------------------------------------------------------------------------- pre-processing
+
+
+def working_shape(shape: Sequence[int], spacing: Sequence[float], spacing_mm: float) -> tuple[int, int]:
+    """Size ``(nx, ny)`` of an ``(X, Y)`` grid with pixel ``spacing`` (mm) at ``spacing_mm``."""
+    return (
+        max(1, int(round(shape[0] * float(spacing[0]) / spacing_mm))),
+        max(1, int(round(shape[1] * float(spacing[1]) / spacing_mm))),
+    )
+
+
+def resample_hu(hu: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample HU slices ``(N, X, Y)`` to ``(N, *size)``, antialiased bilinear."""
+    if tuple(hu.shape[-2:]) == tuple(size):
+        return hu
+    down = size[0] < hu.shape[-2] or size[1] < hu.shape[-1]
+    return F.interpolate(hu[:, None], size=size, mode="bilinear", align_corners=False, antialias=down)[:, 0]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE, value: float = 0.0):
+    """Pad the last two axes of ``x`` up to a multiple of ``multiple``, centred.
+
+    Returns the padded tensor and the slices that cut the original region back out.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    top, left = ph // 2, pw // 2
+    padded = F.pad(x, (left, pw - left, top, ph - top), value=value)
+    return padded, (slice(top, top + h), slice(left, left + w))
+
+
+def preprocess(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], model: BodyCompModel):
+    """HU slices ``(N, X, Y)`` at pixel ``spacing`` (mm) -> network input ``(N, C, H, W)`` at the
+    model's working spacing, and the crop that removes the padding."""
+    hu = torch.as_tensor(np.asarray(hu_slices, dtype=np.float32))
+    size = working_shape(hu.shape[-2:], spacing, model.spacing_mm)
+    hu = resample_hu(hu, size)
+    x, crop = pad_to_multiple(encode_windows(hu, model.windows), value=0.0)  # 0 = air in all windows
+    return x, crop
+
+
+@torch.no_grad()
+def predict_probabilities(
+    hu_slices: np.ndarray, spacing: Sequence[float], model: BodyCompModel, batch_size: int = 4
+) -> np.ndarray:
+    """Class probabilities ``(N, K, X, Y)`` on the original grid for HU slices ``(N, X, Y)``."""
+    hu_slices = np.asarray(hu_slices, dtype=np.float32)
+    if hu_slices.ndim == 2:
+        hu_slices = hu_slices[None]
+    out = np.empty((hu_slices.shape[0], model.num_classes) + hu_slices.shape[1:], dtype=np.float32)
+    model.network.eval()
+    for start in range(0, hu_slices.shape[0], batch_size):
+        x, crop = preprocess(hu_slices[start : start + batch_size], spacing, model)
+        logits = model.network(x)[:, :, crop[0], crop[1]]
+        logits = F.interpolate(logits, size=hu_slices.shape[1:], mode="bilinear", align_corners=False)
+        out[start : start + batch_size] = torch.softmax(logits, dim=1).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def postprocess(
+    probs: np.ndarray,
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    min_island_mm2: float = 25.0,
+    imat_margin_mm: float = 3.0,
+    hu_refine: bool = False,
+) -> np.ndarray:
+    """Label map from class probabilities with the corrections users expect.
+
+    Parameters
+    ----------
+    probs : (K, X, Y) class probabilities on the slice grid (modified in place).
+    hu : (X, Y) HU slice; spacing : (sx, sy) mm.
+    min_island_mm2 : connected tissue regions smaller than this area (mm^2) are given to the
+        next most likely class.
+    imat_margin_mm : IMAT is kept only within the muscle compartment, i.e. the muscle mask
+        closed with a disk of this radius (mm).
+    hu_refine : also apply the clinical HU rule: muscle-region pixels in the fat range become
+        IMAT, other out-of-range muscle pixels background; fat labels outside -190..-30 HU
+        become background.
+
+    Returns
+    -------
+    (X, Y) uint8 label map (``sarco_app.labels`` values).
+    """
+    sx, sy = float(spacing[0]), float(spacing[1])
+    body = body_mask(hu, (sx, sy))
+    probs[1:, ~body] = 0.0
+    probs[0, ~body] = 1.0
+    label = probs.argmax(0).astype(np.uint8)
+    min_px = int(round(min_island_mm2 / (sx * sy)))
+    for _ in range(2):  # a second pass catches islands created by the first re-assignment
+        changed = False
+        for value in (L.MUSCLE, L.SAT, L.VAT, L.IMAT):
+            mask = label == value
+            small = mask & ~remove_small_components(mask, min_px)
+            if small.any():
+                probs[value][small] = 0.0
+                changed = True
+        if not changed:
+            break
+        label = probs.argmax(0).astype(np.uint8)
+    compartment = closing(label == L.MUSCLE, imat_margin_mm, (sx, sy))
+    stray_imat = (label == L.IMAT) & ~compartment
+    if stray_imat.any():
+        probs[L.IMAT][stray_imat] = 0.0
+        label = probs.argmax(0).astype(np.uint8)
+    if hu_refine:
+        is_fat = (hu >= L.FAT_HU[0]) & (hu <= L.FAT_HU[1])
+        is_muscle = (hu >= L.MUSCLE_HU[0]) & (hu <= L.MUSCLE_HU[1])
+        muscle = label == L.MUSCLE
+        label[muscle & is_fat] = L.IMAT
+        label[muscle & ~is_fat & ~is_muscle] = L.BACKGROUND
+        label[np.isin(label, (L.SAT, L.VAT, L.IMAT)) & ~is_fat] = L.BACKGROUND
+    return label
+
+
+def tissue_confidence(probs: np.ndarray, label: np.ndarray) -> dict[str, float | None]:
+    """Mean probability of the assigned class over each tissue's pixels (None when absent)."""
+    result: dict[str, float | None] = {}
+    for value, name in L.NAMES.items():
+        mask = label == value
+        result[name] = round(float(probs[value][mask].mean()), 4) if mask.any() else None
+    return result
+
+
+# --------------------------------------------------------------------------- slices and volumes
+
+
+@dataclass
+class SegmentResult:
+    """Labels on the input's grid and what the caller may want to report."""
+
+    label: np.ndarray  # uint8, same shape as the input
+    slices: list[int]  # slices that were labelled (``[0]`` for a 2D input)
+    method: str
+    confidence: dict[str, float | None] = field(default_factory=dict)  # per tissue, unet only
+    model_path: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_slices(shape: tuple[int, ...], slices: int | str | Iterable[int] | None) -> list[int]:
+    if len(shape) == 2:
+        if slices not in (None, "all", 0, [0], (0,)):
+            raise SarcoError(f"slice {slices} out of range: the image is 2D")
+        return [0]
+    depth = shape[2]
+    if slices is None or (isinstance(slices, str) and slices.lower() == "all"):
+        return list(range(depth))
+    if isinstance(slices, (int, np.integer)) or (isinstance(slices, str) and slices.lstrip("-").isdigit()):
+        chosen = [int(slices)]
+    else:
+        chosen = [int(k) for k in slices]
+    for k in chosen:
+        if not -depth <= k < depth:
+            raise SarcoError(f"slice index {k} out of range 0..{depth - 1}")
+    return sorted({k % depth for k in chosen})
+
+
+def segment_volume(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    slices: int | str | Iterable[int] | None = None,
+    method: str = "unet",
+    model: BodyCompModel | str | Path | None = None,
+    hu_refine: bool = False,
+    batch_size: int = 4,
+) -> SegmentResult:
+    """Body-composition labels of a 2D slice ``(X, Y)`` or of slices of a volume ``(X, Y, Z)``.
+
+    Parameters
+    ----------
+    hu : HU array in canonical orientation (see ``docs/CONVENTIONS.md``).
+    spacing : voxel size in mm; only the first two values (in-plane) are used.
+    slices : slice index, iterable of indices, or ``None`` / ``"all"`` for every slice;
+        slices not chosen stay 0 in the result.
+    method : ``"unet"`` (network) or ``"threshold"`` (rule-based baseline).
+    model : a loaded model, a checkpoint path, or ``None`` for :func:`default_model_path`.
+    hu_refine : apply the HU rule after the network (see :func:`postprocess`).
+
+    Returns
+    -------
+    :class:`SegmentResult` whose ``label`` has the shape of ``hu``.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim not in (2, 3):
+        raise SarcoError(f"expected a 2D or 3D image, got shape {hu.shape}")
+    if method not in METHODS:
+        raise SarcoError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    spacing = (float(spacing[0]), float(spacing[1]))
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise SarcoError(f"invalid pixel spacing {spacing}")
+    chosen = _resolve_slices(hu.shape, slices)
+    volume = hu[:, :, None] if hu.ndim == 2 else hu
+    label = np.zeros(volume.shape, dtype=np.uint8)
+    result = SegmentResult(label=label, slices=chosen, method=method)
+    if method == "threshold":
+        for k in chosen:
+            label[:, :, k] = threshold_segment(volume[:, :, k], spacing)
+    else:
+        if not isinstance(model, BodyCompModel):
+            model = get_model(model)
+        result.model_path = model.path
+        sums = {name: [0.0, 0] for name in L.LABELS}
+        for start in range(0, len(chosen), batch_size):
+            batch = chosen[start : start + batch_size]
+            stack = np.moveaxis(volume[:, :, batch], 2, 0)
+            probs = predict_probabilities(stack, spacing, model, batch_size=batch_size)
+            for i, k in enumerate(batch):
+                lab = postprocess(probs[i], stack[i], spacing, hu_refine=hu_refine)
+                label[:, :, k] = lab
+                for value, name in L.NAMES.items():
+                    mask = lab == value
+                    sums[name][0] += float(probs[i][value][mask].sum())
+                    sums[name][1] += int(mask.sum())
+        result.confidence = {
+            name: (round(total / count, 4) if count else None) for name, (total, count) in sums.items()
+        }
+    result.label = label[:, :, 0] if hu.ndim == 2 else label
+    return result
+
+
+def segment_slice(
+    hu: np.ndarray, spacing: Sequence[float], method: str = "unet", model=None, hu_refine: bool = False
+) -> np.ndarray:
+    """Label map ``(X, Y)`` of one ``(X, Y)`` HU slice (see :func:`segment_volume`)."""
+    return segment_volume(hu, spacing, None, method=method, model=model, hu_refine=hu_refine).label
+
+
+def segment_image(image, slices=None, method: str = "unet", model=None, hu_refine: bool = False) -> SegmentResult:
+    """:func:`segment_volume` on a :class:`sarco_app.ingest.CTImage` (canonical grid)."""
+    return segment_volume(
+        image.hu, image.spacing, slices, method=method, model=model, hu_refine=hu_refine
+    )
+
+
+def dice_per_tissue(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
+    """Dice of each tissue between two label maps (None when absent from both)."""
+    scores: dict[str, float | None] = {}
+    for value, name in L.NAMES.items():
+        p, t = pred == value, truth == value
+        denom = int(p.sum()) + int(t.sum())
+        scores[name] = None if denom == 0 else 2.0 * int((p & t).sum()) / denom
+    return scores
