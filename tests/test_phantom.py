@@ -1,0 +1,238 @@
+"""Synthetic CT phantoms: determinism, label geometry, HU per tissue, files, DICOM, CLI."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import numpy as np
+import pytest
+
+from sarco_app import labels, phantom
+from sarco_app.__main__ import main as cli
+from sarco_app.errors import SarcoError
+from sarco_app.ingest import load_image
+
+SMALL = 160  # matrix for fast tests (the default spacing range scales with it)
+
+
+@pytest.fixture(scope="module")
+def small_phantoms():
+    return [phantom.generate(seed, size=SMALL) for seed in range(6)]
+
+
+def test_same_seed_same_arrays_other_seed_differs():
+    a = phantom.generate(11, size=SMALL)
+    b = phantom.generate(11, size=SMALL)
+    c = phantom.generate(12, size=SMALL)
+    assert np.array_equal(a.hu, b.hu) and np.array_equal(a.label, b.label)
+    assert a.params == b.params and a.spacing == b.spacing
+    assert not np.array_equal(a.hu, c.hu)
+    assert not np.array_equal(a.label, c.label)
+
+
+def test_default_phantom_shape_types_spacing_and_speed():
+    phantom.generate(0)  # warm-up (imports, caches)
+    start = time.perf_counter()
+    ph = phantom.generate(3)
+    elapsed = time.perf_counter() - start
+    assert ph.hu.shape == (512, 512) and ph.hu.dtype == np.float32
+    assert ph.label.shape == (512, 512) and ph.label.dtype == np.uint8
+    assert set(np.unique(ph.label)) <= {0, 1, 2, 3, 4}
+    assert set(np.unique(ph.label)) >= {1, 2, 3}
+    assert 0.6 <= ph.spacing[0] <= 1.0 and ph.spacing[0] == ph.spacing[1]
+    # "well under 1 s" on an idle core; the bound leaves room for a loaded CI machine.
+    assert elapsed < 2.5, f"one 512x512 phantom took {elapsed:.2f} s"
+
+
+def test_canonical_orientation_spine_posterior_liver_right():
+    # Axis 1 runs toward posterior: the vertebra (bright bone at the midline) is in the back
+    # half of the body; axis 0 runs toward the patient's left: the liver (L1) is on low x.
+    ph = phantom.generate(5, size=256, level="L1", spacing_mm=1.2)
+    body = ph.hu > -500
+    ys = np.nonzero(body)[1]
+    bone_x, bone_y = np.nonzero(ph.hu > 400)
+    centre_y = (ys.min() + ys.max()) / 2
+    assert np.median(bone_y) > centre_y
+    assert ph.params["structures_cm2"]["liver"] > 20
+    assert ph.params["rotation_deg"] <= 10
+
+
+def test_labels_and_hu_ranges_per_tissue(small_phantoms):
+    for ph in small_phantoms:
+        label, hu = ph.label, ph.hu
+        assert set(np.unique(label)) <= {0, 1, 2, 3, 4}
+        mus = np.median(hu[label == labels.MUSCLE])
+        assert abs(mus - ph.params["muscle_hu"]) < 15, (mus, ph.params["muscle_hu"])
+        for tissue in (labels.SAT, labels.VAT):
+            fat = np.median(hu[label == tissue])
+            assert -135 < fat < -60, (tissue, fat)
+        if (label == labels.IMAT).sum() > 20:
+            assert np.median(hu[label == labels.IMAT]) < -10
+        # Air around the body.
+        assert np.median(hu[:8, :8]) <= -950
+        # Bone exists and is dense (vertebra, label 0).
+        assert (hu > 300).sum() * ph.spacing[0] * ph.spacing[1] > 200
+
+
+def test_myosteatosis_lowers_muscle_hu_like_the_real_l3_slice():
+    # The real L3 slice (ct_lower z=73) has muscle ~15-20 HU and SAT ~ -95 HU.
+    low = phantom.generate(21, size=SMALL, muscle_hu=18)
+    normal = phantom.generate(21, size=SMALL, muscle_hu=50)
+    low_med = np.median(low.hu[low.label == labels.MUSCLE])
+    assert 8 < low_med < 28
+    assert np.median(normal.hu[normal.label == labels.MUSCLE]) - low_med > 20
+
+
+def test_sat_outside_muscle_ring_vat_inside(small_phantoms):
+    from skimage.morphology import convex_hull_image
+
+    for ph in small_phantoms:
+        muscle = ph.label == labels.MUSCLE
+        hull = convex_hull_image(muscle)
+        sat, vat = ph.label == labels.SAT, ph.label == labels.VAT
+        assert hull[vat].mean() > 0.97
+        assert hull[sat].mean() < 0.15
+        cx, cy = np.argwhere(vat).mean(axis=0).round().astype(int)
+        assert hull[cx, cy]
+        # SAT lies between the skin and the muscle: further from the body centre than VAT.
+        centre = np.argwhere(ph.hu > -500).mean(axis=0)
+        r_sat = np.hypot(*(np.argwhere(sat) - centre).T).mean()
+        r_vat = np.hypot(*(np.argwhere(vat) - centre).T).mean()
+        assert r_sat > 1.3 * r_vat
+
+
+def test_patient_parameters_are_respected_and_drive_composition():
+    ph = phantom.generate(4, size=SMALL, sex="F", age=70, height_cm=160, weight_kg=95,
+                          sarcopenic=True, muscle_hu=25, spacing_mm=1.5)
+    assert ph.patient.sex == "F" and ph.patient.age == 70
+    assert ph.patient.height_cm == 160 and ph.patient.weight_kg == 95
+    assert ph.spacing == (1.5, 1.5)
+    assert ph.params["sarcopenic"] is True
+    smi = ph.areas_cm2()["muscle"] / 1.6 ** 2
+    assert smi < phantom.smi_cutoff("F", 95 / 1.6 ** 2)
+    lean = phantom.generate(4, size=SMALL, sex="F", age=70, height_cm=160, weight_kg=50,
+                            sarcopenic=False, spacing_mm=1.5)
+    assert lean.areas_cm2()["muscle"] / 1.6 ** 2 >= phantom.smi_cutoff("F", 50 / 1.6 ** 2)
+    assert ph.areas_cm2()["sat"] > 1.5 * lean.areas_cm2()["sat"]
+    assert ph.areas_cm2()["vat"] > lean.areas_cm2()["vat"]
+
+
+def test_sarcopenic_flag_matches_muscle_index():
+    for seed in range(8):
+        ph = phantom.generate(100 + seed, size=128, sarcopenic=seed % 2 == 0)
+        p = ph.params
+        smi = ph.areas_cm2()["muscle"] / (p["height_cm"] / 100) ** 2
+        assert (smi < phantom.smi_cutoff(p["sex"], p["bmi"])) == p["sarcopenic"], p
+
+
+def test_levels_change_anatomy():
+    def mean_structure(level, name):
+        return np.mean([phantom.generate(s, size=128, level=level).params["structures_cm2"][name]
+                        for s in range(4)])
+
+    assert mean_structure("L1", "psoas") < mean_structure("L3", "psoas") < mean_structure("L4", "psoas")
+    assert mean_structure("L1", "liver") > mean_structure("L3", "liver")
+    assert mean_structure("L4", "liver") == 0
+    assert mean_structure("L1", "kidneys") > mean_structure("L4", "kidneys")
+
+
+def test_randomisation_covers_scanner_and_body_variety():
+    params = [phantom.generate(s, size=96).params for s in range(40)]
+    hi = min(phantom.DEFAULT_SPACING_RANGE[1] * 512 / 96, phantom.SPACING_LIMITS[1])
+    lo = min(phantom.DEFAULT_SPACING_RANGE[0] * 512 / 96, hi)
+    assert all(lo - 1e-9 <= p["spacing_mm"] <= hi + 1e-9 for p in params)
+    assert {p["contrast"] for p in params} == {"none", "portal", "arterial"}
+    assert all(5 <= p["noise_sd"] <= 25 for p in params)
+    assert all(abs(p["rotation_deg"]) <= 10 for p in params)
+    for flag in ("table", "fov_circle", "arms", "truncated", "streaks"):
+        values = {bool(p[flag]) for p in params}
+        assert values == {True, False}, flag
+    assert {p["sex"] for p in params} == {"M", "F"}
+    assert max(p["bmi"] for p in params) - min(p["bmi"] for p in params) > 10
+
+
+def test_bad_inputs_raise_one_line_errors():
+    for kwargs in ({"level": "L6"}, {"size": 10}, {"spacing_mm": 5.0}, {"sex": "X"},
+                   {"age": -3}, {"weight_kg": 1000}):
+        with pytest.raises(SarcoError) as info:
+            phantom.generate(1, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(SarcoError):
+        phantom.generate(-1)
+    with pytest.raises(SarcoError):
+        phantom.write_cohort("/tmp/never", 0, 1)
+
+
+def test_cohort_manifest_areas_equal_written_labels(tmp_path):
+    manifest = phantom.write_cohort(tmp_path, 4, seed=9, size=128)
+    rows = list(csv.DictReader(manifest.open()))
+    assert [r["id"] for r in rows] == [f"phantom_{i:04d}" for i in range(4)]
+    assert set(phantom.MANIFEST_COLUMNS) <= set(rows[0])
+    assert {r["sex"] for r in rows} == {"M", "F"}
+    assert {r["sarcopenic"] for r in rows} == {"True", "False"}
+    for row in rows:
+        image = load_image(tmp_path / f"{row['id']}.nii.gz")
+        label = load_image(tmp_path / "labels" / "final" / f"{row['id']}.nii.gz").hu
+        sx, sy = image.pixel_spacing
+        assert abs(sx - float(row["spacing_mm"])) < 1e-4
+        for name, value in labels.LABELS.items():
+            area = (label == value).sum() * sx * sy / 100.0
+            assert abs(area - float(row[f"{name}_cm2"])) < 1e-2, (name, area, row)
+        # The files hold exactly the phantom regenerated from the manifest's seed.
+        again = phantom.generate(int(row["seed"]), sex=row["sex"], sarcopenic=row["sarcopenic"] == "True",
+                                 size=128, level=row["level"])
+        assert np.array_equal(image.hu, again.hu)
+        assert np.array_equal(label.astype(np.uint8), again.label)
+        assert image.patient.sex == row["sex"] and image.patient.age == float(row["age"])
+
+
+def test_dicom_round_trip(tmp_path):
+    import pydicom
+
+    ph = phantom.generate(3, size=128, sex="M", age=63, height_cm=181, weight_kg=88)
+    folder = phantom.write_phantom(ph, tmp_path, "case1", format="dicom")
+    image = load_image(folder)
+    assert image.hu.shape in ((128, 128), (128, 128, 1))
+    hu = image.hu.reshape(128, 128)
+    assert np.array_equal(hu, ph.hu)
+    assert np.allclose(image.pixel_spacing, ph.spacing, atol=1e-5)
+    assert image.patient.sex == "M" and image.patient.age == 63
+    assert image.patient.height_cm == 181 and image.patient.weight_kg == 88
+    label_img = load_image(tmp_path / "labels" / "final" / "case1.nii.gz")
+    assert np.array_equal(label_img.hu.reshape(128, 128).astype(np.uint8), ph.label)
+    assert np.allclose(label_img.affine[:2, :2], image.affine[:2, :2])
+    ds = pydicom.dcmread(next(folder.iterdir()))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert ds.PatientAge == "063Y" and float(ds.PatientSize) == pytest.approx(1.81)
+    assert float(ds.RescaleIntercept) == -1024 and ds.PixelRepresentation == 1
+    # UIDs are a deterministic function of the seed (and case id).
+    phantom.write_phantom(ph, tmp_path / "again", "case1", format="dicom")
+    ds2 = pydicom.dcmread(next((tmp_path / "again" / "case1").iterdir()))
+    assert ds2.StudyInstanceUID == ds.StudyInstanceUID
+    assert ds2.SeriesInstanceUID == ds.SeriesInstanceUID
+    other = phantom.generate(4, size=128)
+    phantom.write_phantom(other, tmp_path / "other", "case1", format="dicom")
+    ds3 = pydicom.dcmread(next((tmp_path / "other" / "case1").iterdir()))
+    assert ds3.StudyInstanceUID != ds.StudyInstanceUID
+
+
+def test_cli_writes_studies_and_reports_bad_input(tmp_path, capsys):
+    out = tmp_path / "studies"
+    assert cli(["phantom", "--count", "2", "--seed", "3", "--out", str(out), "--size", "96",
+                "--level", "L2"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["phantom_0000.nii.gz", "phantom_0001.nii.gz"]
+    assert len(list((out / "labels" / "final").glob("*.nii.gz"))) == 2
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [r["level"] for r in rows] == ["L2", "L2"]
+    capsys.readouterr()
+    assert cli(["phantom", "--count", "0", "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "count" in err and "\n" not in err
+    assert cli(["phantom", "--count", "1", "--out", str(tmp_path / "y"), "--level", "L9"]) != 0
+    assert "level" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit) as info:
+        cli(["phantom", "--help"])
+    assert info.value.code == 0
+    assert "--count" in capsys.readouterr().out
