@@ -28,6 +28,7 @@ from sarco_app.labels import LABELS  # noqa: E402
 # only while it executes this file, so `lib` cannot be imported later inside init_infers().
 from lib.infers.quantification import QuantificationInfer  # noqa: E402
 from lib.infers.bodycomp import BodyCompInfer  # noqa: E402
+from lib.infers.scribbles import TissueScribblesInfer  # noqa: E402
 from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class SarcopeniaApp(MONAILabelApp):
         infers["quantification"] = QuantificationInfer(datastore=self.datastore)
         infers["bodycomp_unet"] = BodyCompInfer("unet", model_paths=self.bodycomp_model_paths)
         infers["bodycomp_threshold"] = BodyCompInfer("threshold")
+        infers["backprojection"] = TissueScribblesInfer("backprojection", datastore=self.datastore)
+        infers["grabcut"] = TissueScribblesInfer("grabcut", datastore=self.datastore)
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:

@@ -1,0 +1,873 @@
+"""Semi-automatic labelling tools: histogram back-projection and GrabCut, tissue-aware.
+
+Both tools take a CT slice in HU as an ``(X, Y)`` array (canonical order, see
+``docs/CONVENTIONS.md``), a target tissue (``'muscle'``, ``'sat'``, ``'vat'``, ``'imat'`` or its
+label value), the user's input and optionally the current label map, and return the merged label
+map. The user's input is any of
+
+* ``roi``: a rectangle ``(x0, x1, y0, y1)`` in voxel indices, half-open like a Python slice and
+  like MONAI Label's ``roi`` (which is ``[x0, x1, y0, y1, z0, z1]``; extra values are ignored);
+* ``fg``: boolean mask of foreground scribbles (pixels that are the target tissue);
+* ``bg``: boolean mask of background scribbles (pixels that are not).
+
+Rules shared by both tools (see :func:`merge`):
+
+* with a rectangle, the target tissue inside the rectangle is replaced by the tool's proposal;
+  outside it nothing changes;
+* with scribbles only, the proposal is added where the foreground scribbles touch, and existing
+  target-tissue pixels nearer (inside the tissue) to a background scribble than to the proposal
+  are removed;
+* pixels of *other* tissues are never overwritten unless a foreground scribble covers them, and
+  a background-scribbled pixel is never the target tissue.
+
+Tissue knowledge that makes few interactions enough (all from the image and the current label):
+SAT is fat connected to the body outline; skeletal muscle lies against SAT or the outline (psoas
+and other muscles away from it are reached with a foreground scribble); VAT is fat inside the
+abdominal wall; IMAT is fat enclosed by muscle. Candidates are also restricted to the tissue's HU
+range (``sarco_app.labels.MUSCLE_HU`` / ``FAT_HU``) unless a foreground scribble says otherwise.
+Muscle and bowel of similar HU are separated by the connected-region rule and, where they touch,
+by a watershed split between the foreground seeds and the background scribbles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import segmentation
+
+from sarco_app import threshold
+from sarco_app.errors import SarcoError
+from sarco_app.labels import FAT_HU, IMAT, MUSCLE, MUSCLE_HU, NAMES, SAT, VAT, tissue_value
+
+#: HU range where each tissue's pixels may lie (published thresholds).
+TISSUE_HU: dict[int, tuple[float, float]] = {MUSCLE: MUSCLE_HU, SAT: FAT_HU, VAT: FAT_HU, IMAT: FAT_HU}
+#: Default back-projection bin width in HU (about a fifth of CT noise at abdominal doses).
+BIN_WIDTH_HU = 4.0
+#: Sigma (HU) of the Gaussian that smooths the back-projected histogram.
+HIST_SMOOTH_HU = 10.0
+#: Default GrabCut display window (low, high) in HU per tissue: the tissue's range with a margin,
+#: so the 8-bit image GrabCut sees spends its grey levels on the contrast that matters.
+GRABCUT_WINDOW: dict[int, tuple[float, float]] = {
+    MUSCLE: (MUSCLE_HU[0] - 70.0, MUSCLE_HU[1] + 50.0),
+    SAT: (FAT_HU[0] - 60.0, FAT_HU[1] + 70.0),
+    VAT: (FAT_HU[0] - 60.0, FAT_HU[1] + 70.0),
+    IMAT: (FAT_HU[0] - 60.0, FAT_HU[1] + 70.0),
+}
+#: Gaussian blur (sigma, mm) applied before HU tests: CT noise moves single pixels across the
+#: published HU limits, and the truth is anatomy, not single-pixel HU.
+DENOISE_MM = 0.0
+#: Half-width (mm) of the band along HU borders that GrabCut decides.
+GRABCUT_BAND_MM = 1.0
+#: Pixels above this are inside the body (soft tissue, not air).
+BODY_HU = -500.0
+#: Bone (cortex and most marrow) closes the abdominal wall ring at the spine.
+BONE_HU = 150.0
+#: Skin thickness (mm): skin has muscle HU and is never muscle.
+SKIN_MM = 2.0
+#: Muscle-HU tissue within this distance (mm) of bone is taken as muscle (psoas, paraspinals).
+BONE_CONTACT_MM = 3.0
+#: Psoas search box around the vertebra: lateral reach and how far in front of it (mm).
+PSOAS_REACH_MM = 60.0
+PSOAS_FRONT_MM = 15.0
+#: Contacts thinner than twice this (mm) are cut when following muscle from bone (bowel loops).
+OPENING_MM = 1.5
+#: A background scribble removes a whole region smaller than this fraction of the answer ...
+BG_SMALL_FRACTION = 0.25
+#: ... and in a bigger region at least this far (mm, geodesic) around the scribble.
+BG_REACH_MM = 8.0
+#: Fat gaps between muscles narrower than twice this (mm) are intermuscular (IMAT).
+IMAT_GAP_MM = 2.0
+
+
+@dataclass
+class _Inputs:
+    """Validated 2D inputs of one call."""
+
+    hu: np.ndarray  # (X, Y) float32
+    tissue: int
+    roi: tuple[int, int, int, int] | None
+    fg: np.ndarray  # bool (X, Y)
+    bg: np.ndarray  # bool (X, Y)
+    current: np.ndarray  # uint8 (X, Y)
+    spacing: tuple[float, float]
+    denoised: np.ndarray | None = None  # (X, Y) float32, HU after a light Gaussian blur
+
+    def smooth(self, sigma_mm: float) -> np.ndarray:
+        """The slice blurred by a Gaussian of ``sigma_mm`` (CT noise would otherwise push
+        single pixels out of their tissue's HU range)."""
+        if self.denoised is None:
+            if sigma_mm <= 0:
+                self.denoised = self.hu
+            else:
+                sx, sy = self.spacing
+                # cv2 wants (rows=y, cols=x): sigmaX is along axis 1 of our (X, Y) array.
+                self.denoised = cv2.GaussianBlur(self.hu, (0, 0), sigmaX=sigma_mm / sy,
+                                                 sigmaY=sigma_mm / sx)
+        return self.denoised
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_tissue(tissue: str | int) -> int:
+    """Label value of ``tissue`` (name or value); ``SarcoError`` for anything else."""
+    try:
+        return tissue_value(tissue)
+    except (ValueError, TypeError) as exc:
+        raise SarcoError(str(exc)) from None
+
+
+def parse_roi(roi: Sequence[float] | None, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """``(x0, x1, y0, y1)`` clipped to an image of ``shape``; extra values (z0, z1) are ignored.
+
+    Raises ``SarcoError`` for fewer than 4 values, an empty rectangle or one that lies entirely
+    outside the image.
+    """
+    if roi is None:
+        return None
+    values = list(roi)
+    if len(values) == 0:
+        return None
+    if len(values) < 4:
+        raise SarcoError(f"roi needs 4 values [x0, x1, y0, y1], got {values}")
+    try:
+        x0, x1, y0, y1 = (int(round(float(v))) for v in values[:4])
+    except (TypeError, ValueError):
+        raise SarcoError(f"roi values must be numbers, got {values[:4]}") from None
+    if x1 <= x0 or y1 <= y0:
+        raise SarcoError(f"roi [{x0}, {x1}, {y0}, {y1}] is empty: it needs x0 < x1 and y0 < y1")
+    nx, ny = shape
+    if x1 <= 0 or y1 <= 0 or x0 >= nx or y0 >= ny:
+        raise SarcoError(f"roi [{x0}, {x1}, {y0}, {y1}] lies outside the image of size {nx}x{ny}")
+    return max(x0, 0), min(x1, nx), max(y0, 0), min(y1, ny)
+
+
+def _mask_or_empty(mask: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if mask is None:
+        return np.zeros(shape, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise SarcoError(f"{name} has shape {mask.shape} but the image has shape {shape}")
+    return mask.astype(bool)
+
+
+def _select_slice(array: np.ndarray | None, index: int | None, ndim3: bool, name: str,
+                  shape: tuple[int, ...]) -> np.ndarray | None:
+    """The 2D slice of a 3D companion array (fg/bg/current) matching the image slice."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if ndim3 and array.ndim == 3:
+        if array.shape != shape:
+            raise SarcoError(f"{name} has shape {array.shape} but the image has shape {shape}")
+        return array[:, :, index]
+    if ndim3 and array.shape != shape[:2]:
+        raise SarcoError(f"{name} has shape {array.shape} but the image has shape {shape}")
+    return array
+
+
+def _prepare(hu, tissue, roi, fg, bg, current, spacing, slice_index):
+    """Validate inputs; returns (_Inputs, a function that puts the 2D result back)."""
+    hu = np.asarray(hu)
+    if hu.ndim not in (2, 3):
+        raise SarcoError(f"expected a 2D slice or a 3D volume, got an array of shape {hu.shape}")
+    value = parse_tissue(tissue)
+    ndim3 = hu.ndim == 3
+    index = None
+    if ndim3:
+        index = _resolve_slice_index(hu.shape, slice_index, roi, fg, bg)
+        hu2 = hu[:, :, index]
+    else:
+        if slice_index not in (None, 0):
+            raise SarcoError(f"slice_index {slice_index} given but the image is 2D")
+        hu2 = hu
+    fg2 = _select_slice(fg, index, ndim3, "foreground scribbles", hu.shape)
+    bg2 = _select_slice(bg, index, ndim3, "background scribbles", hu.shape)
+    cur2 = _select_slice(current, index, ndim3, "current label", hu.shape)
+    shape2 = hu2.shape
+    fg2 = _mask_or_empty(fg2, shape2, "foreground scribbles")
+    bg2 = _mask_or_empty(bg2, shape2, "background scribbles")
+    if cur2 is None:
+        cur2 = np.zeros(shape2, dtype=np.uint8)
+    elif cur2.shape != shape2:
+        raise SarcoError(f"current label has shape {cur2.shape} but the image has shape {shape2}")
+    roi2 = parse_roi(roi, shape2)
+    if roi2 is None and not fg2.any():
+        raise SarcoError("no foreground scribbles and no roi: draw a rectangle or a foreground scribble")
+    if len(tuple(spacing)) < 2 or min(float(s) for s in tuple(spacing)[:2]) <= 0:
+        raise SarcoError(f"spacing must be two positive numbers (mm), got {spacing}")
+    sx, sy = (float(s) for s in tuple(spacing)[:2])
+    inputs = _Inputs(np.asarray(hu2, dtype=np.float32), value, roi2, fg2 & ~bg2, bg2,
+                     np.asarray(cur2).astype(np.uint8), (sx, sy))
+
+    def put_back(label2: np.ndarray) -> np.ndarray:
+        if not ndim3:
+            return label2
+        if current is not None and np.asarray(current).ndim == 3:
+            out = np.asarray(current).astype(np.uint8).copy()
+        else:
+            out = np.zeros(hu.shape, dtype=np.uint8)
+        out[:, :, index] = label2
+        return out
+
+    return inputs, put_back
+
+
+def _resolve_slice_index(shape3, slice_index, roi, fg, bg) -> int:
+    """The slice to work on: ``slice_index``, else the one slice holding scribbles or the roi's
+    z-range, else the only slice."""
+    nz = shape3[2]
+    if slice_index is not None:
+        try:
+            index = int(slice_index)
+        except (TypeError, ValueError):
+            raise SarcoError(f"slice_index must be an integer, got {slice_index!r}") from None
+        if not 0 <= index < nz:
+            raise SarcoError(f"slice_index {index} out of range 0..{nz - 1}")
+        return index
+    if nz == 1:
+        return 0
+    candidates = set()
+    for mask in (fg, bg):
+        if mask is not None and np.asarray(mask).ndim == 3 and np.asarray(mask).shape == tuple(shape3):
+            candidates |= set(np.flatnonzero(np.asarray(mask).any(axis=(0, 1))).tolist())
+    if len(candidates) == 1:
+        return candidates.pop()
+    if len(candidates) > 1:
+        raise SarcoError(f"scribbles lie on slices {sorted(candidates)}: give slice_index")
+    if roi is not None and len(list(roi)) >= 6:
+        z0, z1 = int(list(roi)[4]), int(list(roi)[5])
+        if z1 - z0 == 1 and 0 <= z0 < nz:
+            return z0
+    raise SarcoError(f"the image has {nz} slices: give slice_index")
+
+
+# --------------------------------------------------------------------------- anatomy helpers
+
+
+def _disk(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
+    """A boolean ellipse of ``radius_mm`` on a grid of ``spacing`` (at least 3x3)."""
+    rx = max(1, int(round(radius_mm / spacing[0])))
+    ry = max(1, int(round(radius_mm / spacing[1])))
+    x, y = np.ogrid[-rx:rx + 1, -ry:ry + 1]
+    return (x / rx) ** 2 + (y / ry) ** 2 <= 1.0
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The largest connected region above -500 HU with its holes filled (the patient)."""
+    inside = hu > BODY_HU
+    labels, count = ndi.label(inside)
+    if count == 0:
+        return inside
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndi.binary_fill_holes(labels == int(np.argmax(sizes)))
+
+
+def _components_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Connected components (8-connected) of ``mask`` that contain a ``seeds`` pixel."""
+    labels, count = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return mask.copy()
+    hit = np.unique(labels[seeds & mask])
+    hit = hit[hit > 0]
+    return np.isin(labels, hit)
+
+
+def _split(mask: np.ndarray, keep_seeds: np.ndarray, drop_seeds: np.ndarray) -> np.ndarray:
+    """The part of ``mask`` geodesically nearer to ``keep_seeds`` than to ``drop_seeds``.
+
+    A marker watershed on a flat relief, i.e. a geodesic Voronoi split inside ``mask``: where
+    muscle touches a bowel loop of the same HU, a background scribble in the loop takes the
+    loop and the cut falls near the contact. Components with no seed are dropped.
+    """
+    keep_seeds = keep_seeds & mask & ~drop_seeds
+    if not drop_seeds.any():
+        return _components_touching(mask, keep_seeds)
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    markers[keep_seeds] = 1
+    markers[drop_seeds & mask] = 2
+    if not markers.any():
+        return np.zeros_like(mask)
+    regions = segmentation.watershed(np.zeros(mask.shape, np.uint8), markers, mask=mask,
+                                     connectivity=2)
+    return regions == 1
+
+
+@dataclass
+class _Anatomy:
+    """Compartments of the slice estimated from HU (wall contours by ray casting)."""
+
+    body: np.ndarray
+    outside_wall: np.ndarray  # between skin and the outer border of the muscle wall
+    wall: np.ndarray  # between the outer and inner border (muscle wall + back muscles)
+    inside_wall: np.ndarray  # inside the inner border (abdominal cavity, psoas, spine)
+
+
+_ANATOMY_CACHE: "OrderedDict[tuple, _Anatomy]" = OrderedDict()
+
+
+def _anatomy(hu: np.ndarray, spacing) -> _Anatomy:
+    """:func:`_compute_anatomy`, remembered for the last few slices: a user's interactions on
+    one slice repeat it with the same pixels."""
+    key = (hashlib.blake2b(np.ascontiguousarray(hu).tobytes(), digest_size=16).hexdigest(),
+           hu.shape, tuple(spacing))
+    if key in _ANATOMY_CACHE:
+        _ANATOMY_CACHE.move_to_end(key)
+        return _ANATOMY_CACHE[key]
+    anatomy = _compute_anatomy(hu, spacing)
+    _ANATOMY_CACHE[key] = anatomy
+    while len(_ANATOMY_CACHE) > 8:
+        _ANATOMY_CACHE.popitem(last=False)
+    return anatomy
+
+
+def _compute_anatomy(hu: np.ndarray, spacing) -> _Anatomy:
+    body = threshold.body_mask(hu, spacing)
+    empty = np.zeros(hu.shape, dtype=bool)
+    if body.sum() * spacing[0] * spacing[1] < 2500:  # no abdomen (< 25 cm^2): no compartments
+        return _Anatomy(body, body.copy(), empty, empty)
+    _, outer_xy, inner_xy = threshold.wall_contours(hu, spacing, body=body, max_wall_mm=25)
+    inside_outer = threshold.fill_polygon(outer_xy, hu.shape) & body
+    inside_inner = threshold.fill_polygon(inner_xy, hu.shape) & body
+    return _Anatomy(body, body & ~inside_outer, inside_outer & ~inside_inner, inside_inner)
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndi.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _reconstruct(mask: np.ndarray, seeds: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """Regions of ``mask`` connected to ``seeds`` once bridges thinner than ``2 * radius_mm``
+    are cut (opening), grown back to their full extent within ``mask``."""
+    kernel = _disk(radius_mm, spacing)
+    core = ndi.binary_opening(mask, structure=kernel)
+    kept = _components_touching(core, ndi.binary_dilation(seeds, structure=kernel) & core)
+    grown = ndi.binary_dilation(kept, structure=kernel) & mask
+    return grown | _components_touching(mask & ~core, seeds) & ndi.binary_dilation(grown, structure=kernel)
+
+
+def _tissue_rules(inp: _Inputs, candidate: np.ndarray, anat: _Anatomy) -> np.ndarray:
+    """The part of ``candidate`` the tissue's anatomy allows when the user gave a rectangle.
+
+    SAT: fat outside the muscle wall. Muscle: muscle-HU tissue in the wall, plus regions inside
+    it that touch bone (psoas, paraspinals) once thin contacts are cut. VAT: fat inside the wall
+    (inside the labelled muscle/SAT ring when they exist). IMAT: fat inside the labelled muscle's
+    close neighbourhood (fascial planes between muscle layers), else fat within the wall.
+    """
+    hu, cur, spacing = inp.hu, inp.current, inp.spacing
+    bone = (hu > BONE_HU) & anat.body
+    if inp.tissue == SAT:
+        return candidate & anat.outside_wall
+    if inp.tissue == MUSCLE:
+        skin = anat.body & ~ndi.binary_erosion(anat.body, structure=_disk(SKIN_MM, spacing))
+        # The spinal canal (CSF, muscle HU) is enclosed by bone.
+        canal = ndi.binary_fill_holes(ndi.binary_closing(bone, structure=_disk(1.0, spacing))) & ~bone
+        cand = candidate & ~skin & ~anat.outside_wall & ~canal
+        in_wall = cand & anat.wall
+        # Psoas and quadratus lie beside the vertebra: follow muscle HU from the bone, cutting
+        # thin contacts, but only in a box around the vertebra (bowel lies in front of it).
+        spine = _largest(bone & anat.inside_wall) if (bone & anat.inside_wall).any() else bone
+        if not spine.any():
+            return in_wall
+        xs, ys = np.nonzero(spine)
+        box = np.zeros_like(cand)
+        half_x = PSOAS_REACH_MM / spacing[0]
+        box[max(0, int(xs.min() - half_x)):int(xs.max() + half_x) + 1,
+            max(0, int(ys.min() - PSOAS_FRONT_MM / spacing[1])):int(ys.max()) + 1] = True
+        near_bone = ndi.binary_dilation(spine, structure=_disk(BONE_CONTACT_MM, spacing))
+        inner = _reconstruct(cand & anat.inside_wall & box, near_bone, OPENING_MM, spacing)
+        return in_wall | inner
+    muscle_ref = cur == MUSCLE
+    if not muscle_ref.any():
+        muscle_ref = (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & anat.wall
+    # Fat in the muscle's close neighbourhood or enclosed by it is intermuscular.
+    around = ndi.binary_closing(muscle_ref, structure=_disk(IMAT_GAP_MM, spacing))
+    holes = ndi.binary_fill_holes(muscle_ref) & ~muscle_ref
+    hole_labels, count = ndi.label(holes)
+    enclosed = np.zeros_like(holes)
+    if count:
+        sizes = np.bincount(hole_labels.ravel())[1:]
+        limit = 0.02 * max(int(np.count_nonzero(anat.body)), 1)  # the cavity is no IMAT
+        enclosed = np.isin(hole_labels, 1 + np.flatnonzero(sizes < limit))
+    imat_zone = (around | enclosed) & ~muscle_ref
+    if inp.tissue == IMAT:
+        return candidate & imat_zone
+    # VAT: inside the ring of labelled SAT + muscle + bone when there is one, else the contour.
+    sat_ref = cur == SAT
+    cavity = np.zeros_like(candidate)
+    if (cur == MUSCLE).any() and sat_ref.any():
+        ring = sat_ref | muscle_ref | bone | imat_zone
+        cavity = ndi.binary_fill_holes(ring) & ~ring
+    if not cavity.any():
+        cavity = anat.inside_wall
+    return candidate & cavity & ~imat_zone
+
+
+def _clean(mask: np.ndarray, tissue: int, spacing) -> np.ndarray:
+    """Remove speckle: fill tiny holes and drop tiny islands (sizes in mm^2)."""
+    pixel_mm2 = spacing[0] * spacing[1]
+    min_island = 1.0 if tissue == IMAT else 6.0
+    mask = ~_drop_small(~mask, max(1, int(round(3.0 / pixel_mm2))))
+    return _drop_small(mask, max(1, int(round(min_island / pixel_mm2))))
+
+
+def _drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """``mask`` without its 8-connected components smaller than ``min_pixels``."""
+    labels, count = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_pixels
+    keep[0] = False
+    return keep[labels]
+
+
+def _pieces(mask: np.ndarray, spacing) -> np.ndarray:
+    """Partition of ``mask`` into regions separated at contacts thinner than ``2 * OPENING_MM``.
+
+    An opening finds the regions' cores; thin structures that vanish in it (fascial planes,
+    septa) are regions of their own; every other pixel joins its geodesically nearest region.
+    Returns an int32 label image (0 outside ``mask``).
+    """
+    eight = np.ones((3, 3), bool)
+    core = ndi.binary_opening(mask, structure=_disk(OPENING_MM, spacing))
+    markers, count = ndi.label(core, structure=eight)
+    rest, _ = ndi.label(mask & ~ndi.binary_dilation(core, structure=eight), structure=eight)
+    markers[rest > 0] = rest[rest > 0] + count
+    return segmentation.watershed(np.zeros(mask.shape, np.uint8), markers, mask=mask,
+                                  connectivity=2)
+
+
+def _touched(pieces: np.ndarray, strokes: np.ndarray) -> np.ndarray:
+    """Union of the regions of ``pieces`` that ``strokes`` touch (8-neighbourhood)."""
+    ids = np.unique(pieces[ndi.binary_dilation(strokes, structure=np.ones((3, 3), bool))])
+    return np.isin(pieces, ids[ids > 0])
+
+
+def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing) -> np.ndarray:
+    """``answer`` without what background scribbles mark.
+
+    A marked region (:func:`_pieces`) that is small next to the whole answer (a bowel loop, a
+    blob) goes entirely. In a big region (the tissue itself, with a false bump) only the part
+    within a geodesic reach of the scribble goes: twice the region's half-thickness under the
+    scribble, at least ``BG_REACH_MM``. A region holding foreground scribbles too is split
+    between them geodesically.
+    """
+    answer = answer & ~bg
+    if not bg.any() or not answer.any():
+        return answer
+    pieces = _pieces(answer, spacing)
+    eight = np.ones((3, 3), bool)
+    near_bg = ndi.binary_dilation(bg, structure=eight)
+    total = int(np.count_nonzero(answer))
+    out = answer.copy()
+    for piece_id in np.unique(pieces[near_bg & answer]):
+        if piece_id == 0:
+            continue
+        piece = pieces == piece_id
+        if (piece & fg).any():
+            out[piece] = _split(piece | bg, fg & piece, bg)[piece]
+            continue
+        if np.count_nonzero(piece) < BG_SMALL_FRACTION * total:
+            out[piece] = False
+            continue
+        depth = ndi.distance_transform_edt(piece | bg, sampling=spacing)[bg].max()
+        reach_mm = max(BG_REACH_MM, 2.0 * float(depth))
+        steps = int(np.ceil(reach_mm / min(spacing)))
+        allowed = piece & ~fg
+        grown = bg & allowed | (near_bg & allowed)
+        for _ in range(steps):
+            nxt = ndi.binary_dilation(grown, structure=eight) & allowed
+            if nxt.sum() == grown.sum():
+                break
+            grown = nxt
+        out[grown] = False
+    return out
+
+
+def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
+    """Apply the tissue rules, the connected-region rule and the scribbles to a raw proposal.
+
+    With a rectangle, the anatomy-allowed part of the proposal (see :func:`_tissue_rules`) is
+    the starting answer. Foreground scribbles add the regions of the proposal they touch (even
+    where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`);
+    background scribbles remove the regions they mark (:func:`_remove_marked`).
+    """
+    region = _region(inp)
+    candidate = _clean(proposal & region, inp.tissue, inp.spacing)
+    answer = np.zeros_like(candidate)
+    if inp.roi is not None:
+        answer |= _tissue_rules(inp, candidate, _anatomy(inp.hu, inp.spacing))
+    if inp.fg.any():
+        answer |= _touched(_pieces(candidate & ~answer, inp.spacing), inp.fg)
+    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing)
+    return answer | (inp.fg & region)
+
+
+def _region(inp: _Inputs) -> np.ndarray:
+    region = np.zeros(inp.hu.shape, dtype=bool)
+    if inp.roi is None:
+        region[:] = True
+    else:
+        x0, x1, y0, y1 = inp.roi
+        region[x0:x1, y0:y1] = True
+    return region
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge(current: np.ndarray | None, proposal: np.ndarray, tissue: str | int, *,
+          fg: np.ndarray | None = None, bg: np.ndarray | None = None,
+          roi: Sequence[int] | None = None) -> np.ndarray:
+    """Merge a proposal for one tissue into the current label map (``uint8``, same shape).
+
+    Parameters
+    ----------
+    current : (X, Y) int array or None
+        Label map before the interaction (``None``: all background).
+    proposal : (X, Y) bool array
+        Pixels the tool says are ``tissue``.
+    tissue : str or int
+        Target tissue.
+    fg, bg : (X, Y) bool arrays, optional
+        Foreground / background scribbles.
+    roi : (x0, x1, y0, y1), optional
+        With a rectangle the target tissue inside it is replaced by the proposal; without one
+        the proposal is added, and target pixels cut off by background scribbles are removed.
+
+    Other tissues' pixels are kept unless a foreground scribble covers them; background
+    scribbles are never the target tissue.
+    """
+    value = parse_tissue(tissue)
+    proposal = np.asarray(proposal, dtype=bool)
+    shape = proposal.shape
+    out = np.zeros(shape, np.uint8) if current is None else np.asarray(current).astype(np.uint8).copy()
+    if out.shape != shape:
+        raise SarcoError(f"current label has shape {out.shape} but the proposal has shape {shape}")
+    fg = _mask_or_empty(fg, shape, "foreground scribbles")
+    bg = _mask_or_empty(bg, shape, "background scribbles")
+    target = out == value
+    roi = parse_roi(roi, shape)
+    if roi is not None:
+        region = np.zeros(shape, dtype=bool)
+        region[roi[0]:roi[1], roi[2]:roi[3]] = True
+        out[region & target & ~proposal] = 0
+    else:
+        region = np.ones(shape, dtype=bool)
+        if bg.any():
+            # Existing target pixels nearer (inside the tissue) to a bg scribble than to the
+            # proposal or fg scribbles go; unconnected ones stay.
+            kept = _split(target | proposal | bg, proposal | fg, bg)
+            out[target & ~kept] = 0
+    out[bg & (out == value)] = 0
+    free = (out == 0) | (out == value) | fg
+    out[proposal & region & free & ~bg] = value
+    return out
+
+
+# --------------------------------------------------------------------------- the tools
+
+
+def _in_range(hu: np.ndarray, tissue: int) -> np.ndarray:
+    lo, hi = TISSUE_HU[tissue]
+    return (hu >= lo) & (hu <= hi)
+
+
+def _histogram(hu: np.ndarray, mask: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Normalised (max 1) and lightly smoothed 1D HU histogram of ``hu[mask]`` (cv2.calcHist)."""
+    hist = cv2.calcHist([hu], [0], mask.astype(np.uint8), [bins], [lo, hi]).ravel()
+    # Smoothing by about CT noise (HIST_SMOOTH_HU) fills the gaps a small scribble sample leaves.
+    sigma_bins = HIST_SMOOTH_HU / ((hi - lo) / bins)
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), sigma=sigma_bins, mode="constant")
+    peak = hist.max()
+    return (hist / peak).astype(np.float32) if peak > 0 else hist.astype(np.float32)
+
+
+def back_projection(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = None,
+                    fg: np.ndarray | None = None, bg: np.ndarray | None = None,
+                    current: np.ndarray | None = None, spacing: Sequence[float] = (1.0, 1.0),
+                    slice_index: int | None = None, bins: int | None = None,
+                    threshold: float | None = None, denoise_mm: float | None = None) -> np.ndarray:
+    """Label ``tissue`` by back-projecting the HU histogram of the user's rectangle or scribbles.
+
+    Parameters
+    ----------
+    hu : (X, Y) or (X, Y, Z) float array
+        CT in HU, canonical order.
+    tissue : str or int
+        'muscle', 'sat', 'vat', 'imat' or 1-4.
+    roi : (x0, x1, y0, y1), optional
+        Rectangle in voxel indices (half-open). Its pixels in the tissue's HU range give the
+        histogram when there are no foreground scribbles.
+    fg, bg : bool arrays like ``hu`` (or like one slice), optional
+        Foreground scribbles give the histogram; background scribbles exclude (their HU
+        histogram vetoes HU values far more typical of them, and their connected parts are cut).
+    current : int array like ``hu``, optional
+        Current label map; only the target tissue changes (see :func:`merge`).
+    spacing : (sx, sy)
+        Pixel size in mm (morphology sizes are in mm).
+    slice_index : int, optional
+        Axial slice of a 3D ``hu``; by default the slice holding the scribbles.
+    bins : int, optional
+        Histogram bins over the tissue's HU range (default: 4 HU wide).
+    threshold : float, optional
+        Back-projection level (0-1 of the histogram peak) a pixel needs (default 0.05).
+
+    Returns
+    -------
+    uint8 label map shaped like ``hu`` (a 3D input gets only ``slice_index`` changed).
+    """
+    inp, put_back = _prepare(hu, tissue, roi, fg, bg, current, spacing, slice_index)
+    lo, hi = TISSUE_HU[inp.tissue]
+    nbins = int(bins) if bins is not None else int(np.ceil((hi - lo) / BIN_WIDTH_HU))
+    if nbins < 2 or nbins > 4096:
+        raise SarcoError(f"bins must be between 2 and 4096, got {nbins}")
+    level = 0.05 if threshold is None else float(threshold)
+    if not 0.0 <= level < 1.0:
+        raise SarcoError(f"threshold must be in [0, 1), got {level}")
+    region = _region(inp)
+    hu_s = inp.smooth(DENOISE_MM if denoise_mm is None else float(denoise_mm))
+    in_range = _in_range(hu_s, inp.tissue)
+    # The rectangle's pixels in the tissue's range, plus the foreground scribbles.
+    sample = inp.fg & in_range
+    if inp.roi is not None:
+        sample |= region & in_range & body_mask(inp.hu)
+    if not sample.any():
+        raise SarcoError(f"no {NAMES[inp.tissue]} HU values under the rectangle or scribbles")
+    ranges = [lo, hi + 1e-3]
+    fg_hist = _histogram(hu_s, sample, ranges[0], ranges[1], nbins)
+    likelihood = cv2.calcBackProject([hu_s], [0], fg_hist, ranges, scale=1)
+    proposal = (likelihood >= level) & in_range
+    if (inp.bg & in_range).any():
+        bg_hist = _histogram(hu_s, inp.bg & in_range, ranges[0], ranges[1], nbins)
+        bg_like = cv2.calcBackProject([hu_s], [0], bg_hist, ranges, scale=1)
+        # Only HU values far more typical of the background are vetoed: tissues of similar HU
+        # (muscle and bowel) are separated spatially instead.
+        proposal &= ~(bg_like > 4.0 * likelihood + 0.05)
+    mask = _refine(inp, proposal)
+    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg, roi=inp.roi))
+
+
+def window_to_uint8(hu: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """HU clipped to ``window`` = (low, high) and scaled to 0-255."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise SarcoError(f"window must be (low, high) with low < high, got {tuple(window)}")
+    scaled = (np.clip(hu, lo, hi) - lo) * (255.0 / (hi - lo))
+    return np.round(scaled).astype(np.uint8)
+
+
+def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = None,
+            fg: np.ndarray | None = None, bg: np.ndarray | None = None,
+            current: np.ndarray | None = None, spacing: Sequence[float] = (1.0, 1.0),
+            slice_index: int | None = None, window: Sequence[float] | None = None,
+            iterations: int = 5, denoise_mm: float | None = None) -> np.ndarray:
+    """Label ``tissue`` with OpenCV's GrabCut started from a rectangle and/or scribbles.
+
+    GrabCut runs on the image windowed for the tissue (``window`` in HU, default
+    :data:`GRABCUT_WINDOW`) and cropped to the rectangle (or the scribbles' neighbourhood).
+    Its initial mask is a trimap: outside the rectangle, background scribbles, other labelled
+    tissues and pixels well outside the tissue's HU range are sure background; foreground
+    scribbles and pixels well inside the range sure foreground; the band of
+    ``GRABCUT_BAND_MM`` along the HU borders is probable foreground/background by HU, and
+    GrabCut's colour models and smoothness decide it. The result goes through the same tissue rules and
+    :func:`merge` as :func:`back_projection`.
+
+    Parameters are those of :func:`back_projection`, plus ``window`` (low, high) HU and
+    ``iterations`` (GrabCut iterations, 1-50). Returns the merged uint8 label map.
+    """
+    inp, put_back = _prepare(hu, tissue, roi, fg, bg, current, spacing, slice_index)
+    try:
+        iterations = int(iterations)
+    except (TypeError, ValueError):
+        raise SarcoError(f"iterations must be an integer, got {iterations!r}") from None
+    if not 1 <= iterations <= 50:
+        raise SarcoError(f"iterations must be between 1 and 50, got {iterations}")
+    window = GRABCUT_WINDOW[inp.tissue] if window is None else tuple(float(w) for w in window)
+    if len(window) != 2:
+        raise SarcoError(f"window must be (low, high) in HU, got {window}")
+    hu_s = inp.smooth(DENOISE_MM if denoise_mm is None else float(denoise_mm))
+    gray = window_to_uint8(hu_s, window)
+
+    region = _region(inp)
+    in_range = _in_range(hu_s, inp.tissue)
+    # A trimap: GrabCut decides the band along the tissue's HU borders (partial volume),
+    # where HU alone is unsure; deep inside / outside the HU range is taken as sure.
+    band = _disk(GRABCUT_BAND_MM, inp.spacing)
+    sure_in = ndi.binary_erosion(in_range, structure=band)
+    sure_out = ndi.binary_erosion(~in_range, structure=band)
+    other = (inp.current > 0) & (inp.current != inp.tissue)  # kept by the merge anyway
+    gc_mask = np.full(inp.hu.shape, cv2.GC_BGD, dtype=np.uint8)
+    gc_mask[region] = cv2.GC_PR_BGD
+    gc_mask[region & in_range] = cv2.GC_PR_FGD
+    gc_mask[region & sure_in] = cv2.GC_FGD
+    gc_mask[region & (sure_out | other)] = cv2.GC_BGD
+    gc_mask[inp.bg] = cv2.GC_BGD
+    gc_mask[inp.fg] = cv2.GC_FGD
+
+    # Crop to the working area plus a margin: GrabCut time grows with the pixel count.
+    if inp.roi is not None:
+        x0, x1, y0, y1 = inp.roi
+    else:
+        xs, ys = np.nonzero(inp.fg | inp.bg)
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    margin = 8
+    nx, ny = inp.hu.shape
+    x0, y0 = max(0, x0 - margin), max(0, y0 - margin)
+    x1, y1 = min(nx, x1 + margin), min(ny, y1 + margin)
+    crop_mask = np.ascontiguousarray(gc_mask[x0:x1, y0:y1].T)  # OpenCV wants (rows=y, cols=x)
+    crop_img = cv2.cvtColor(np.ascontiguousarray(gray[x0:x1, y0:y1].T), cv2.COLOR_GRAY2BGR)
+    fg_like = np.isin(crop_mask, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    if fg_like.all() or not fg_like.any():
+        # GrabCut needs samples of both classes; the HU rule alone is then the answer.
+        raw = np.isin(crop_mask, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    else:
+        bgd_model = np.zeros((1, 65), np.float64)
+        fgd_model = np.zeros((1, 65), np.float64)
+        cv2.grabCut(crop_img, crop_mask, None, bgd_model, fgd_model, iterations,
+                    cv2.GC_INIT_WITH_MASK)
+        raw = np.isin(crop_mask, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    proposal = np.zeros(inp.hu.shape, dtype=bool)
+    proposal[x0:x1, y0:y1] = raw.T
+    # GrabCut's smoothness term may pull in a rim of other HU; the tissue's range still holds.
+    proposal &= in_range | inp.fg
+    mask = _refine(inp, proposal)
+    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg, roi=inp.roi))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+# --------------------------------------------------------------------------- files (server)
+
+#: The tools by name, as the MONAI Label tasks are called.
+METHODS = {"backprojection": back_projection, "grabcut": grabcut}
+
+
+def _read_file_grid(path: str, image, name: str) -> np.ndarray:
+    """A label/scribble NIfTI on the image's file grid, returned in canonical order."""
+    import nibabel as nib
+
+    try:
+        data = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises many types for a damaged file
+        raise SarcoError(f"{name}: not a readable NIfTI file ({exc})") from None
+    while data.ndim > len(image.original_shape) and data.shape[-1] == 1:
+        data = data[..., 0]
+    if tuple(data.shape) != tuple(image.original_shape):
+        raise SarcoError(
+            f"{name} has shape {tuple(data.shape)} but the image has shape {tuple(image.original_shape)}"
+        )
+    return image.from_original(np.rint(data).astype(np.int16))
+
+
+def _box_to_canonical(image, roi: Sequence[float] | None, slice_index: int | None):
+    """Convert a roi and slice index given in the file's voxel order to canonical indices."""
+    shape = tuple(image.original_shape)
+    roi_c = None
+    if roi is not None and len(list(roi)) > 0:
+        values = list(roi)
+        x0, x1, y0, y1 = parse_roi(values, shape[:2])
+        box = np.zeros(shape, dtype=bool)
+        if len(shape) == 3 and len(values) >= 6:
+            z0, z1 = max(int(values[4]), 0), min(int(values[5]), shape[2])
+            if z1 <= z0:
+                raise SarcoError(f"roi z-range [{values[4]}, {values[5]}] lies outside the image")
+            box[x0:x1, y0:y1, z0:z1] = True
+        else:
+            box[x0:x1, y0:y1, ...] = True
+        idx = np.nonzero(image.from_original(box))
+        roi_c = [int(idx[0].min()), int(idx[0].max()) + 1, int(idx[1].min()), int(idx[1].max()) + 1]
+        if len(shape) == 3 and len(values) >= 6:
+            roi_c += [int(idx[2].min()), int(idx[2].max()) + 1]
+    index_c = None
+    if slice_index is not None and len(shape) == 3:
+        try:
+            k = int(slice_index)
+        except (TypeError, ValueError):
+            raise SarcoError(f"slice_index must be an integer, got {slice_index!r}") from None
+        if not 0 <= k < shape[2]:
+            raise SarcoError(f"slice_index {k} out of range 0..{shape[2] - 1}")
+        marker = np.zeros(shape, dtype=bool)
+        marker[..., k] = True
+        index_c = int(np.nonzero(image.from_original(marker).any(axis=(0, 1)))[0][0])
+    elif slice_index not in (None, 0):
+        raise SarcoError(f"slice_index {slice_index} given but the image is 2D")
+    return roi_c, index_c
+
+
+def label_from_files(method: str, image_path: str, output_path: str, *, tissue: str | int,
+                     scribbles_path: str | None = None, current_path: str | None = None,
+                     roi: Sequence[float] | None = None, slice_index: int | None = None,
+                     bg_value: int = 5, fg_value: int = 6, **options) -> dict:
+    """Run a tool on files the way MONAI Label hands them over; write the merged label map.
+
+    Parameters
+    ----------
+    method : 'backprojection' or 'grabcut'
+    image_path : CT image (NIfTI or DICOM, see :func:`sarco_app.ingest.load_image`).
+    output_path : where the merged uint8 label map is written (NIfTI, the image's own grid).
+    tissue : target tissue.
+    scribbles_path : NIfTI on the image grid with background scribbles = ``bg_value`` and
+        foreground scribbles = ``fg_value`` (MONAI Label: ``len(labels) + 1`` and ``+ 2``).
+    current_path : current label map (values 0-4) on the image grid, optional.
+    roi : ``[x0, x1, y0, y1(, z0, z1)]`` in the file's voxel indices (MONAI Label's order).
+    slice_index : axial slice in the file's voxel order (3D images).
+    options : ``bins``/``threshold`` (back-projection) or ``window``/``iterations`` (GrabCut).
+
+    Returns a summary: tissue, slice (file order), pixels and area (cm^2) of the tissue there.
+    """
+    from sarco_app.ingest import load_image, save_label
+
+    if method not in METHODS:
+        raise SarcoError(f"unknown method {method!r}; use one of {sorted(METHODS)}")
+    value = parse_tissue(tissue)
+    image = load_image(image_path)
+    fg = bg = None
+    if scribbles_path:
+        scribbles = _read_file_grid(scribbles_path, image, "scribble label")
+        fg, bg = scribbles == fg_value, scribbles == bg_value
+        if not (fg.any() or bg.any()) and not (roi is not None and len(list(roi)) > 0):
+            raise SarcoError(
+                f"the scribble label holds no scribbles (background {bg_value}, foreground "
+                f"{fg_value}) and no roi was given"
+            )
+    current = None
+    if current_path:
+        current = _read_file_grid(current_path, image, "current label")
+        current = np.where((current >= 0) & (current <= max(NAMES)), current, 0).astype(np.uint8)
+    roi_c, index_c = _box_to_canonical(image, roi, slice_index)
+    allowed = {"backprojection": ("bins", "threshold"), "grabcut": ("window", "iterations")}[method]
+    kwargs = {k: options[k] for k in allowed if options.get(k) is not None}
+    label = METHODS[method](image.hu, value, roi=roi_c, fg=fg, bg=bg, current=current,
+                            spacing=image.pixel_spacing, slice_index=index_c, **kwargs)
+    save_label(label, image, output_path)
+    if label.ndim == 3:
+        changed = int(index_c) if index_c is not None else _resolve_slice_index(label.shape, None, roi_c, fg, bg)
+        plane = label[:, :, changed]
+        marker = np.zeros(label.shape, bool)
+        marker[:, :, changed] = True
+        file_slice = int(np.nonzero(image.to_original(marker).any(axis=(0, 1)))[0][0])
+    else:
+        plane, file_slice = label, 0
+    pixels = int(np.count_nonzero(plane == value))
+    sx, sy = image.pixel_spacing
+    return {"tissue": NAMES[value], "method": method, "slice_index": file_slice,
+            "pixels": pixels, "area_cm2": round(pixels * sx * sy / 100.0, 3)}

@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Simulated annotator: how many interactions each semi-automatic tool needs per tissue.
+
+The annotator works like a person: first a rectangle around the target tissue (its bounding box
+plus a small margin), then, while the tissue's IoU is below the goal, one scribble in the
+largest wrong region: a foreground stroke in the largest missed region, a background stroke in
+the largest false region (a short stroke along the region's middle, away from its edges).
+Scribbles accumulate, as in Slicer/OHIF, and each tool call gets all of them plus the rectangle.
+
+Compared on the same phantoms and the same interactions:
+
+* ``backprojection`` and ``grabcut`` from :mod:`sarco_app.interactive` (called in-process);
+* MONAI Label's built-in ``HistogramBasedGraphCut`` task (its own pre/post transforms, run
+  through the task's ``__call__`` on NIfTI files like the server does, with ``pix_dim`` set to
+  the phantom's spacing instead of its 2.5 mm default); its foreground mask is merged into the
+  label map with the same rules as our tools (:func:`sarco_app.interactive.merge`).
+
+Protocol: muscle and SAT are labelled on an empty label map; VAT and IMAT on a map that already
+holds the true muscle and SAT (the order a person works in). Writes a per-session CSV, a
+summary CSV and a PNG plot.
+
+Usage::
+
+    .venv/bin/python scripts/simulate_annotator.py --n 30 --size 256 --out docs/interactive
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.morphology import skeletonize
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sarco_app import interactive  # noqa: E402
+from sarco_app.labels import LABELS, MUSCLE, SAT  # noqa: E402
+
+TISSUES = ("muscle", "sat", "vat", "imat")
+METHODS = ("backprojection", "grabcut", "histogram_graphcut")
+
+
+# --------------------------------------------------------------------------- the annotator
+
+
+def first_rectangle(truth: np.ndarray, margin_px: int = 4) -> tuple[int, int, int, int]:
+    """A rectangle around the true tissue (bounding box + ``margin_px``), as a person draws it:
+    ``(x0, x1, y0, y1)`` half-open voxel indices."""
+    xs, ys = np.nonzero(truth)
+    nx, ny = truth.shape
+    return (max(0, int(xs.min()) - margin_px), min(nx, int(xs.max()) + 1 + margin_px),
+            max(0, int(ys.min()) - margin_px), min(ny, int(ys.max()) + 1 + margin_px))
+
+
+def next_scribble(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0),
+                  stroke_mm: float = 25.0) -> tuple[str, np.ndarray] | None:
+    """Where a person would click next: a stroke in the largest wrong region.
+
+    Parameters
+    ----------
+    pred, truth : (X, Y) bool arrays
+        Current result and the truth for the target tissue.
+    spacing : (sx, sy) mm.
+    stroke_mm : half-length of the stroke around the region's deepest point.
+
+    Returns ``('fg' | 'bg', stroke_mask)`` or ``None`` when nothing is wrong. The stroke lies
+    inside the wrong region, along its middle (skeleton), so it never marks a pixel wrongly.
+    """
+    best = None
+    for kind, wrong in (("fg", truth & ~pred), ("bg", pred & ~truth)):
+        labels, count = ndi.label(wrong, structure=np.ones((3, 3), bool))
+        if count == 0:
+            continue
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        k = int(np.argmax(sizes))
+        if best is None or sizes[k] > best[2]:
+            best = (kind, labels == k, int(sizes[k]))
+    if best is None:
+        return None
+    kind, region, _ = best
+    depth = ndi.distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1]
+    cx, cy = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    xs, ys = np.ogrid[: region.shape[0], : region.shape[1]]
+    near = ((xs - cx) * spacing[0]) ** 2 + ((ys - cy) * spacing[1]) ** 2 <= stroke_mm**2
+    inner = depth >= min(1.5 * min(spacing), depth.max())
+    stroke = skeletonize(region) & near & inner
+    stroke[cx, cy] = True
+    return kind, stroke
+
+
+# --------------------------------------------------------------------------- the tools
+
+
+def ours(name: str):
+    fn = interactive.METHODS[name]
+
+    def call(hu, tissue, roi, fg, bg, current, spacing):
+        return fn(hu, tissue, roi=roi, fg=fg, bg=bg, current=current, spacing=spacing)
+
+    return call
+
+
+class HistogramGraphCutBaseline:
+    """MONAI Label's ``HistogramBasedGraphCut`` fed the same rectangle and scribbles."""
+
+    def __init__(self, workdir: Path):
+        from monailabel.scribbles.infer import HistogramBasedGraphCut
+
+        class Compatible(HistogramBasedGraphCut):
+            # With monai >= 1.5 Spacingd updates every "image_*" key as a meta dict, and
+            # BasicInferTask's "image_path" string breaks it: hide that key meanwhile.
+            def run_pre_transforms(self, data, transforms):
+                path = data.pop("image_path", None)
+                data = super().run_pre_transforms(data, transforms)
+                if path is not None:
+                    data["image_path"] = path
+                return data
+
+        self.cls = Compatible
+        self.workdir = workdir
+        self._image_key = None
+
+    def _image(self, hu, spacing):
+        import nibabel as nib
+
+        key = (id(hu), hu.shape)
+        if key != self._image_key:
+            affine = np.diag([-spacing[0], -spacing[1], 1.0, 1.0])
+            nib.save(nib.Nifti1Image(hu[:, :, None].astype(np.int16), affine),
+                     str(self.workdir / "image.nii.gz"))
+            self.task = self.cls(dimension=3, pix_dim=(spacing[0], spacing[1], 1.0))
+            self._image_key = key
+            self.affine = affine
+        return str(self.workdir / "image.nii.gz")
+
+    def __call__(self, hu, tissue, roi, fg, bg, current, spacing):
+        import nibabel as nib
+
+        image = self._image(hu, spacing)
+        scrib = np.zeros(hu.shape, np.uint8)
+        scrib[bg] = self.task.scribbles_bg_label
+        scrib[fg] = self.task.scribbles_fg_label
+        scrib_path = str(self.workdir / "scribbles.nii.gz")
+        nib.save(nib.Nifti1Image(scrib[:, :, None], self.affine), scrib_path)
+        request = {"image": image, "label": scrib_path, "device": "cpu",
+                   "roi": [roi[0], roi[1], roi[2], roi[3], 0, 1]}
+        result_path, _ = self.task(request)
+        pred = np.asarray(nib.load(result_path).dataobj)
+        os.unlink(result_path)
+        pred = pred.reshape(pred.shape[:2]) > 0
+        return interactive.merge(current, pred, tissue, fg=fg, bg=bg, roi=roi)
+
+
+# --------------------------------------------------------------------------- a session
+
+
+def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, cap=10):
+    """Interactions until the tissue's IoU reaches ``goal`` (at most ``cap``).
+
+    Returns dict(interactions, reached, final_iou, mean_latency_s, ious).
+    """
+    value = LABELS[tissue]
+    truth = truth_label == value
+    roi = first_rectangle(truth)
+    fg = np.zeros(hu.shape, bool)
+    bg = np.zeros(hu.shape, bool)
+    ious, latencies = [], []
+    for step in range(1, cap + 1):
+        start = time.perf_counter()
+        label = tool(hu, tissue, roi, fg, bg, current0, spacing)
+        latencies.append(time.perf_counter() - start)
+        pred = label == value
+        ious.append(interactive.iou(pred, truth))
+        if ious[-1] >= goal:
+            break
+        nxt = next_scribble(pred, truth, spacing)
+        if nxt is None:
+            break
+        kind, stroke = nxt
+        (fg if kind == "fg" else bg)[stroke] = True
+        (bg if kind == "fg" else fg)[stroke] = False
+    return {"interactions": len(ious), "reached": ious[-1] >= goal, "final_iou": ious[-1],
+            "mean_latency_s": float(np.mean(latencies)), "ious": ious}
+
+
+def starting_label(truth_label: np.ndarray, tissue: str) -> np.ndarray:
+    """Empty for muscle and SAT; true muscle + SAT for VAT and IMAT."""
+    if tissue in ("muscle", "sat"):
+        return np.zeros(truth_label.shape, np.uint8)
+    return np.where(np.isin(truth_label, (MUSCLE, SAT)), truth_label, 0).astype(np.uint8)
+
+
+def load_phantom(seed: int, size: int):
+    """(hu (X, Y), label, spacing) of phantom ``seed`` at ``size`` x ``size``."""
+    from sarco_app import phantom
+
+    ph = phantom.generate(seed, size=size)
+    hu = np.asarray(ph.hu, dtype=np.float32)
+    label = np.asarray(ph.label)
+    if hu.ndim == 3:
+        hu, label = hu[:, :, hu.shape[2] // 2], label[:, :, label.shape[2] // 2]
+    return hu, label.astype(np.uint8), tuple(float(s) for s in ph.spacing[:2])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=30, help="phantoms per tissue")
+    parser.add_argument("--size", type=int, default=256, help="phantom matrix (pixels)")
+    parser.add_argument("--seed0", type=int, default=1000, help="first phantom seed")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tissues", default=",".join(TISSUES))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "interactive"),
+                        help="output prefix: <out>_sessions.csv, <out>_summary.csv, <out>.png")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    import pandas as pd
+
+    logging.disable(logging.WARNING)  # MONAI Label logs every task call
+
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    methods = [m for m in args.methods.split(",") if m]
+    tissues = [t for t in args.tissues.split(",") if t]
+    workdir = Path(tempfile.mkdtemp(prefix="sarco_annot_"))
+    tools = {}
+    for m in methods:
+        tools[m] = HistogramGraphCutBaseline(workdir) if m == "histogram_graphcut" else ours(m)
+
+    rows = []
+    begin = time.time()
+    for i in range(args.n):
+        seed = args.seed0 + i
+        hu, truth_label, spacing = load_phantom(seed, args.size)
+        for tissue in tissues:
+            if not (truth_label == LABELS[tissue]).any():
+                continue
+            current0 = starting_label(truth_label, tissue)
+            for m in methods:
+                res = run_session(tools[m], hu, truth_label, tissue, current0, spacing)
+                rows.append({"seed": seed, "tissue": tissue, "method": m,
+                             "interactions": res["interactions"], "reached": res["reached"],
+                             "final_iou": round(res["final_iou"], 4),
+                             "first_iou": round(res["ious"][0], 4),
+                             "mean_latency_s": round(res["mean_latency_s"], 4)})
+        print(f"phantom {i + 1}/{args.n} done ({time.time() - begin:.0f} s)", flush=True)
+
+    sessions = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sessions.to_csv(f"{out}_sessions.csv", index=False)
+    summary = (sessions.groupby(["tissue", "method"], sort=False)
+               .agg(n=("seed", "size"), interactions_mean=("interactions", "mean"),
+                    interactions_median=("interactions", "median"),
+                    reached_pct=("reached", lambda s: 100.0 * s.mean()),
+                    final_iou_mean=("final_iou", "mean"), first_iou_mean=("first_iou", "mean"),
+                    latency_ms_mean=("mean_latency_s", lambda s: 1000.0 * s.mean()))
+               .round(3).reset_index())
+    summary.to_csv(f"{out}_summary.csv", index=False)
+    print(f"matrix {args.size}x{args.size}, {args.n} phantoms, goal IoU >= 0.95, cap 10")
+    print(summary.to_string(index=False))
+    plot(sessions, f"{out}.png", tissues, methods)
+    print(f"wrote {out}_sessions.csv, {out}_summary.csv, {out}.png")
+    return 0
+
+
+def plot(sessions, path: str, tissues, methods) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(methods)
+    x = np.arange(len(tissues))
+    for j, m in enumerate(methods):
+        sub = sessions[sessions.method == m].groupby("tissue")
+        means = [sub.get_group(t).interactions.mean() if t in sub.groups else np.nan for t in tissues]
+        ious = [sub.get_group(t).final_iou.mean() if t in sub.groups else np.nan for t in tissues]
+        axes[0].bar(x + j * width, means, width, label=m)
+        axes[1].bar(x + j * width, ious, width, label=m)
+    for ax, title in zip(axes, ("interactions to IoU >= 0.95 (cap 10)", "final IoU")):
+        ax.set_xticks(x + width * (len(methods) - 1) / 2, tissues)
+        ax.set_title(title)
+    axes[0].axhline(3, color="k", lw=0.8, ls="--")
+    axes[1].axhline(0.95, color="k", lw=0.8, ls="--")
+    axes[1].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Semi-automatic tools (sarco_app.interactive) and the simulated annotator, as a library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sarco_app import interactive
+from sarco_app.errors import SarcoError
+from sarco_app.labels import IMAT, MUSCLE, SAT, VAT
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import simulate_annotator  # noqa: E402
+
+TOOLS = [interactive.back_projection, interactive.grabcut]
+SPACING = (1.5, 1.5)
+
+
+def synthetic_slice(nx: int = 150, ny: int = 120, seed: int = 0, bowel: bool = True):
+    """A clean abdomen: SAT ring, muscle ring, VAT inside, a vertebra at the back, and a bowel
+    loop of muscle HU that touches the muscle ring from inside. Returns (hu, truth label)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    cx, cy = nx / 2, ny / 2
+
+    def inside(ax, ay, ox=0.0, oy=0.0):
+        return ((x - cx - ox) / ax) ** 2 + ((y - cy - oy) / ay) ** 2 <= 1.0
+
+    label = np.zeros((nx, ny), np.uint8)
+    body = inside(nx * 0.45, ny * 0.42)
+    label[body] = SAT
+    label[inside(nx * 0.36, ny * 0.32)] = MUSCLE
+    label[inside(nx * 0.30, ny * 0.25)] = VAT
+    hu = np.full((nx, ny), -1000.0, np.float32)
+    hu[label == SAT] = -100
+    hu[label == MUSCLE] = 45
+    hu[label == VAT] = -90
+    spine = inside(9, 8, 0, ny * 0.2)
+    hu[spine] = 500
+    label[spine] = 0
+    if bowel:
+        # Touches the muscle ring's inner edge at the front (small y is anterior).
+        loop = inside(8, 8, 0, -ny * 0.25 + 7)
+        loop &= label != MUSCLE
+        hu[loop] = 40
+        label[loop] = 0
+    skin = body & ~np.pad(body[1:-1, 1:-1] & body[2:, 1:-1] & body[:-2, 1:-1]
+                          & body[1:-1, 2:] & body[1:-1, :-2], 1)
+    hu[skin] = 20
+    label[skin] = 0
+    hu += rng.normal(0, 8, hu.shape).astype(np.float32)
+    return hu, label
+
+
+def bbox(mask, margin=3):
+    return simulate_annotator.first_rectangle(mask, margin)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda f: f.__name__)
+def test_sat_from_rectangle_on_synthetic(tool):
+    hu, truth = synthetic_slice()
+    out = tool(hu, "sat", roi=bbox(truth == SAT), spacing=SPACING)
+    assert interactive.iou(out == SAT, truth == SAT) >= 0.9
+    assert set(np.unique(out)) <= {0, SAT}
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda f: f.__name__)
+def test_muscle_bowel_separated_by_background_scribble(tool):
+    hu, truth = synthetic_slice()
+    roi = bbox(truth == MUSCLE)
+    loop = (truth == 0) & (hu > 0) & (hu < 100)
+    loop[:, int(truth.shape[1] * 0.6):] = False  # the bowel loop only (not skin at the back)
+    bg = np.zeros_like(loop)
+    xs, ys = np.nonzero(loop)
+    bg[int(xs.mean()) - 2:int(xs.mean()) + 3, int(ys.mean())] = True
+    out = tool(hu, "muscle", roi=roi, bg=bg, spacing=SPACING)
+    assert np.count_nonzero((out == MUSCLE) & loop) < 0.1 * loop.sum()
+    assert interactive.iou(out == MUSCLE, truth == MUSCLE) >= 0.9
+
+
+def test_phantom_sat_and_vat_from_rectangle():
+    phantom = pytest.importorskip("sarco_app.phantom")
+    ph = phantom.generate(1000, size=256)
+    truth = np.asarray(ph.label)
+    out = interactive.back_projection(ph.hu, "sat", roi=bbox(truth == SAT), spacing=ph.spacing)
+    assert interactive.iou(out == SAT, truth == SAT) >= 0.88
+    # VAT with the muscle and SAT already labelled (the order a person works in).
+    current = np.where(np.isin(truth, (MUSCLE, SAT)), truth, 0).astype(np.uint8)
+    out = interactive.grabcut(ph.hu, "vat", roi=bbox(truth == VAT), current=current,
+                              spacing=ph.spacing)
+    assert interactive.iou(out == VAT, truth == VAT) >= 0.8
+    assert np.array_equal(out[current > 0], current[current > 0])
+
+
+# --------------------------------------------------------------------------- merge rules
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda f: f.__name__)
+def test_other_tissues_and_outside_roi_untouched(tool):
+    hu, truth = synthetic_slice(bowel=False)
+    current = np.where(truth == VAT, VAT, 0).astype(np.uint8)
+    current[:20, :] = np.where(truth[:20, :] == MUSCLE, MUSCLE, current[:20, :])  # old muscle
+    roi = (30, 140, 0, 120)
+    out = tool(hu, "muscle", roi=roi, current=current, spacing=SPACING)
+    assert np.array_equal(out[current == VAT], current[current == VAT])
+    assert np.array_equal(out[:30], current[:30])  # outside the rectangle nothing changes
+    assert (out[30:] == MUSCLE).sum() > 0.8 * (truth[30:] == MUSCLE).sum()
+
+
+def test_foreground_scribble_overrides_other_tissue_and_background_wins():
+    hu, truth = synthetic_slice(bowel=False)
+    current = np.where(truth == VAT, VAT, 0).astype(np.uint8)
+    fg = np.zeros(hu.shape, bool)
+    fg[70:76, 60] = True  # on VAT: the user says it is muscle
+    out = interactive.back_projection(hu, "muscle", roi=bbox(truth == MUSCLE), fg=fg,
+                                      current=current, spacing=SPACING)
+    assert (out[fg] == MUSCLE).all()
+    bg = np.zeros(hu.shape, bool)
+    mx, my = np.argwhere(truth == MUSCLE)[0]
+    bg[mx, my] = True
+    out = interactive.back_projection(hu, "muscle", roi=bbox(truth == MUSCLE), bg=bg,
+                                      spacing=SPACING)
+    assert out[mx, my] == 0
+
+
+def test_merge_helper_rules():
+    current = np.array([[0, 1, 3], [2, 1, 0], [0, 0, 4]], np.uint8)
+    proposal = np.array([[1, 0, 1], [1, 1, 1], [0, 0, 1]], bool)
+    fg = np.zeros((3, 3), bool)
+    fg[0, 2] = True
+    out = interactive.merge(current, proposal, "muscle", fg=fg, roi=(0, 3, 0, 3))
+    expected = np.array([[1, 0, 1], [2, 1, 1], [0, 0, 4]], np.uint8)
+    assert np.array_equal(out, expected)
+    # Without a rectangle the old muscle at (0, 1) stays: the proposal only adds.
+    out = interactive.merge(current, proposal, "muscle", fg=fg)
+    assert out[0, 1] == MUSCLE and out[0, 0] == MUSCLE
+
+
+def test_scribbles_only_without_rectangle():
+    hu, truth = synthetic_slice(bowel=False)
+    fg = np.zeros(hu.shape, bool)
+    fg[70:80, 15] = True  # a short stroke in the front SAT
+    assert (truth[fg] == SAT).all()
+    out = interactive.back_projection(hu, "sat", fg=fg, spacing=SPACING)
+    assert interactive.iou(out == SAT, truth == SAT) >= 0.85
+
+
+def test_volume_slice_index():
+    hu, truth = synthetic_slice(bowel=False)
+    vol = np.stack([np.full_like(hu, -1000), hu, np.full_like(hu, -1000)], axis=2)
+    current = np.zeros(vol.shape, np.uint8)
+    current[:, :, 2] = IMAT
+    out = interactive.back_projection(vol, "sat", roi=bbox(truth == SAT), current=current,
+                                      spacing=SPACING, slice_index=1)
+    assert out.shape == vol.shape
+    assert interactive.iou(out[:, :, 1] == SAT, truth == SAT) >= 0.9
+    assert (out[:, :, 2] == IMAT).all() and (out[:, :, 0] == 0).all()
+    # Scribbles on one slice pick that slice when slice_index is not given.
+    fg = np.zeros(vol.shape, bool)
+    xs, ys = np.nonzero(truth == SAT)
+    fg[xs[0], ys[0], 1] = True
+    out = interactive.back_projection(vol, "sat", fg=fg, spacing=SPACING)
+    assert (out[:, :, 1] == SAT).sum() > 0.8 * (truth == SAT).sum()
+    with pytest.raises(SarcoError, match="slice_index"):
+        interactive.back_projection(vol, "sat", roi=bbox(truth == SAT), spacing=SPACING)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda f: f.__name__)
+def test_errors(tool):
+    hu, truth = synthetic_slice()
+    with pytest.raises(SarcoError, match="no foreground scribbles and no roi"):
+        tool(hu, "muscle", fg=np.zeros(hu.shape, bool), spacing=SPACING)
+    with pytest.raises(SarcoError, match="outside the image"):
+        tool(hu, "muscle", roi=(500, 600, 10, 20), spacing=SPACING)
+    with pytest.raises(SarcoError, match="unknown tissue"):
+        tool(hu, "liver", roi=(10, 20, 10, 20), spacing=SPACING)
+    with pytest.raises(SarcoError, match="shape"):
+        tool(hu, "muscle", fg=np.ones((10, 10), bool), spacing=SPACING)
+    with pytest.raises(SarcoError, match="empty"):
+        tool(hu, "muscle", roi=(20, 10, 10, 20), spacing=SPACING)
+
+
+def test_option_errors():
+    hu, truth = synthetic_slice()
+    roi = bbox(truth == SAT)
+    with pytest.raises(SarcoError, match="iterations"):
+        interactive.grabcut(hu, "sat", roi=roi, iterations=0)
+    with pytest.raises(SarcoError, match="window"):
+        interactive.grabcut(hu, "sat", roi=roi, window=(100, -100))
+    with pytest.raises(SarcoError, match="bins"):
+        interactive.back_projection(hu, "sat", roi=roi, bins=1)
+    # Overrides that are valid change nothing essential.
+    out = interactive.grabcut(hu, "sat", roi=roi, window=(-300, 100), iterations=2, spacing=SPACING)
+    assert interactive.iou(out == SAT, truth == SAT) >= 0.9
+
+
+# --------------------------------------------------------------------------- annotator
+
+
+def test_annotator_scribbles_lie_in_the_largest_error():
+    truth = np.zeros((60, 60), bool)
+    truth[10:50, 10:50] = True
+    pred = truth.copy()
+    pred[10:30, 10:30] = False  # 400 px missed
+    pred[52:58, 0:20] = True  # 120 px false
+    kind, stroke = simulate_annotator.next_scribble(pred, truth)
+    assert kind == "fg" and stroke.any()
+    assert (truth & ~pred)[stroke].all()
+    pred[10:30, 10:30] = True
+    kind, stroke = simulate_annotator.next_scribble(pred, truth)
+    assert kind == "bg" and (pred & ~truth)[stroke].all()
+    assert simulate_annotator.next_scribble(truth, truth) is None
+
+
+def test_annotator_session_reaches_goal_on_synthetic():
+    hu, truth = synthetic_slice()
+    tool = simulate_annotator.ours("backprojection")
+    result = simulate_annotator.run_session(tool, hu, truth, "muscle",
+                                            np.zeros(truth.shape, np.uint8), SPACING)
+    assert result["reached"] and result["interactions"] <= 4
+    assert result["ious"][-1] >= 0.95
