@@ -442,9 +442,9 @@ class _Builder:
         smi_level = smi * {"L1": 0.95, "L2": 0.97, "L3": 1.0, "L4": 1.02}[self.level]
         sma_mm2 = smi_level * h_m * h_m * 100.0  # cm² -> mm²
         # IMAT share grows with age, BMI and low muscle HU (myosteatosis).
-        imat_frac = np.clip(0.025 + 0.0012 * (self.age - 40) + 0.003 * (self.bmi - 25)
-                            + 0.0025 * max(0.0, 40 - self.muscle_hu), 0.008, 0.3)
-        imat_frac *= math.exp(rng.normal(0, 0.35))
+        imat_frac = np.clip(0.02 + 0.0008 * (self.age - 40) + 0.002 * (self.bmi - 25)
+                            + 0.0015 * max(0.0, 40 - self.muscle_hu), 0.006, 0.15)
+        imat_frac *= math.exp(rng.normal(0, 0.3))
         shares = np.array([lv["es"], lv["psoas"], lv["ql"], lv["rectus"], lv["wall"]])
         shares = shares * np.exp(rng.normal(0, 0.12, 5))
         shares /= shares.sum()
@@ -666,14 +666,18 @@ class _Builder:
     def _umbilicus(self, body):
         """Navel at L3/L4: a narrow air-filled pit through the anterior SAT."""
         rng = self.rng
-        if self.level not in ("L3", "L4") or rng.random() > 0.35:
+        if self.level not in ("L3", "L4") or rng.random() > 0.3:
             return
         t_front = float(self._sat_profile(np.array([-np.pi / 2]))[0])
-        depth = t_front * rng.uniform(0.4, 0.95)
-        width = rng.uniform(3, 10)
-        front = -(self.b_ant + t_front) - 5
-        pts = np.array([[-width / 2, front], [width / 2, front], [width * 0.15, front + 5 + depth],
-                        [-width * 0.15, front + 5 + depth]])
+        depth = min(t_front * rng.uniform(0.15, 0.6), 25.0)
+        width = rng.uniform(8, 20)
+        bottom = width * rng.uniform(0.25, 0.5)
+        front = -(self.b_ant + t_front) - 6
+        # A funnel with a rounded floor and flared rim.
+        t = np.linspace(0, np.pi, 12)
+        floor = np.stack([bottom / 2 * np.cos(t), front + 6 + depth + bottom * 0.4 * np.sin(t)], axis=1)
+        rim = front + 6 + depth * 0.25
+        pts = np.vstack([[[-width, front], [-width / 2, rim]], floor[::-1], [[width / 2, rim], [width, front]]])
         pts[:, 0] += rng.uniform(-6, 6)
         body &= ~self.cv.poly(pts)
 
@@ -892,15 +896,16 @@ class _Builder:
             m = cv.poly(poly) & inside & np.isin(tissue, (_T.VAT_FAT, _T.IMAT_FAT))
             tissue[m] = _T.PSOAS
             self.psoas_lat[side] = abs(centre[0]) + ra * 0.9
-            # Quadratus lumborum: oblique band from the transverse process tip outward.
+            # Quadratus lumborum: oval lateral to the psoas at the transverse process tip, in
+            # front of the erector spinae, its lateral end turned forward.
             area = self.ql_a * rng.uniform(0.85, 1.15)
-            asp = rng.uniform(2.2, 3.6)
+            asp = rng.uniform(1.6, 2.6)
             rb = math.sqrt(area / (math.pi * asp))
             ra = asp * rb
-            ang_q = -side * rng.uniform(0.2, 0.7)
+            ang_q = -side * rng.uniform(0.1, 0.5)
             tip = self.vb_c[0] + side * (self.tp_root + self.tp_len)
-            centre_q = (tip + side * ra * math.cos(ang_q) * 0.7 - side * 4,
-                        self.tp_v - rb * 0.2 + rng.uniform(-3, 4) - side * ra * math.sin(ang_q) * 0.0)
+            centre_q = (tip + side * ra * rng.uniform(0.1, 0.5),
+                        self.tp_v + 4 - rb * rng.uniform(0.8, 1.0))
             poly = _blob(rng, centre_q, ra, rb, ang_q, wobble=0.05)
             m = cv.poly(poly) & inside & np.isin(tissue, (_T.VAT_FAT, _T.IMAT_FAT))
             tissue[m] = _T.QUADRATUS
@@ -944,7 +949,7 @@ class _Builder:
                 root = cx + side * self.tp_root
                 tip = root + side * self.tp_len
                 tilt = rng.uniform(-1, 7)
-                tw = rng.uniform(6, 9) * self.k_sp
+                tw = rng.uniform(5, 7.5) * self.k_sp
                 tip_w = tw * rng.uniform(0.45, 0.7)
                 elements.append(np.array([[root - side * 2, self.tp_v - tw / 2], [tip, self.tp_v + tilt - tip_w / 2],
                                           [tip + side * tip_w * 0.4, self.tp_v + tilt],
@@ -973,7 +978,7 @@ class _Builder:
         k_cort = max(1, int(round(rng.uniform(0.9, 1.6) / px)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k_cort + 1, 2 * k_cort + 1))
         inner_body = cv2.erode(body_mask.view(np.uint8), kernel).view(bool)
-        k_post = max(1, int(round(rng.uniform(1.2, 2.2) / px)))
+        k_post = max(1, int(round(rng.uniform(0.9, 1.6) / px)))
         kernel_p = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k_post + 1, 2 * k_post + 1))
         inner_post = cv2.erode(post.view(np.uint8), kernel_p).view(bool)
         tissue[bone] = _T.BONE_CORTEX
@@ -1113,7 +1118,7 @@ class _Builder:
             centre = (-(a_f - ra * rng.uniform(0.55, 0.8)), b * rng.uniform(-0.35, 0.25))
             liver = cv.poly(_blob(rng, centre, ra, rb, rng.normal(0, 0.3), wobble=0.08)) & self._free()
             tissue[liver] = _T.LIVER
-            self._organ_vessels(liver, 6 + int(20 * size))
+            self._organ_vessels(liver, 3 + int(9 * size))
             if rng.random() < lv["gallbladder_p"]:
                 gc = (centre[0] + ra * rng.uniform(0.3, 0.7), centre[1] - rb * rng.uniform(0.2, 0.6))
                 gb = cv.poly(_blob(rng, gc, rng.uniform(12, 22), rng.uniform(10, 18), rng.normal(0, 0.5)))
@@ -1155,10 +1160,14 @@ class _Builder:
         lines = np.zeros_like(organ)
         for i in rng.choice(idx, size=min(count, idx.size), replace=False):
             u0, v0 = self.cv.U.flat[i], self.cv.V.flat[i]
+            if rng.random() < 0.6:  # vessel crossing the slice: a dot
+                r = rng.uniform(1.5, 5)
+                lines |= cv.poly(_blob(rng, (u0, v0), r, r * rng.uniform(0.6, 1.0), rng.uniform(0, 3)))
+                continue
             ang = rng.uniform(0, 2 * np.pi)
-            length = rng.uniform(4, 25)
+            length = rng.uniform(5, 20)
             pts = np.array([[u0, v0], [u0 + length * math.cos(ang), v0 + length * math.sin(ang)]])
-            lines |= cv.line(pts, rng.uniform(1.5, 5))
+            lines |= cv.line(pts, rng.uniform(1.5, 4))
         tissue[lines & organ] = _T.VEIN
 
     def _lumen_organ(self, centre, ra, rb, wall_t, wall_tid, kind):
@@ -1242,7 +1251,8 @@ class _Builder:
             area += math.pi * r * r
         radii = rng.uniform(8, 17, cand.size)
         centres = np.zeros((len(cand) + len(placed), 3))
-        centres[: len(placed)] = placed
+        if placed:
+            centres[: len(placed)] = placed
         n_placed = len(placed)
         cu_all, cv_all, room_all = cv.U.flat[cand], cv.V.flat[cand], room.flat[cand]
         misses = 0
@@ -1355,10 +1365,16 @@ class _Builder:
         drawn = 0.0
         picks = rng.choice(idx, size=min(idx.size, 6000), replace=True)
         # Fat accumulates more in the back muscles with age.
-        for i in picks:
+        # Fat infiltrates the back muscles most, the psoas least.
+        weight = {_T.ERECTOR: 1.0, _T.QUADRATUS: 0.6, _T.WALL_MUSCLE: 0.45, _T.RECTUS: 0.4,
+                  _T.LATISSIMUS: 0.5, _T.PSOAS: 0.2}
+        accept = rng.random(picks.size)
+        for i, u_acc in zip(picks, accept):
             if drawn >= target_px:
                 break
             tid = tissue.flat[i]
+            if u_acc > weight.get(int(tid), 0.5):
+                continue
             row, col = divmod(int(i), self.size)
             if tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS):
                 a = rng.uniform(0.4, 2.0) / px
@@ -1439,7 +1455,7 @@ class _Builder:
         if pad_t > 0:
             pad = inside_w & (Y >= top - pad_t) & (Y < top) & air & (np.abs(X - xc) < width / 2 - 15)
             tissue[pad] = _T.PAD
-        shell = rng.uniform(1.0, 2.5)
+        shell = max(rng.uniform(1.0, 2.5), 1.6 * cv.sy)
         gap = rng.uniform(12, 40)
         lower_w = width * rng.uniform(0.75, 1.0)
         upper = inside_w & (Y >= top) & (Y < top + shell) & air
@@ -1486,7 +1502,7 @@ class _Builder:
         mean[_T.EPIDURAL_FAT] = sat + rng.uniform(0, 20)
         mean[_T.ARM_FAT] = sat + rng.uniform(-5, 5)
         mean[_T.FASCIA] = rng.uniform(0, 50)
-        mean[_T.SAT_SEPTUM] = sat + rng.uniform(30, 90)
+        mean[_T.SAT_SEPTUM] = sat + rng.uniform(20, 60)
         tex[[_T.SAT_FAT, _T.VAT_FAT, _T.IMAT_FAT, _T.ARM_FAT]] = rng.uniform(2, 7)
         mhu = self.muscle_hu
         for tid, off in ((_T.RECTUS, 0), (_T.WALL_MUSCLE, 0), (_T.PSOAS, 4), (_T.QUADRATUS, 0),
@@ -1496,8 +1512,8 @@ class _Builder:
         tex[list(_MUSCLES) + [_T.ARM_MUSCLE]] = rng.uniform(2, 6)
         # Bone: denser in the young; cortical shell and cancellous bone.
         young = np.clip((80 - self.age) / 50, 0.1, 1.2)
-        mean[_T.BONE_CORTEX] = rng.uniform(400, 700) + 250 * young
-        mean[_T.BONE_MARROW] = rng.uniform(90, 170) + 110 * young
+        mean[_T.BONE_CORTEX] = rng.uniform(350, 600) + 250 * young
+        mean[_T.BONE_MARROW] = rng.uniform(70, 140) + 110 * young
         fine[_T.BONE_MARROW] = rng.uniform(15, 45)
         mean[_T.CARTILAGE] = rng.uniform(90, 220)
         mean[_T.CSF] = rng.uniform(2, 15)
