@@ -678,7 +678,7 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
     """Label ``tissue`` with OpenCV's GrabCut started from a rectangle and/or scribbles.
 
     GrabCut runs on the image windowed for the tissue (``window`` in HU, default
-    :data:`GRABCUT_WINDOW`) and cropped to the rectangle (or the scribbles' neighbourhood).
+    :data:`GRABCUT_WINDOW`) and cropped to the rectangle (without one, to the body).
     Its initial mask is a trimap: outside the rectangle, background scribbles, other labelled
     tissues and pixels well outside the tissue's HU range are sure background; foreground
     scribbles and pixels well inside the range sure foreground; the band of
@@ -722,7 +722,8 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
     if inp.roi is not None:
         x0, x1, y0, y1 = inp.roi
     else:
-        xs, ys = np.nonzero(inp.fg | inp.bg)
+        # Scribbles only: the tissue may extend anywhere in the body.
+        xs, ys = np.nonzero(body_mask(inp.hu) | inp.fg | inp.bg)
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     margin = 8
     nx, ny = inp.hu.shape

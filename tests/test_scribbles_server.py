@@ -1,0 +1,156 @@
+"""The ``backprojection`` and ``grabcut`` scribbles tasks over HTTP on the real server."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from sarco_app import interactive
+from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_interactive import synthetic_slice  # noqa: E402
+
+BG, FG = len(LABELS) + 1, len(LABELS) + 2  # MONAI Label's scribble values for 4 labels
+SPACING = (1.5, 1.5)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scribble_studies")
+    hu, truth = synthetic_slice()
+    image = make_image(hu, SPACING, PatientInfo(sex="M"))
+    save_image(image, root / "syn.nii.gz")
+    np.save(root.parent / "syn_truth.npy", truth)
+    # The same slice with a stored label holding VAT (merge rules over HTTP).
+    save_image(image, root / "withvat.nii.gz")
+    save_label(np.where(truth == VAT, VAT, 0).astype(np.uint8), image,
+               root / "labels" / "final" / "withvat.nii.gz")
+    # A 3-slice volume whose middle slice is the phantom.
+    vol = np.stack([np.full_like(hu, -1000), hu, np.full_like(hu, -1000)], axis=2)
+    save_image(make_image(vol, SPACING + (5.0,)), root / "vol.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server, studies):
+    return start_server(studies)
+
+
+@pytest.fixture(scope="module")
+def truth(studies):
+    return np.load(studies.parent / "syn_truth.npy")
+
+
+def _nifti_bytes(array: np.ndarray, image_path: Path) -> bytes:
+    """``array`` (canonical order) as a NIfTI on the image file's grid, like a client sends."""
+    image = load_image(image_path)
+    img = nib.Nifti1Image(image.to_original(array).astype(np.uint8), image.original_affine)
+    return gzip.compress(img.to_bytes())
+
+
+def _infer(server, model, image, params, scribbles: bytes | None = None):
+    files = {"params": (None, json.dumps(params))}
+    if scribbles is not None:
+        files["label"] = ("scribbles.nii.gz", scribbles, "application/octet-stream")
+    return requests.post(f"{server}/infer/{model}?image={image}&output=image", files=files,
+                         timeout=120)
+
+
+def _label(response, like: Path) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    content = response.content
+    if content[:2] == b"\x1f\x8b":  # .nii.gz
+        content = gzip.decompress(content)
+    img = nib.Nifti1Image.from_bytes(content)
+    return load_image(like).from_original(np.asarray(img.dataobj))
+
+
+def _box(mask, margin=3):
+    xs, ys = np.nonzero(mask)
+    return [int(xs.min()) - margin, int(xs.max()) + 1 + margin,
+            int(ys.min()) - margin, int(ys.max()) + 1 + margin]
+
+
+def test_tasks_listed_as_scribbles(server):
+    models = requests.get(f"{server}/info/", timeout=10).json()["models"]
+    for name in ("backprojection", "grabcut"):
+        assert models[name]["type"] == "scribbles"
+        assert models[name]["dimension"] == 2
+        assert "tissue" in models[name]["config"]
+    assert "iterations" in models["grabcut"]["config"]
+    assert "bins" in models["backprojection"]["config"]
+
+
+@pytest.mark.parametrize("model", ["backprojection", "grabcut"])
+def test_rectangle(server, studies, truth, model):
+    roi = _box(truth == SAT) + [0, 1]
+    res = _infer(server, model, "syn", {"tissue": "sat", "roi": roi})
+    label = _label(res, studies / "syn.nii.gz")
+    assert interactive.iou(label == SAT, truth == SAT) >= 0.9
+
+
+@pytest.mark.parametrize("model", ["backprojection", "grabcut"])
+def test_scribble_file(server, studies, truth, model):
+    scribbles = np.zeros(truth.shape, np.uint8)
+    scribbles[60:90, 15] = FG  # front SAT
+    scribbles[60:90, 60] = BG  # VAT (same HU as SAT)
+    assert (truth[scribbles == FG] == SAT).all() and (truth[scribbles == BG] == VAT).all()
+    res = _infer(server, model, "syn", {"tissue": "sat"},
+                 _nifti_bytes(scribbles, studies / "syn.nii.gz"))
+    label = _label(res, studies / "syn.nii.gz")
+    assert interactive.iou(label == SAT, truth == SAT) >= 0.85
+    assert not (label[truth == VAT] == SAT).any()
+
+
+def test_merge_keeps_stored_other_tissue(server, studies, truth):
+    roi = _box(truth == MUSCLE)
+    res = _infer(server, "backprojection", "withvat", {"tissue": "muscle", "roi": roi})
+    label = _label(res, studies / "withvat.nii.gz")
+    assert (label[truth == VAT] == VAT).all()  # from the datastore's final label
+    assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.85
+    # The stored label is not changed by an infer call.
+    stored = load_image(studies / "withvat.nii.gz").from_original(
+        np.asarray(nib.load(studies / "labels" / "final" / "withvat.nii.gz").dataobj))
+    assert not (stored == MUSCLE).any()
+
+
+def test_volume_with_slice_index(server, studies, truth):
+    roi = _box(truth == SAT)
+    res = _infer(server, "grabcut", "vol", {"tissue": "sat", "roi": roi, "slice_index": 1,
+                                             "iterations": 3})
+    label = _label(res, studies / "vol.nii.gz")
+    assert label.shape == truth.shape + (3,)
+    assert interactive.iou(label[:, :, 1] == SAT, truth == SAT) >= 0.9
+    assert not label[:, :, 0].any() and not label[:, :, 2].any()
+    assert res.headers.get("content-type", "").startswith("application/")
+
+
+@pytest.mark.parametrize("model", ["backprojection", "grabcut"])
+def test_bad_requests_are_4xx(server, studies, truth, model):
+    empty = _nifti_bytes(np.zeros(truth.shape, np.uint8), studies / "syn.nii.gz")
+    cases = [
+        ({"tissue": "sat"}, empty, "no scribbles"),
+        ({"tissue": "sat", "roi": [900, 1000, 0, 10]}, None, "outside the image"),
+        ({"tissue": "liver", "roi": [0, 50, 0, 50]}, None, "unknown tissue"),
+        ({"tissue": "sat"},
+         gzip.compress(nib.Nifti1Image(np.full((20, 20), FG, np.uint8), np.eye(4)).to_bytes()),
+         "shape"),
+        ({"label": "sat", "roi": [0, 50, 0, 50]}, None, "'tissue'"),
+        ({"tissue": "sat", "iterations": 0, "roi": [0, 50, 0, 50], "bins": 1}, None, ""),
+    ]
+    for params, scribbles, message in cases:
+        res = _infer(server, model, "syn", params, scribbles)
+        assert 400 <= res.status_code < 500, (params, res.status_code, res.text)
+        detail = res.json()["detail"]
+        assert message in detail and "Traceback" not in detail, detail
+    # The server still answers normally afterwards.
+    assert _infer(server, model, "syn", {"tissue": "sat", "roi": _box(truth == SAT)}).status_code == 200
