@@ -409,8 +409,13 @@ def _tissue_rules(inp: _Inputs, candidate: np.ndarray, anat: _Anatomy) -> np.nda
     cavity = np.zeros_like(candidate)
     if (cur == MUSCLE).any() and sat_ref.any():
         ring = sat_ref | muscle_ref | bone | imat_zone
-        cavity = ndi.binary_fill_holes(ring) & ~ring
-    if not cavity.any():
+        # A body cut by the field of view: the image edge closes the ring.
+        frame = np.zeros_like(ring)
+        frame[[0, -1], :] = frame[:, [0, -1]] = True
+        ring |= frame & anat.body
+        canal = ndi.binary_fill_holes(ndi.binary_closing(bone, structure=_disk(1.0, spacing))) & ~bone
+        cavity = ndi.binary_fill_holes(ring) & ~ring & ~canal
+    if np.count_nonzero(cavity) < 0.05 * max(int(np.count_nonzero(anat.body)), 1):
         cavity = anat.inside_wall
     return candidate & cavity & ~imat_zone
 
