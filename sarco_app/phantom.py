@@ -536,7 +536,7 @@ class _Builder:
         elif mode < 0.72:
             s = float(np.clip(fit_fov / self.size, lo, hi))
             spacing, how = (s, s), "fit"
-        elif mode < 0.86:
+        elif mode < 0.9:
             s = float(np.clip(trunc_fov / self.size, lo, hi))
             spacing, how = (s, s), "truncating"
         else:
@@ -764,7 +764,7 @@ class _Builder:
         self.ped_w = rng.uniform(7.0, 9.5) * self.k_sp
         self.tp_len = rng.uniform(0.8, 1.15) * 30.0 * self.k_sp * self.lv["tp"]
         self.tp_root = self.canal_hw + self.ped_w * 0.6
-        self.sp_half = rng.uniform(3.0, 4.5) * self.k_sp
+        self.sp_half = rng.uniform(3.8, 5.8) * self.k_sp
         self.conc = rng.uniform(0.12, 0.25)
         self.canal_c_v = self.vb_c[1] + self.vb_d * (1 - self.conc * 0.8) + self.canal_hd * 0.95
 
@@ -877,6 +877,10 @@ class _Builder:
             out[keep] = cur[keep]
             tissue[sel] = out
         self.params["rectus_width_mm"] = round(w_r, 1)
+        # Transversalis / thoracolumbar fascia: wherever no muscle lines the envelope, a thin
+        # fibrous layer still separates the subcutaneous from the visceral compartment.
+        ring = self.env_mask & (d <= 1.5 * max(cv.sx, cv.sy)) & (tissue == _T.VAT_FAT)
+        tissue[ring] = _T.FASCIA
 
     def _psoas_ql(self):
         rng, cv, tissue = self.rng, self.cv, self.tissue
@@ -940,7 +944,7 @@ class _Builder:
             x_in, x_out = cx + side * (self.canal_hw - 1.5), cx + side * (self.canal_hw + self.ped_w)
             elements.append(np.array([[x_in, ped_front], [x_out, ped_front],
                                       [x_out, back + 1], [x_in, back + 1]]))  # pedicle
-            lam_t = rng.uniform(4.5, 7.0)
+            lam_t = rng.uniform(6.0, 9.0)
             elements.append(np.array([[x_out, back - lam_t], [x_out, back + 2],
                                       [cx + side * self.sp_half, back + 5 + lam_t],
                                       [cx + side * self.sp_half, back + 4]]))  # lamina
@@ -949,7 +953,7 @@ class _Builder:
                 root = cx + side * self.tp_root
                 tip = root + side * self.tp_len
                 tilt = rng.uniform(-1, 7)
-                tw = rng.uniform(5, 7.5) * self.k_sp
+                tw = rng.uniform(7, 10) * self.k_sp
                 tip_w = tw * rng.uniform(0.45, 0.7)
                 elements.append(np.array([[root - side * 2, self.tp_v - tw / 2], [tip, self.tp_v + tilt - tip_w / 2],
                                           [tip + side * tip_w * 0.4, self.tp_v + tilt],
@@ -1077,8 +1081,8 @@ class _Builder:
             if rng.random() > p:
                 continue
             scale = lv["kidney"] * rng.uniform(0.7, 1.05)
-            ra, rb = rng.uniform(28, 36) * scale, rng.uniform(20, 27) * max(scale, 0.55)
-            ra = max(ra, rb)
+            ra, rb = rng.uniform(30, 38) * scale, rng.uniform(19, 25) * max(scale, 0.55)
+            ra = max(ra, rb * 1.25)
             ang = -side * rng.uniform(0.35, 0.9)
             anchor = self.kidney_anchor[side]
             centre = (anchor[0] + side * rng.uniform(-2, 12) - side * 0.1 * ra,
@@ -1151,6 +1155,11 @@ class _Builder:
             lumen = cv.line(pts, max(2 * (r - wall_t), 1.0)) & duo
             tissue[duo] = _T.BOWEL_WALL
             tissue[lumen] = self._content(small=True, rng=rng)
+            if rng.random() < 0.3:  # a little gas along the front wall
+                rows = np.flatnonzero(lumen.any(axis=1))
+                if rows.size:
+                    level = rows.min() + rng.uniform(0.1, 0.35) * (rows.max() - rows.min() + 1)
+                    tissue[lumen & (np.arange(self.size)[:, None] < level)] = _T.BOWEL_AIR
 
     def _organ_vessels(self, organ, count):
         rng, cv, tissue = self.rng, self.cv, self.tissue
@@ -1188,7 +1197,7 @@ class _Builder:
     def _content(self, small: bool, rng) -> int:
         if self.oral_contrast and rng.random() < (0.6 if small else 0.4):
             return _T.BOWEL_CONTRAST
-        return rng.choice([_T.BOWEL_FLUID, _T.BOWEL_WALL, _T.BOWEL_AIR], p=[0.5, 0.3, 0.2])
+        return rng.choice([_T.BOWEL_FLUID, _T.BOWEL_WALL], p=[0.55, 0.45])
 
     # ------------------------------------------------------------------ bowel
 
@@ -1276,7 +1285,7 @@ class _Builder:
             area += math.pi * r * r
         # Shared texture fields for folds of collapsed loops and gas bubbles in faeces.
         folds_field = _smooth_field(rng, self.size, 1.5 / cv.sx)
-        bubble_field = _smooth_field(rng, self.size, 2.2 / cv.sx)
+        bubble_field = 0.6 * _smooth_field(rng, self.size, 4.5 / cv.sx) + 0.8 * _smooth_field(rng, self.size, 1.8 / cv.sx)
         wall_t = rng.uniform(1.2, 2.8)
         rows_idx = np.arange(self.size)[:, None]
         for cu, cvv, r, colon in loops:
@@ -1284,7 +1293,7 @@ class _Builder:
                 kind = rng.choice(["feces", "air", "fluid"], p=[0.55, 0.33, 0.12])
             else:
                 kind = rng.choice(["contrast", "fluid", "collapsed", "air"],
-                                  p=[0.45, 0.25, 0.25, 0.05] if self.oral_contrast else [0.0, 0.45, 0.45, 0.1])
+                                  p=[0.45, 0.27, 0.26, 0.02] if self.oral_contrast else [0.0, 0.5, 0.46, 0.04])
             if not colon and rng.random() < 0.4:
                 # A loop running in the slice plane: a curved tube.
                 ang = rng.uniform(0, 2 * np.pi)
@@ -1313,7 +1322,7 @@ class _Builder:
                 continue
             if kind == "feces":
                 tissue[lumen] = _T.FECES
-                bubbles = bubble_field > rng.uniform(0.8, 1.4)
+                bubbles = bubble_field > rng.uniform(1.0, 1.7)
                 tissue[lumen & bubbles] = _T.BOWEL_AIR
                 if rng.random() < 0.5:  # gas collects in front
                     rows = np.flatnonzero(lumen.any(axis=1))
@@ -1321,7 +1330,7 @@ class _Builder:
                     tissue[lumen & (rows_idx < level)] = _T.BOWEL_AIR
                 continue
             tissue[lumen] = _T.BOWEL_CONTRAST if kind == "contrast" else _T.BOWEL_FLUID
-            if kind == "air" or rng.random() < 0.12:
+            if kind == "air" or rng.random() < 0.08:
                 rows = np.flatnonzero(lumen.any(axis=1))
                 if rows.size:
                     frac = rng.uniform(0.5, 1.0) if kind == "air" else rng.uniform(0.1, 0.35)
@@ -1338,12 +1347,14 @@ class _Builder:
         root = np.array(self.sma)
         for _ in range(n):
             c = root + rng.normal(0, 1, 2) * np.array([self.a_f * 0.45, (self.b_ant + self.b_post) * 0.25])
-            if rng.random() < 0.6:
+            if rng.random() < 0.75:
                 lines |= cv.poly(_blob(rng, c, rng.uniform(0.6, 2.2), rng.uniform(0.6, 2.0)))
-            else:
+            else:  # a short curved stretch running in the slice
                 ang = rng.uniform(0, 2 * np.pi)
-                ln = rng.uniform(5, 25)
-                lines |= cv.line(np.array([c, c + ln * np.array([math.cos(ang), math.sin(ang)])]), rng.uniform(0.6, 2.0))
+                ln = rng.uniform(3, 12)
+                d = np.array([math.cos(ang), math.sin(ang)])
+                ctrl = np.array([c, c + d * ln / 2 + rng.normal(0, ln / 4, 2), c + d * ln])
+                lines |= cv.line(_smooth_polyline(ctrl, 8), rng.uniform(0.5, 1.5))
         tissue[lines & free] = _T.SMALL_VESSEL
 
     # ------------------------------------------------------------------ IMAT
@@ -1376,10 +1387,14 @@ class _Builder:
             if u_acc > weight.get(int(tid), 0.5):
                 continue
             row, col = divmod(int(i), self.size)
-            if tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS):
-                a = rng.uniform(0.4, 2.0) / px
-                b = a * rng.uniform(0.5, 1.0)
+            if tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS) and rng.random() < 0.7:
+                a = rng.uniform(0.3, 1.6) / px  # fibres run cranio-caudally: fat as dots
+                b = a * rng.uniform(0.4, 1.0)
                 ang = rng.uniform(0, 180)
+            elif tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS):
+                a = rng.uniform(1.5, 6.0) / px  # thin fatty septa between fascicles
+                b = rng.uniform(0.25, 0.6) / px
+                ang = rng.normal(90, 25) + math.degrees(cv.angle)
             else:
                 a = rng.uniform(1.0, 5.0) / px
                 b = rng.uniform(0.3, 0.8) / px
@@ -1514,7 +1529,7 @@ class _Builder:
         young = np.clip((80 - self.age) / 50, 0.1, 1.2)
         mean[_T.BONE_CORTEX] = rng.uniform(350, 600) + 250 * young
         mean[_T.BONE_MARROW] = rng.uniform(70, 140) + 110 * young
-        fine[_T.BONE_MARROW] = rng.uniform(15, 45)
+        fine[_T.BONE_MARROW] = rng.uniform(25, 60)
         mean[_T.CARTILAGE] = rng.uniform(90, 220)
         mean[_T.CSF] = rng.uniform(2, 15)
         mean[_T.CALCIFICATION] = rng.uniform(350, 1000)
@@ -1542,6 +1557,7 @@ class _Builder:
         fine[_T.FECES] = rng.uniform(40, 90)
         fine[_T.BOWEL_CONTRAST] = rng.uniform(10, 40)
         tex[[_T.LIVER, _T.SPLEEN, _T.KIDNEY_CORTEX]] = rng.uniform(2, 5)
+        tex[[_T.BOWEL_FLUID, _T.BOWEL_WALL, _T.FECES]] = rng.uniform(3, 10)
         tex[_T.PANCREAS] = 6
         mean[_T.ARM_SKIN] = mean[_T.SKIN]
         mean[_T.TABLE_SHELL] = rng.uniform(100, 500)
@@ -1553,7 +1569,12 @@ class _Builder:
         field_fine = cv2.GaussianBlur(rng.standard_normal((self.size, self.size)).astype(np.float32),
                                       (0, 0), 0.8)
         field_fine /= field_fine.std() + 1e-6
+        field_bone = cv2.GaussianBlur(rng.standard_normal((self.size, self.size)).astype(np.float32),
+                                      (0, 0), max(0.6, 0.9 / cv.sx))
+        field_bone /= field_bone.std() + 1e-6
         hu = mean[tissue] + tex[tissue] * field_smooth + fine[tissue] * field_fine
+        marrow = tissue == _T.BONE_MARROW
+        hu[marrow] += (fine[_T.BONE_MARROW] * (field_bone[marrow] - field_fine[marrow])).astype(np.float32)
         # Partial-volume blur of the scanner's point-spread function.
         blur_mm = rng.uniform(0.35, 0.8)
         hu = cv2.GaussianBlur(hu, (0, 0), blur_mm / cv.sx)

@@ -94,6 +94,7 @@ def test_myosteatosis_lowers_muscle_hu_like_the_real_l3_slice():
 
 
 def test_sat_outside_muscle_ring_vat_inside(small_phantoms):
+    from scipy import ndimage as ndi
     from skimage.morphology import convex_hull_image
 
     for ph in small_phantoms:
@@ -101,7 +102,9 @@ def test_sat_outside_muscle_ring_vat_inside(small_phantoms):
         hull = convex_hull_image(muscle)
         sat, vat = ph.label == labels.SAT, ph.label == labels.VAT
         assert hull[vat].mean() > 0.97
-        assert hull[sat].mean() < 0.15
+        assert hull[sat].mean() < 0.2  # some SAT fills concavities of the ring (back, midline)
+        # Muscle or fascia always separates the two fat compartments: they never touch.
+        assert not (vat & ndi.binary_dilation(sat, structure=np.ones((3, 3), bool))).any()
         cx, cy = np.argwhere(vat).mean(axis=0).round().astype(int)
         assert hull[cx, cy]
         # SAT lies between the skin and the muscle: further from the body centre than VAT.
