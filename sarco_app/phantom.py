@@ -577,7 +577,13 @@ class _Builder:
             half_w += arm_gap + 2 * arm_r
         depth = self.b_ant + self.b_post + 2 * t_max
         spacing, angle, shift = self._choose_geometry(half_w, depth)
-        cv = _Canvas(self.size, spacing, angle, shift)
+        # Coarse pixels are rendered on a finer grid and averaged (partial volume of thin
+        # structures such as skin, fascia and fat planes); labels take the majority class.
+        self.out_size = self.size
+        self.f = int(min(4, max(1, math.ceil(spacing[0] / 1.1 - 0.05)), max(1, 2048 // self.size)))
+        self.size = self.out_size * self.f
+        self.params["supersampling"] = self.f
+        cv = _Canvas(self.size, (spacing[0] / self.f, spacing[1] / self.f), angle, shift)
         self.cv = cv
         tissue = np.full((self.size, self.size), _T.AIR, dtype=np.uint8)
         self.tissue = tissue
@@ -625,9 +631,11 @@ class _Builder:
         if self.arms:
             self._arms(arm_r, arm_gap)
         self._table()
-        fov = self._fov()
-        hu = self._render(fov)
-        label = _LABEL_OF[tissue]
+        self._fov()
+        hu = self._render()
+        label = self.label_out
+        if self.params["fov_circle"]:
+            label[~_circle_mask(self.out_size)] = labels.BACKGROUND  # nothing outside the field
         counts = np.bincount(tissue.ravel(), minlength=len(_TISSUE_NAMES)) * (cv.pixel_mm2 / 100.0)
         self.params["structures_cm2"] = {
             "psoas": round(float(counts[_T.PSOAS]), 2),
@@ -640,7 +648,7 @@ class _Builder:
             "bowel": round(float(sum(counts[t] for t in _BOWEL)), 2),
             "bone": round(float(counts[_T.BONE_CORTEX] + counts[_T.BONE_MARROW]), 2),
         }
-        areas = {name: float((label == value).sum() * cv.pixel_mm2 / 100.0)
+        areas = {name: float((label == value).sum() * spacing[0] * spacing[1] / 100.0)
                  for name, value in labels.LABELS.items()}
         smi = areas["muscle"] / (self.height_cm / 100.0) ** 2
         self.params.update(smi=round(smi, 2), z_mm=float({"L1": -120.0, "L2": -155.0, "L3": -190.0, "L4": -225.0}[self.level]))
@@ -1483,24 +1491,20 @@ class _Builder:
 
     def _fov(self):
         """Circular reconstruction field of view (pad value outside) on most scans."""
-        rng, cv, tissue = self.rng, self.cv, self.tissue
+        rng, tissue = self.rng, self.tissue
         self.params["fov_circle"] = False
         fov = np.ones((self.size, self.size), bool)
-        r_px = (self.size - 1) / 2
-        rr = np.hypot(np.arange(self.size)[:, None] - r_px, np.arange(self.size)[None, :] - r_px)
-        self.rr = rr
         if rng.random() < 0.55:
-            fov = rr <= r_px + 0.5
+            fov = _circle_mask(self.size)
             tissue[~fov] = _T.OUTSIDE_FOV
             self.params["fov_circle"] = True
         truncated = bool((self.body & ~fov).any() or self.body[0].any() or self.body[-1].any()
                          or self.body[:, 0].any() or self.body[:, -1].any())
         self.params["truncated"] = truncated
-        return fov
 
     # ------------------------------------------------------------------ intensities
 
-    def _render(self, fov):
+    def _render(self):
         rng, cv, tissue = self.rng, self.cv, self.tissue
         n = len(_TISSUE_NAMES)
         mean = np.zeros(n, np.float32)
@@ -1575,33 +1579,51 @@ class _Builder:
         hu = mean[tissue] + tex[tissue] * field_smooth + fine[tissue] * field_fine
         marrow = tissue == _T.BONE_MARROW
         hu[marrow] += (fine[_T.BONE_MARROW] * (field_bone[marrow] - field_fine[marrow])).astype(np.float32)
-        # Partial-volume blur of the scanner's point-spread function.
-        blur_mm = rng.uniform(0.35, 0.8)
+        # Partial-volume blur of the scanner's point-spread function (thicker slices blur more),
+        # then the average over each output pixel.
+        blur_mm = rng.uniform(0.3, 0.65) + 0.06 * self.params["slice_thickness_mm"]
         hu = cv2.GaussianBlur(hu, (0, 0), blur_mm / cv.sx)
+        n, f = self.out_size, self.f
+        body = self.body
+        muscle_w = cv2.GaussianBlur(np.isin(tissue, _MUSCLES).astype(np.float32), (0, 0), blur_mm / cv.sx)
+        if f > 1:
+            hu = hu.reshape(n, f, n, f).mean(axis=(1, 3))
+            body = body.reshape(n, f, n, f).mean(axis=(1, 3)) > 0.5
+            muscle_w = muscle_w.reshape(n, f, n, f).mean(axis=(1, 3))
+        # Partial volume with IMAT specks and borders darkens the muscle pixels; shifting the
+        # muscle tissue mean (a linear change of the blurred image) makes the median HU inside
+        # the muscle label equal the requested muscle_hu.
+        self.label_out = _block_mode(_LABEL_OF[tissue], f, labels.NUM_CLASSES)
+        in_muscle = self.label_out == labels.MUSCLE
+        for _ in range(2 if in_muscle.any() else 0):
+            delta = float(np.clip(self.muscle_hu - np.median(hu[in_muscle]), -20, 20))
+            hu += delta * muscle_w
         # Correlated noise: band-pass filtered white noise.
         noise_sd = float(np.clip(rng.uniform(6, 20) * (1 + 0.012 * (self.bmi - 25)), 5, 25))
-        sigma_c = rng.uniform(0.6, 1.5)
-        white = rng.standard_normal((self.size, self.size)).astype(np.float32)
+        sigma_c = max(0.5, rng.uniform(0.5, 1.2) / (cv.sx * f))  # noise grain ~0.5-1.2 mm
+        white = rng.standard_normal((n, n)).astype(np.float32)
         noise = cv2.GaussianBlur(white, (0, 0), sigma_c)
         noise -= rng.uniform(0.2, 0.6) * cv2.GaussianBlur(white, (0, 0), 3 * sigma_c)
         noise *= noise_sd / (noise.std() + 1e-6)
         hu += noise
         # Photon-starvation streaks across wide bodies.
         if rng.random() < 0.25 + 0.01 * max(0.0, self.bmi - 30):
-            streak = cv2.GaussianBlur(rng.standard_normal((self.size, self.size)).astype(np.float32),
+            streak = cv2.GaussianBlur(rng.standard_normal((n, n)).astype(np.float32),
                                       (0, 0), sigmaX=8.0, sigmaY=0.7)
             streak *= rng.uniform(3, 10) / (streak.std() + 1e-6)
-            rot = cv2.getRotationMatrix2D(((self.size - 1) / 2, (self.size - 1) / 2), rng.normal(0, 8), 1.0)
-            streak = cv2.warpAffine(streak, rot, (self.size, self.size), borderMode=cv2.BORDER_REFLECT)
-            hu += streak * self.body
+            rot = cv2.getRotationMatrix2D(((n - 1) / 2, (n - 1) / 2), rng.normal(0, 8), 1.0)
+            streak = cv2.warpAffine(streak, rot, (n, n), borderMode=cv2.BORDER_REFLECT)
+            hu += streak * body
             self.params["streaks"] = True
         else:
             self.params["streaks"] = False
         # Truncation: bright rim where the body leaves the field of view.
+        fov = _circle_mask(n) if self.params.get("fov_circle") else np.ones((n, n), bool)
         if self.params.get("truncated") and self.params.get("fov_circle"):
-            edge = (self.size - 1) / 2 - self.rr
-            hu += (rng.uniform(20, 90) * np.exp(-np.clip(edge, 0, None) * cv.sx / rng.uniform(4, 12))
-                   * self.body).astype(np.float32)
+            r_px = (n - 1) / 2
+            edge = r_px - np.hypot(np.arange(n)[:, None] - r_px, np.arange(n)[None, :] - r_px)
+            hu += (rng.uniform(20, 90) * np.exp(-np.clip(edge, 0, None) * cv.sx * f / rng.uniform(4, 12))
+                   * body).astype(np.float32)
         # Nothing is darker than air: scanner padding (-2048, -3024) reads -1024 through
         # sarco_app.ingest, so the phantom holds what the library sees.
         np.maximum(hu, -1024, out=hu)
@@ -1611,6 +1633,22 @@ class _Builder:
                            pad_hu=pad if self.params.get("fov_circle") else None,
                            sat_hu=round(float(sat), 1), arms=bool(self.arms))
         return np.round(hu).astype(np.float32)
+
+
+def _circle_mask(n: int) -> np.ndarray:
+    """Pixels of an n x n grid inside the inscribed circle (the reconstruction field)."""
+    r = (n - 1) / 2
+    return np.hypot(np.arange(n)[:, None] - r, np.arange(n)[None, :] - r) <= r + 0.5
+
+
+def _block_mode(label: np.ndarray, f: int, n_classes: int) -> np.ndarray:
+    """Majority value of every f x f block of a small-integer label map."""
+    if f == 1:
+        return label
+    n = label.shape[0] // f
+    blocks = label.reshape(n, f, n, f).transpose(0, 2, 1, 3).reshape(n, n, f * f)
+    counts = np.stack([(blocks == k).sum(axis=2) for k in range(n_classes)], axis=2)
+    return counts.argmax(axis=2).astype(np.uint8)
 
 
 def _smooth_polyline(points: np.ndarray, n: int) -> np.ndarray:
