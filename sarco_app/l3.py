@@ -10,16 +10,20 @@ A classical, download-free method that counts vertebrae:
    are dark dips; the dips are found with :func:`scipy.signal.find_peaks` and cleaned with the
    regular spacing of vertebrae (a missed disc splits an over-long segment, a spurious dip in a
    body is dropped).
-3. **Anchors.** From below, the *sacrum*: slices where bone connected to the spine reaches far
-   laterally (sacral alae joined to the iliac wings at the sacro-iliac joints); the lowest disc
-   at its top is L5/S1. From above, the *last ribs*: bone in the posterolateral costovertebral
-   zones marks rib-bearing vertebrae; the lowest of them is T12 when at least one rib-free
-   vertebra follows below it.
-4. **Counting.** L3 is the second segment above L5/S1 and the third below T12. When both anchors
-   are seen, their agreement gives the confidence; when they disagree (transitional anatomy:
-   11/13 rib pairs, lumbarised S1, sacralised L5) the sacrum count is kept and the confidence
-   drops. When neither anchor can place L3 inside the covered z range, the answer is "not in the
-   field of view" -- never a guess.
+3. **Anchors.** From below, the *iliac crests*: the lowest long run of slices with iliac bone
+   on both sides of the spine is the pelvis; its top (the crests, Tuffier's line) lies near the
+   L4/L5 disc, so the highest disc at most 12 mm above the crests is taken as L4/L5. From
+   above, the *last ribs*: bone in the posterolateral costovertebral zones marks rib-bearing
+   vertebrae; the lowest of the topmost run is T12 when a rib-free vertebra follows below it.
+4. **Counting.** L3 is the segment above L4 and the third below T12. When both anchors are
+   seen, their agreement gives the confidence; when they disagree (transitional anatomy:
+   11/13 rib pairs, lumbarised S1, sacralised L5) the pelvic count is kept and the confidence
+   drops. When neither anchor can place L3 inside the covered z range, the answer is "not in
+   field of view" -- never a guess. The middle of L3 is the midpoint of its two discs; when the
+   scan stops inside L3 above its middle, the missing disc is put one median period higher.
+
+Limits: the crest rule fails when the crests lie far from L4/L5 (at L5 or at L3/L4 in a
+minority of patients), and both anchors share the ambiguity of transitional vertebrae.
 
 Everything works in the canonical orientation of :mod:`sarco_app.ingest` (axis 2 toward
 superior). :func:`file_slice_index` converts the answer to the voxel order of the source file.
@@ -41,7 +45,7 @@ from sarco_app.ingest import CTImage
 
 #: In-plane pixel size (mm) of the working grid.
 WORK_PIXEL_MM = 2.0
-#: HU above which a voxel counts as bone for the lateral (sacrum, rib) features.
+#: HU above which a voxel counts as bone for the lateral (ilium, rib) features.
 BONE_HU = 180.0
 
 #: Box-filtered solid-bone score above which a slice contains the vertebral column.
@@ -50,8 +54,9 @@ COLUMN_SCORE = 65.0
 ILIUM_AREA_MM2 = 300.0
 RIB_AREA_MM2 = 20.0
 
-#: Shortest plausible body + disc height (mm) from T10 to S1 in adults.
+#: Shortest and longest plausible body + disc height (mm) from T10 to S1 in adults.
 MIN_SEGMENT_MM = 20.0
+MAX_SEGMENT_MM = 55.0
 
 LUMBAR_NAMES = ["L5", "L4", "L3", "L2", "L1"]
 
@@ -151,8 +156,11 @@ def _spine_track(work: np.ndarray, px: float, dz: float) -> tuple[np.ndarray, np
 
 
 def _body_profile(work: np.ndarray, xs: np.ndarray, ys: np.ndarray, px: float) -> np.ndarray:
-    """Mean HU (clipped to -100..200, so bright endplates do not make dips inside bodies) in a
-    small ellipse (12 x 8 mm semi-axes) at the track, per slice."""
+    """Median HU in a small ellipse (12 x 8 mm semi-axes) at the track, per slice.
+
+    The median ignores the cortical ring and noise; thin bright endplates still make bumps,
+    which :func:`_find_discs` caps.
+    """
     nx, ny, nz = work.shape
     rx, ry = 12.0 / px, 8.0 / px
     ii = np.arange(-int(rx) - 1, int(rx) + 2)
@@ -164,7 +172,7 @@ def _body_profile(work: np.ndarray, xs: np.ndarray, ys: np.ndarray, px: float) -
     for k in range(nz):
         i = np.clip(np.round(xs[k]).astype(int) + di, 0, nx - 1)
         j = np.clip(np.round(ys[k]).astype(int) + dj, 0, ny - 1)
-        profile[k] = np.clip(work[i, j, k], -100.0, 200.0).mean()
+        profile[k] = np.median(work[i, j, k])
     return profile
 
 
@@ -197,20 +205,23 @@ def _lateral_features(work: np.ndarray, xs: np.ndarray, ys: np.ndarray, px: floa
     return ribs, ilium
 
 
-def _find_discs(profile_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _find_discs(profile_mm: np.ndarray, slice_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Disc positions (indices on the 1 mm grid) as prominent dips of the body profile.
 
-    The profile is first capped at its running median over 41 mm (the local cancellous
+    The profile is first capped at its running 35th percentile over 41 mm (the local cancellous
     plateau), so that the bright endplates at both ends of a body cannot make a dip in its
-    middle, whatever the bone density of that region.
+    middle, whatever the bone density of that region. Thick slices average a disc with the
+    endplates around it (partial volume), so the required dip depth shrinks with thickness.
     """
-    p = ndi.gaussian_filter1d(profile_mm.astype(float), 1.5)
-    cap = ndi.percentile_filter(p, 50, size=41, mode="nearest")
-    p = np.minimum(p, cap)
+    raw = profile_mm.astype(float)
+    cap = ndi.percentile_filter(raw, 35, size=41, mode="nearest")
+    # Cap before smoothing: a bright endplate next to a disc must not fill its dip.
+    p = ndi.gaussian_filter1d(np.minimum(raw, cap), 1.5)
     depth = float(np.median(cap) - np.percentile(p, 5))
     if depth <= 0:
         return np.zeros(0, dtype=int), np.zeros(0)
-    peaks, props = find_peaks(-p, distance=12, prominence=max(0.45 * depth, 15.0))
+    factor = 0.45 if slice_mm < 4.0 else 0.15
+    peaks, props = find_peaks(-p, distance=12, prominence=max(factor * depth, 10.0))
     return peaks, props["prominences"]
 
 
@@ -236,10 +247,14 @@ def _regularise(discs: list[float], prominences: list[float]) -> tuple[list[floa
             if len(discs) < 3:
                 break
             continue
-        long = np.nonzero(gaps > 1.7 * median)[0]
+        # A gap much longer than its neighbours (or longer than any adult vertebra plus disc)
+        # hides a missed disc; vertebrae grow from T10 to L5, so compare locally.
+        local = np.array([np.median(np.delete(gaps, i)[max(i - 2, 0) : i + 2]) if gaps.size > 1 else median
+                          for i in range(gaps.size)])
+        long = np.nonzero((gaps > 1.6 * local) | (gaps > MAX_SEGMENT_MM))[0]
         if long.size:
             g = int(long[0])
-            n_new = int(round(gaps[g] / median)) - 1
+            n_new = max(int(round(gaps[g] / min(local[g], MAX_SEGMENT_MM))) - 1, 1)
             step = gaps[g] / (n_new + 1)
             for m in range(n_new, 0, -1):
                 discs.insert(g + 1, discs[g] + m * step)
@@ -298,6 +313,11 @@ def locate_l3(image: CTImage) -> L3Result:
     to_world = lambda mm: _world_z(image, mm / dz)  # noqa: E731
     elapsed = lambda: time.perf_counter() - started  # noqa: E731
     anchors: dict[str, Any] = {}
+    on_column = score > COLUMN_SCORE
+    if on_column.any():
+        # Spine position in canonical voxels (for views): median of the track on the column.
+        anchors["spine_voxel"] = [round(float(np.median(xs[on_column])) * factor + (factor - 1) / 2, 1),
+                                  round(float(np.median(ys[on_column])) * factor + (factor - 1) / 2, 1)]
 
     if column.sum() < 20:
         return L3Result(False, None, None, 0.0,
@@ -305,7 +325,7 @@ def locate_l3(image: CTImage) -> L3Result:
                         anchors=anchors, seconds=elapsed())
     # Discs only inside the bony column: outside it the profile is soft tissue.
     lo_col, hi_col = np.nonzero(column)[0][[0, -1]]
-    peaks, proms = _find_discs(prof_mm[lo_col : hi_col + 1])
+    peaks, proms = _find_discs(prof_mm[lo_col : hi_col + 1], dz)
     discs, regularity = _regularise([float(p + lo_col) for p in peaks], [float(q) for q in proms])
     period = float(np.median(np.diff(discs))) if len(discs) > 2 else 35.0
     anchors["discs_z_mm"] = [round(to_world(d), 1) for d in discs]
@@ -371,26 +391,26 @@ def locate_l3(image: CTImage) -> L3Result:
     if bottom_l3 is not None and top_l3 is not None:
         if bottom_l3 == top_l3:
             chosen, confidence = bottom_l3, 0.95
-            reason = "L3 counted up from the sacrum and down from the last ribs (they agree)"
+            reason = "L3 counted up from the iliac crests (L4/L5) and down from the last ribs (they agree)"
         else:
             chosen, confidence = bottom_l3, 0.45
             reason = (
-                f"L3 counted up from the sacrum; the last ribs imply {top_l3 - bottom_l3 + 5} "
+                f"L3 counted up from the iliac crests; the last ribs imply {top_l3 - bottom_l3 + 5} "
                 "lumbar-type vertebrae (transitional anatomy?): check the level"
             )
     elif bottom_l3 is not None:
         chosen, confidence = bottom_l3, 0.8
-        reason = "L3 counted up from the sacrum (no rib-bearing vertebra in the field of view)"
+        reason = "L3 counted up from the iliac crests at L4/L5 (no rib-bearing vertebra in the field of view)"
     elif top_l3 is not None:
         chosen, confidence = top_l3, 0.75
-        reason = "L3 counted down from the last ribs at T12 (no sacrum in the field of view)"
+        reason = "L3 counted down from the last ribs at T12 (no pelvis in the field of view)"
     else:
         if rib_flags and all(rib_flags):
             why = "L3 not in field of view: every vertebra in the scan carries ribs (thoracic level)"
         elif float(np.max(ribs_mm, initial=0.0)) > RIB_AREA_MM2:
             why = "L3 not in field of view: the scan ends before a rib-free vertebra (chest or upper abdomen only)"
         else:
-            why = "L3 not in field of view: neither the last ribs nor the sacrum anchor the vertebra count"
+            why = "L3 not in field of view: neither the last ribs nor the iliac crests anchor the vertebra count"
         return L3Result(False, None, None, 0.0, why, anchors=anchors, seconds=elapsed())
 
     levels: dict[str, tuple[float, float]] = {}

@@ -669,27 +669,24 @@ def make_volume_phantom(
 
 
 def resample_z(image: CTImage, thickness: float) -> CTImage:
-    """The image resliced to ``thickness`` mm slices by averaging (thick-slice reconstruction).
+    """The image resliced to ``thickness`` mm slices (a thick-slice reconstruction).
 
-    Each new slice is the mean of the old slices whose centres fall inside it (linear
-    interpolation when the new slices are thinner).
+    Each new slice covers ``thickness`` mm and is the overlap-weighted mean of the old slices
+    (each old slice covering its own spacing); new slices start at the first old slice centre.
     """
     hu = image.hu
     dz = image.spacing[2]
-    z_old = np.arange(hu.shape[2]) * dz
+    n_old = hu.shape[2]
+    z_old = np.arange(n_old) * dz
     n_new = max(int(math.floor(z_old[-1] / thickness)) + 1, 1)
     z_new = np.arange(n_new) * thickness
     out = np.empty(hu.shape[:2] + (n_new,), dtype=np.float32)
     for k, z in enumerate(z_new):
-        sel = np.nonzero(np.abs(z_old - z) <= thickness / 2)[0]
-        if thickness > dz and sel.size:
-            out[:, :, k] = hu[:, :, sel].mean(axis=2)
-        else:
-            f = z / dz
-            i0 = min(int(math.floor(f)), hu.shape[2] - 1)
-            i1 = min(i0 + 1, hu.shape[2] - 1)
-            w = f - i0
-            out[:, :, k] = (1 - w) * hu[:, :, i0] + w * hu[:, :, i1]
+        lo, hi = z - thickness / 2, z + thickness / 2
+        overlap = np.clip(np.minimum(z_old + dz / 2, hi) - np.maximum(z_old - dz / 2, lo), 0.0, None)
+        sel = np.nonzero(overlap > 0)[0]
+        weights = overlap[sel] / overlap[sel].sum()
+        out[:, :, k] = np.tensordot(hu[:, :, sel], weights, axes=([2], [0]))
     affine = image.affine.copy()
     affine[:3, 2] = affine[:3, 2] / dz * thickness
     return CTImage(hu=out, affine=affine, patient=image.patient, meta=dict(image.meta),

@@ -29,6 +29,7 @@ from sarco_app.labels import LABELS  # noqa: E402
 from lib.infers.quantification import QuantificationInfer  # noqa: E402
 from lib.infers.bodycomp import BodyCompInfer  # noqa: E402
 from lib.infers.scribbles import TissueScribblesInfer  # noqa: E402
+from lib.infers.l3_locator import L3LocatorInfer  # noqa: E402
 from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class SarcopeniaApp(MONAILabelApp):
         infers["bodycomp_threshold"] = BodyCompInfer("threshold")
         infers["backprojection"] = TissueScribblesInfer("backprojection", datastore=self.datastore)
         infers["grabcut"] = TissueScribblesInfer("grabcut", datastore=self.datastore)
+        infers["l3_locator"] = L3LocatorInfer()
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:

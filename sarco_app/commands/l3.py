@@ -1,0 +1,92 @@
+"""``python -m sarco_app l3 IMAGE``: find the axial slice at the middle of the L3 vertebral body.
+
+The JSON answer's ``slice_index`` is the index in the **file's own voxel order** (what a viewer
+shows for that file); ``canonical_slice_index`` is the same slice in sarco's canonical order
+(axis 2 toward superior, as :func:`sarco_app.ingest.load_image` returns it). They differ for
+z-flipped files (e.g. feet-first or NIfTI written top-down). ``z_mm`` is the slice centre's
+world z (RAS / DICOM patient superior coordinate) in mm.
+Exit status: 0 L3 found, 2 L3 not in the field of view (JSON still written, with nulls and the
+reason), 1 unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sarco_app.errors import SarcoError
+
+#: Exit status when the scan does not show L3.
+NOT_IN_FOV = 2
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "l3",
+        help="find the axial slice through the middle of the L3 vertebra in a 3D CT",
+        description=(
+            "Count vertebrae up from the iliac crests and down from the last ribs to find the "
+            "middle of the L3 vertebral body. Prints JSON {slice_index, z_mm, confidence, "
+            "reason, ...}; slice_index is in the file's own voxel order. Exit status 0 when L3 "
+            "is found, 2 when it is not in the field of view, 1 for unreadable input."
+        ),
+    )
+    parser.add_argument("image", type=Path, help="3D CT: NIfTI file, or DICOM file/folder/zip")
+    parser.add_argument("--series", default=None, help="DICOM series index or UID (default: largest CT)")
+    parser.add_argument("--json", type=Path, default=None, dest="json_out", help="also write the JSON here")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="write a sagittal + coronal view with the L3 level drawn here")
+    return parser
+
+
+def locate_file(path: Path, series: str | None = None) -> tuple[Any, Any, dict]:
+    """Load ``path``, locate L3 and build the CLI/server JSON answer.
+
+    Returns ``(image, result, answer)``.
+    """
+    from sarco_app import ingest
+    from sarco_app.l3 import file_slice_index, locate_l3
+
+    image = ingest.load_image(path, series=series)
+    if image.hu.ndim != 3 or image.num_slices < 3:
+        raise SarcoError(f"{Path(path).name}: L3 location needs a 3D volume (got shape {image.hu.shape})")
+    result = locate_l3(image)
+    return image, result, answer_json(image, result, source=str(path))
+
+
+def answer_json(image, result, source: str | None = None) -> dict:
+    """The JSON answer for an image and its :class:`~sarco_app.l3.L3Result`."""
+    from sarco_app.l3 import file_slice_index
+
+    file_index = file_slice_index(image, result.slice_index) if result.found else None
+    return {
+        "slice_index": file_index if result.found else None,
+        "z_mm": round(float(result.z_mm), 2) if result.found else None,
+        "confidence": float(result.confidence),
+        "reason": result.reason,
+        "found": bool(result.found),
+        "canonical_slice_index": result.slice_index if result.found else None,
+        "index_order": "file voxel order (canonical_slice_index: axis 2 toward superior)",
+        "l3_z_range_mm": [round(float(z), 1) for z in result.l3_z_range_mm] if result.l3_z_range_mm else None,
+        "levels_z_mm": {k: [round(float(a), 1), round(float(b), 1)] for k, (a, b) in result.levels.items()},
+        "num_slices": int(image.num_slices),
+        "slice_spacing_mm": round(float(image.spacing[2]), 3),
+        "image": source,
+        "seconds": round(float(result.seconds), 3),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    image, result, answer = locate_file(args.image, args.series)
+    text = json.dumps(answer, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+    if args.png:
+        from sarco_app.views import save_l3_views
+
+        save_l3_views(image, result, args.png)
+    return 0 if result.found else NOT_IN_FOV
