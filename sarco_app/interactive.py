@@ -77,10 +77,10 @@ PSOAS_REACH_MM = 60.0
 PSOAS_FRONT_MM = 15.0
 #: Contacts thinner than twice this (mm) are cut when following muscle from bone (bowel loops).
 OPENING_MM = 1.5
-#: A background scribble removes a whole region smaller than this fraction of the answer ...
-BG_SMALL_FRACTION = 0.25
-#: ... and in a bigger region at least this far (mm, geodesic) around the scribble.
-BG_REACH_MM = 8.0
+#: A scribble adds/removes a whole region smaller than this fraction of the answer ...
+SMALL_REGION_FRACTION = 0.25
+#: ... and in a bigger region the part within a geodesic reach, at least this (mm), of it.
+STROKE_REACH_MM = 4.0
 #: Fat gaps between muscles narrower than twice this (mm) are intermuscular (IMAT).
 IMAT_GAP_MM = 2.0
 
@@ -461,43 +461,70 @@ def _touched(pieces: np.ndarray, strokes: np.ndarray) -> np.ndarray:
     return np.isin(pieces, ids[ids > 0])
 
 
+def _stroke_reach(piece: np.ndarray, stroke: np.ndarray, spacing,
+                  blocked: np.ndarray | None = None) -> np.ndarray:
+    """The part of ``piece`` within a geodesic reach of ``stroke``: 1.5 times the median depth
+    of the stroke in the piece (about the half-width of the structure the user drew in), at
+    least ``STROKE_REACH_MM``; ``blocked`` pixels are neither crossed nor taken."""
+    eight = np.ones((3, 3), bool)
+    touching = stroke & ndi.binary_dilation(piece, structure=eight)
+    depth_map = ndi.distance_transform_edt(piece | stroke, sampling=spacing)
+    depth = float(np.median(depth_map[touching])) if touching.any() else 0.0
+    reach_mm = max(STROKE_REACH_MM, 1.5 * depth)
+    allowed = piece if blocked is None else piece & ~blocked
+    grown = ndi.binary_dilation(stroke, structure=eight) & allowed
+    for _ in range(int(np.ceil(reach_mm / min(spacing)))):
+        nxt = ndi.binary_dilation(grown, structure=eight) & allowed
+        if np.array_equal(nxt, grown):
+            break
+        grown = nxt
+    return grown
+
+
+def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spacing) -> np.ndarray:
+    """Regions (:func:`_pieces`) of ``candidate`` outside ``answer`` that foreground scribbles
+    touch: a small region (next to the answer) entirely, a big one within the stroke's reach."""
+    pieces = _pieces(candidate & ~answer, spacing)
+    near_fg = ndi.binary_dilation(fg, structure=np.ones((3, 3), bool))
+    total = max(int(np.count_nonzero(answer)), 1)
+    added = np.zeros_like(answer)
+    for piece_id in np.unique(pieces[near_fg]):
+        if piece_id == 0:
+            continue
+        piece = pieces == piece_id
+        if np.count_nonzero(piece) < SMALL_REGION_FRACTION * total:
+            added |= piece
+        else:
+            added |= _stroke_reach(piece, fg, spacing)
+    return added
+
+
 def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing) -> np.ndarray:
     """``answer`` without what background scribbles mark.
 
     A marked region (:func:`_pieces`) that is small next to the whole answer (a bowel loop, a
     blob) goes entirely. In a big region (the tissue itself, with a false bump) only the part
-    within a geodesic reach of the scribble goes: twice the region's half-thickness under the
-    scribble, at least ``BG_REACH_MM``. A region holding foreground scribbles too is split
-    between them geodesically.
+    within the stroke's reach goes (:func:`_stroke_reach`); if the region holds foreground
+    scribbles too, only the part of that reach geodesically nearer to the background scribble.
     """
     answer = answer & ~bg
     if not bg.any() or not answer.any():
         return answer
     pieces = _pieces(answer, spacing)
-    eight = np.ones((3, 3), bool)
-    near_bg = ndi.binary_dilation(bg, structure=eight)
+    near_bg = ndi.binary_dilation(bg, structure=np.ones((3, 3), bool))
     total = int(np.count_nonzero(answer))
     out = answer.copy()
     for piece_id in np.unique(pieces[near_bg & answer]):
         if piece_id == 0:
             continue
         piece = pieces == piece_id
-        if (piece & fg).any():
-            out[piece] = _split(piece | bg, fg & piece, bg)[piece]
-            continue
-        if np.count_nonzero(piece) < BG_SMALL_FRACTION * total:
+        has_fg = (piece & fg).any()
+        if not has_fg and np.count_nonzero(piece) < SMALL_REGION_FRACTION * total:
             out[piece] = False
             continue
-        depth = ndi.distance_transform_edt(piece | bg, sampling=spacing)[bg].max()
-        reach_mm = max(BG_REACH_MM, 2.0 * float(depth))
-        steps = int(np.ceil(reach_mm / min(spacing)))
-        allowed = piece & ~fg
-        grown = bg & allowed | (near_bg & allowed)
-        for _ in range(steps):
-            nxt = ndi.binary_dilation(grown, structure=eight) & allowed
-            if nxt.sum() == grown.sum():
-                break
-            grown = nxt
+        grown = _stroke_reach(piece, bg, spacing, blocked=fg)
+        if has_fg:
+            grown &= ~_split(piece | bg, fg & piece, bg)
         out[grown] = False
     return out
 
@@ -507,8 +534,9 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
 
     With a rectangle, the anatomy-allowed part of the proposal (see :func:`_tissue_rules`) is
     the starting answer. Foreground scribbles add the regions of the proposal they touch (even
-    where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`);
-    background scribbles remove the regions they mark (:func:`_remove_marked`).
+    where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`;
+    big ones only near the stroke, :func:`_add_touched`); background scribbles remove the
+    regions they mark (:func:`_remove_marked`).
     """
     region = _region(inp)
     candidate = _clean(proposal & region, inp.tissue, inp.spacing)
@@ -516,7 +544,10 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
     if inp.roi is not None:
         answer |= _tissue_rules(inp, candidate, _anatomy(inp.hu, inp.spacing))
     if inp.fg.any():
-        answer |= _touched(_pieces(candidate & ~answer, inp.spacing), inp.fg)
+        if answer.any():
+            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing)
+        else:  # scribbles only: the regions they touch are the answer
+            answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
     answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing)
     return answer | (inp.fg & region)
 
