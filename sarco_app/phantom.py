@@ -329,10 +329,12 @@ def generate(
     height_cm, weight_kg : float, optional
         Body size; the BMI drives SAT and VAT amounts and the body outline.
     sarcopenic : bool, optional
-        When true the skeletal muscle index is drawn below the Martin 2013 cut-off
-        (:func:`smi_cutoff`), otherwise above it.
+        When true the skeletal muscle index (muscle label area / height², cm²/m²) is drawn
+        below the Martin 2013 cut-off (:func:`smi_cutoff`), otherwise above it. This holds for
+        the label whenever the body is not cut by the field of view (``params['truncated']``).
     muscle_hu : float, optional
-        Mean attenuation of skeletal muscle (HU); 30-60 is normal, 0-30 myosteatosis.
+        Attenuation of skeletal muscle (HU): the median HU inside the muscle label comes out
+        within a few HU of it. 30-60 is normal, 0-30 myosteatosis.
     spacing_mm : float or (float, float), optional
         Pixel spacing in mm (0.5-3). By default 0.6-1.0 mm for a 512 matrix (scaled by
         512 / size otherwise), mostly chosen so the body fits the field of view like a
@@ -370,8 +372,8 @@ def generate(
         result = builder.build()
         p = result.params
         cut = smi_cutoff(p["sex"], p["bmi"])
-        if (p["smi"] < cut) == p["sarcopenic"]:
-            break
+        if p["truncated"] or (p["smi"] < cut) == p["sarcopenic"]:
+            break  # (a body cut by the field of view cannot show the patient's muscle index)
         gain *= p["smi_target"] / max(p["smi"], 1e-3)
     return result
 
@@ -767,7 +769,7 @@ class _Builder:
     def _spine_layout(self):
         rng = self.rng
         self.vb_c = np.array([rng.normal(0, 2.0), self.vb_off])
-        self.spine_angle = rng.normal(0, 0.05)
+        self.spine_angle = float(np.clip(rng.normal(0, 0.04), -0.1, 0.1))  # rad
         self.tp_v = self.vb_c[1] + self.tp_v_off
         self.ped_w = rng.uniform(7.0, 9.5) * self.k_sp
         self.tp_len = rng.uniform(0.8, 1.15) * 30.0 * self.k_sp * self.lv["tp"]
@@ -927,6 +929,14 @@ class _Builder:
         """Vertebra: body with cortical shell, canal with thecal sac, posterior elements."""
         rng, cv, tissue = self.rng, self.cv, self.tissue
         cx, cy = self.vb_c
+        # Slight axial rotation of the whole vertebra (scoliosis, positioning).
+        c_rot, s_rot = math.cos(self.spine_angle), math.sin(self.spine_angle)
+
+        def rotate(pts):
+            d = np.asarray(pts, dtype=float) - (cx, cy)
+            return np.stack([c_rot * d[:, 0] - s_rot * d[:, 1] + cx,
+                             s_rot * d[:, 0] + c_rot * d[:, 1] + cy], axis=1)
+
         w, dpt = self.vb_w, self.vb_d
         t = np.linspace(0, 2 * np.pi, 120, endpoint=False)
         ct, st = np.cos(t), np.sin(t)
@@ -940,11 +950,11 @@ class _Builder:
             r_ost = 1 + bump / w * np.exp(-((t - 1.25 * np.pi) ** 2) / 0.02) + bump / w * np.exp(-((t - 1.75 * np.pi) ** 2) / 0.02)
             pu, pv = pu * r_ost, pv * r_ost
         body_poly = np.stack([pu + cx, pv + cy], axis=1)
-        body_mask = cv.poly(body_poly)
+        body_mask = cv.poly(body_poly)  # (a rotated oval barely changes: not rotated)
         canal_c = (cx, self.canal_c_v)
         canal = _blob(rng, canal_c, self.canal_hw, self.canal_hd, 0.0, wobble=0.03)
         canal[:, 1] = np.where(canal[:, 1] < canal_c[1], canal_c[1] - (canal_c[1] - canal[:, 1]) * 0.8, canal[:, 1])
-        canal_mask = cv.poly(canal)
+        canal_mask = cv.poly(rotate(canal))
         back = canal_c[1] + self.canal_hd
         ped_front = cy + dpt * 0.45
         elements = []
@@ -978,13 +988,13 @@ class _Builder:
         elements.append(sp)
         post = np.zeros_like(body_mask)
         for poly in elements:
-            post |= cv.poly(poly)
+            post |= cv.poly(rotate(poly))
         post &= ~canal_mask
         # Epidural fat and thecal sac.
         tissue[canal_mask] = _T.EPIDURAL_FAT
         sac = _blob(rng, (canal_c[0], canal_c[1] + rng.uniform(-1, 1)), self.canal_hw * rng.uniform(0.55, 0.75),
                     self.canal_hd * rng.uniform(0.65, 0.85), 0.0, wobble=0.03)
-        tissue[cv.poly(sac) & canal_mask] = _T.CSF
+        tissue[cv.poly(rotate(sac)) & canal_mask] = _T.CSF
         bone = body_mask | post
         px = min(cv.sx, cv.sy)
         k_cort = max(1, int(round(rng.uniform(0.9, 1.6) / px)))
@@ -1395,12 +1405,12 @@ class _Builder:
             if u_acc > weight.get(int(tid), 0.5):
                 continue
             row, col = divmod(int(i), self.size)
-            if tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS) and rng.random() < 0.7:
+            if tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS) and rng.random() < 0.8:
                 a = rng.uniform(0.3, 1.6) / px  # fibres run cranio-caudally: fat as dots
                 b = a * rng.uniform(0.4, 1.0)
                 ang = rng.uniform(0, 180)
             elif tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS):
-                a = rng.uniform(1.5, 6.0) / px  # thin fatty septa between fascicles
+                a = rng.uniform(1.2, 4.0) / px  # thin fatty septa between fascicles
                 b = rng.uniform(0.25, 0.6) / px
                 ang = rng.normal(90, 25) + math.degrees(cv.angle)
             else:
