@@ -749,7 +749,7 @@ class _Builder:
 
     def _env_point_at_arc(self, arc_signed):
         """Envelope point (u, v) and inward unit normal at a signed arc position."""
-        ang, s = self._arc_table
+        _, s = self._arc_table
         env = self._env
         a = arc_signed % self.perimeter
         idx = int(np.clip(np.searchsorted(s, a), 1, len(env) - 1))
@@ -825,7 +825,7 @@ class _Builder:
         if rng.random() < 0.12 + 0.01 * max(0.0, self.bmi - 28):
             la += rng.uniform(6, 25)  # diastasis recti
         self.params["linea_alba_mm"] = round(2 * la, 1)
-        zone = self.inside_env = self.env_mask & (tissue == _T.VAT_FAT)
+        zone = self.env_mask & (tissue == _T.VAT_FAT)
         for side in (-1, 1):
             sel = zone & ((arc > 0) if side > 0 else (arc <= 0))
             a = np.abs(arc[sel])
@@ -1153,7 +1153,7 @@ class _Builder:
         if rng.random() < lv["stomach_p"]:
             centre = (a_f * rng.uniform(0.15, 0.45), -self.b_ant * rng.uniform(0.25, 0.55))
             ra, rb = a_f * rng.uniform(0.25, 0.4), self.b_ant * rng.uniform(0.25, 0.4)
-            self._lumen_organ(centre, ra, rb, rng.uniform(2.5, 5), _T.STOMACH_WALL, "stomach")
+            self._lumen_organ(centre, ra, rb, rng.uniform(2.5, 5), _T.STOMACH_WALL)
         if rng.random() < lv["pancreas_p"]:
             start = (self.sma[0] - rng.uniform(25, 40), self.sma[1] + rng.uniform(-8, 8))
             mid = (self.sma[0] + rng.uniform(-2, 6), self.sma[1] - rng.uniform(6, 14))
@@ -1197,7 +1197,7 @@ class _Builder:
             lines |= cv.line(pts, rng.uniform(1.5, 4))
         tissue[lines & organ] = _T.VEIN
 
-    def _lumen_organ(self, centre, ra, rb, wall_t, wall_tid, kind):
+    def _lumen_organ(self, centre, ra, rb, wall_t, wall_tid):
         """A hollow organ (stomach) with wall and contents (air rises to the front)."""
         rng, cv, tissue = self.rng, self.cv, self.tissue
         free = self._free()
@@ -1258,13 +1258,13 @@ class _Builder:
         # Colon first: ascending colon on the right flank, descending on the left, sometimes the
         # transverse colon in front.
         colon_spots = [(-1, rng.uniform(-0.3, 0.35)), (1, rng.uniform(-0.1, 0.45))]
-        if self.level in ("L2", "L3") and rng.random() < 0.45:
+        if self.level in ("L2", "L3") and rng.random() < 0.55:
             colon_spots.append((0, -0.7))
         if self.level == "L4" and rng.random() < 0.5:
             colon_spots.append((0.5, -0.5))  # sigmoid
         for side, vfrac in colon_spots:
             target = np.array([side * self.a_f * 0.72, vfrac * (self.b_ant if vfrac < 0 else self.b_post)])
-            r = rng.uniform(15, 28) if side != 0 else rng.uniform(18, 32)
+            r = rng.uniform(16, 30) if side != 0 else rng.uniform(20, 36)
             sel = cand[:3000]
             du, dv = cv.U.flat[sel] - target[0], cv.V.flat[sel] - target[1]
             ok = room.flat[sel] > 0.5 * r
@@ -1308,7 +1308,7 @@ class _Builder:
         rows_idx = np.arange(self.size)[:, None]
         for cu, cvv, r, colon in loops:
             if colon:
-                kind = rng.choice(["feces", "air", "fluid"], p=[0.55, 0.33, 0.12])
+                kind = rng.choice(["feces", "air", "fluid"], p=[0.45, 0.43, 0.12])
             else:
                 kind = rng.choice(["contrast", "fluid", "collapsed", "air"],
                                   p=[0.45, 0.27, 0.26, 0.02] if self.oral_contrast else [0.0, 0.5, 0.46, 0.04])

@@ -255,6 +255,11 @@ def test_cli_writes_studies_and_reports_bad_input(tmp_path, capsys):
     assert len(list((out / "labels" / "final").glob("*.nii.gz"))) == 2
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert [r["level"] for r in rows] == ["L2", "L2"]
+    assert cli(["phantom", "--count", "3", "--seed", "1", "--out", str(tmp_path / "mixed"),
+                "--size", "64", "--level", "mixed", "--format", "dicom"]) == 0
+    rows = list(csv.DictReader((tmp_path / "mixed" / "manifest.csv").open()))
+    assert len(rows) == 3 and {r["level"] for r in rows} <= set(phantom.LEVELS)
+    assert all((tmp_path / "mixed" / r["id"]).is_dir() for r in rows)
     capsys.readouterr()
     assert cli(["phantom", "--count", "0", "--out", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err.strip()
