@@ -24,6 +24,10 @@ nonetheless laid out like a real slice at the lumbar level:
 Geometry is drawn in patient millimetres (``u`` toward the patient's left, ``v`` toward
 posterior) and rasterised on the pixel grid through a random rotation and shift. The label map
 comes from that partial-volume-free tissue map; intensities, blur and noise are added on top.
+Pixels coarser than 1.1 mm are rendered on a 2-4x finer grid: the image is the average over
+each output pixel (partial volume of skin, fascia, fat planes) and the label the majority class.
+The muscle attenuation is adjusted after blurring so that the median HU inside the muscle label
+equals ``muscle_hu``; fibrous septa inside the SAT belong to the SAT label.
 
 Label values are those of :mod:`sarco_app.labels`: 1 skeletal muscle of the trunk (arms are not
 part of the L3 measurement and stay 0), 2 SAT (fat between skin and the outer fascia of the

@@ -271,3 +271,29 @@ def test_cli_writes_studies_and_reports_bad_input(tmp_path, capsys):
         cli(["phantom", "--help"])
     assert info.value.code == 0
     assert "--count" in capsys.readouterr().out
+
+
+def test_hu_histogram_peaks_match_the_real_l3_slice():
+    from pathlib import Path
+
+    real_dir = Path(__file__).resolve().parents[1].parent / "shared/data/real"
+    path = real_dir / "totalsegmentator-ct-lower" / "ct_lower.nii.gz"
+    if not path.exists():
+        pytest.skip("../shared/data/real is not present")
+    from scipy import ndimage as ndi
+
+    def peaks(hu):
+        body = ndi.binary_fill_holes(hu > -500)
+        values = hu[body]
+        hist, edges = np.histogram(values, bins=np.arange(-200, 201, 5))
+        centres = (edges[:-1] + edges[1:]) / 2
+        fat = centres[centres < -30][np.argmax(hist[centres < -30])]
+        soft = centres[centres > -10][np.argmax(hist[centres > -10])]
+        return fat, soft
+
+    real_fat, real_soft = peaks(load_image(path).slice2d(73))
+    phantom_hu = np.concatenate([phantom.generate(s, size=256).hu.ravel() for s in range(4)])
+    fat, soft = peaks(phantom_hu.reshape(-1, 256))
+    assert abs(fat - real_fat) <= 20, (fat, real_fat)
+    assert abs(soft - real_soft) <= 25, (soft, real_soft)
+
