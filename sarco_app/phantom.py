@@ -592,6 +592,7 @@ class _Builder:
         cv = _Canvas(self.size, (spacing[0] / self.f, spacing[1] / self.f), angle, shift)
         self.cv = cv
         tissue = np.full((self.size, self.size), _T.AIR, dtype=np.uint8)
+        self.hu_offset = np.zeros((self.size, self.size), np.float32)  # per-object HU shifts
         self.tissue = tissue
 
         # Envelope and body.
@@ -1337,6 +1338,9 @@ class _Builder:
                 wt = wall_t * (0.8 if colon else 1.0)
                 lumen = cv.poly(_blob(rng, (cu, cvv), max(ra - wt, 1), max(rb - wt, 1), ang, wobble=wob)) & outer
             tissue[outer] = _T.BOWEL_WALL
+            # Every loop has its own wall enhancement and content density.
+            self.hu_offset[outer] = rng.normal(0, 8)
+            self.hu_offset[lumen] = rng.normal(0, 7) if kind != "contrast" else rng.normal(0, 60)
             if kind == "collapsed":
                 # Collapsed loop: soft tissue with a feathery pattern of fluid between folds.
                 folds = folds_field > rng.uniform(0.4, 1.0)
@@ -1591,6 +1595,7 @@ class _Builder:
                                       (0, 0), max(0.6, 0.9 / cv.sx))
         field_bone /= field_bone.std() + 1e-6
         hu = mean[tissue] + tex[tissue] * field_smooth + fine[tissue] * field_fine
+        hu += self.hu_offset * np.isin(tissue, _BOWEL)  # (not where bowel was painted over)
         marrow = tissue == _T.BONE_MARROW
         hu[marrow] += (fine[_T.BONE_MARROW] * (field_bone[marrow] - field_fine[marrow])).astype(np.float32)
         # Partial-volume blur of the scanner's point-spread function (thicker slices blur more),
