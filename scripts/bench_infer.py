@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""CPU latency of the ``bodycomp_unet`` task for one 512x512 slice, end to end over HTTP, with
+the bare network forward time measured in the same run as a reference.
+
+Starts the real MONAI Label server on a temporary studies folder holding one 512x512 phantom
+(0.8 mm pixels), calls ``POST /infer/bodycomp_unet?image=...`` ``--repeats`` times after a warm-up
+call, and prints median / min / max wall time of the HTTP round trip (request, NIfTI load,
+resampling, network, post-processing, writing and transferring the label), then the median time
+of the bare network forward on the same slice's network input in this process.
+
+    .venv/bin/python scripts/bench_infer.py [--model models/bodycomp_unet.pt] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bodycomp_unet.pt")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and the forward")
+    args = parser.parse_args(argv)
+
+    import requests
+    import torch
+
+    from sarco_app.network import load_checkpoint
+    from sarco_app.phantom import generate, write_phantom
+    from sarco_app.segment import preprocess
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    studies = tmp / "studies"
+    ph = generate(4242, spacing_mm=0.8, size=512)
+    write_phantom(ph, studies, "bench")
+    port = free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               OMP_NUM_THREADS=str(args.threads), SARCO_MODEL_DIR=str(tmp / "model"),
+               SARCO_SHIPPED_MODEL=str(args.model.resolve()))
+    log = open(tmp / "server.log", "wb")
+    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "sarcopenia"),
+           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(ROOT))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited: see {tmp / 'server.log'}")
+            try:
+                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            raise SystemExit("server did not start")
+
+        def call():
+            t = time.perf_counter()
+            r = requests.post(f"{url}/infer/bodycomp_unet", params={"image": "bench"},
+                              data={"params": json.dumps({})}, timeout=120)
+            r.raise_for_status()
+            return time.perf_counter() - t, r
+
+        _, first = call()  # warm-up: model load, first-call allocations
+        times = [call()[0] for _ in range(args.repeats)]
+        model = load_checkpoint(args.model)
+        x, _ = preprocess(ph.hu[None], ph.spacing, model)
+        forward = []
+        with torch.no_grad():
+            model.network(x)
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                model.network(x)
+                forward.append(time.perf_counter() - t)
+        print(f"slice 512x512 at {ph.spacing[0]:.2f} mm -> network input {tuple(x.shape)}; "
+              f"torch threads {args.threads}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+        print(f"HTTP end to end (POST /infer/bodycomp_unet, label returned): median {statistics.median(times):.3f} s, "
+              f"min {min(times):.3f} s, max {max(times):.3f} s over {len(times)} calls")
+        print(f"bare network forward (same run): median {statistics.median(forward):.3f} s, min {min(forward):.3f} s")
+        target = statistics.median(times) <= 0.5
+        print(f"target <= 0.5 s end to end: {'met' if target else 'NOT met'}")
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Evaluate the body-composition model: held-out phantoms (Dice) and real CT (HU plausibility).
+
+1. **Held-out phantoms**: seeds from a stream the training script never uses, at the clinical
+   default (0.6-1.0 mm, 512 matrix) and at 1.5, 2.0 and 3.0 mm pixels. Dice per tissue
+   (pooled over all pixels of a group, and the mean of per-case Dice) for the U-Net as shipped
+   (``unet``), the U-Net with the HU rule (``unet+hu``) and the threshold baseline.
+2. **Real CT** in ``../shared/data/real`` (no tissue labels): the L3 slice of ``ct_lower.nii.gz``
+   (z = 73, 3 mm pixels), the 3 dcmqi slices and the 20-slice DICOM series. Printed: the fraction
+   of predicted muscle pixels inside -29..150 HU and of SAT / VAT pixels inside -190..-30 HU for
+   the raw U-Net (target >= 0.95), and the areas. Overlay PNGs go to ``--docs``.
+
+Everything printed is also written as CSV to ``--out``.
+
+    .venv/bin/python scripts/eval_bodycomp.py --model models/bodycomp_unet.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sarco_app import labels as L  # noqa: E402
+from sarco_app.ingest import load_image  # noqa: E402
+from sarco_app.network import load_checkpoint  # noqa: E402
+from sarco_app.phantom import generate  # noqa: E402
+from sarco_app.segment import dice_per_tissue, segment_volume  # noqa: E402
+
+REAL = ROOT.parent / "shared" / "data" / "real"
+TISSUES = ("muscle", "sat", "vat", "imat")
+#: Held-out groups: (name, spacing_mm or None for the generator's clinical default, matrix).
+GROUPS = (("clinical 0.6-1.0 mm", None, 512), ("1.5 mm", 1.5, 280), ("2.0 mm", 2.0, 210), ("3.0 mm", 3.0, 140))
+HELD_OUT_SEED = 777_000  # the training script draws seeds from SeedSequence([seed, 0xB0D1])
+
+
+def overlay(hu, label, spacing, path, title, areas=None):
+    try:
+        from sarco_app.overlay import overlay_png
+    except ImportError:  # pragma: no cover - overlay module is part of the repository
+        overlay_png = None
+    if overlay_png is not None:
+        return overlay_png(hu, label, spacing, path, title=title, areas=areas)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(hu.T, cmap="gray", vmin=-160, vmax=240)
+    ax.imshow(np.ma.masked_equal(label.T, 0), alpha=0.4, vmin=0, vmax=4, cmap="tab10")
+    ax.set_title(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def areas_cm2(label, spacing):
+    px = spacing[0] * spacing[1] / 100.0
+    return {name: float((label == v).sum() * px) for name, v in L.LABELS.items()}
+
+
+def hu_fractions(hu, label):
+    """Share of each tissue's predicted pixels inside its HU range (None when absent)."""
+    out = {}
+    for name, (lo, hi) in (("muscle", L.MUSCLE_HU), ("sat", L.FAT_HU), ("vat", L.FAT_HU), ("imat", L.FAT_HU)):
+        mask = label == L.LABELS[name]
+        out[name] = float(((hu[mask] >= lo) & (hu[mask] <= hi)).mean()) if mask.any() else None
+    return out
+
+
+def fmt(value, digits=4):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def eval_phantoms(model, per_group: int, docs: Path | None, rows: list) -> None:
+    print(f"\n== held-out phantoms ({per_group} per group, seeds from {HELD_OUT_SEED}) ==")
+    methods = ("unet", "unet+hu", "threshold")
+    overall = {m: {t: [0, 0] for t in TISSUES} for m in methods}
+    for g, (group, spacing, size) in enumerate(GROUPS):
+        pooled = {m: {t: [0, 0] for t in TISSUES} for m in methods}
+        cases = {m: {t: [] for t in TISSUES} for m in methods}
+        for i in range(per_group):
+            seed = HELD_OUT_SEED + 100 * g + i
+            kwargs = {"size": size} if spacing is None else {"spacing_mm": spacing, "size": size}
+            ph = generate(seed, **kwargs)
+            preds = {
+                "unet": segment_volume(ph.hu, ph.spacing, method="unet", model=model).label,
+                "unet+hu": segment_volume(ph.hu, ph.spacing, method="unet", model=model, hu_refine=True).label,
+                "threshold": segment_volume(ph.hu, ph.spacing, method="threshold").label,
+            }
+            for m, pred in preds.items():
+                dice = dice_per_tissue(pred, ph.label)
+                for t in TISSUES:
+                    v = L.LABELS[t]
+                    inter = int(((pred == v) & (ph.label == v)).sum())
+                    total = int((pred == v).sum() + (ph.label == v).sum())
+                    for acc in (pooled[m][t], overall[m][t]):
+                        acc[0] += inter
+                        acc[1] += total
+                    if dice[t] is not None:
+                        cases[m][t].append(dice[t])
+                rows.append({"set": "phantom", "group": group, "case": f"seed {seed}", "method": m,
+                             "spacing_mm": round(ph.spacing[0], 3),
+                             **{f"dice_{t}": (round(dice[t], 4) if dice[t] is not None else "") for t in TISSUES}})
+            if docs is not None and i == 0 and g in (0, 3):
+                tag = "clinical" if spacing is None else f"{spacing:g}mm"
+                overlay(ph.hu, preds["unet"], ph.spacing, docs / f"bodycomp_phantom_{tag}_unet.png",
+                        f"U-Net, held-out phantom ({group})", areas_cm2(preds["unet"], ph.spacing))
+                overlay(ph.hu, ph.label, ph.spacing, docs / f"bodycomp_phantom_{tag}_truth.png",
+                        f"Truth, held-out phantom ({group})", areas_cm2(ph.label, ph.spacing))
+        print(f"-- {group}")
+        for m in methods:
+            pooled_txt = " ".join(f"{t} {fmt(2 * a / b if b else None)}" for t, (a, b) in pooled[m].items())
+            mean_txt = " ".join(f"{t} {fmt(np.mean(c) if c else None)}" for t, c in cases[m].items())
+            print(f"  {m:10s} pooled Dice: {pooled_txt} | mean of cases: {mean_txt}")
+    print("-- all held-out phantoms (pooled Dice)")
+    for m in methods:
+        print(f"  {m:10s} " + " ".join(f"{t} {fmt(2 * a / b if b else None)}" for t, (a, b) in overall[m].items()))
+
+
+def real_cases():
+    """(name, path, canonical slice indices, file for the overlay) of the shared real CT."""
+    cases = []
+    nifti = REAL / "totalsegmentator-ct-lower" / "ct_lower.nii.gz"
+    if nifti.is_file():
+        cases.append(("ct_lower L3 (z=73, 3 mm)", nifti, [73], "bodycomp_real_ct_lower_L3"))
+    dcmqi = REAL / "dcmqi-ct-3slice"
+    if dcmqi.is_dir():
+        cases.append(("dcmqi 3 slices (0.81 mm)", dcmqi, "all", "bodycomp_real_dcmqi"))
+    series = REAL / "totalsegmentator-dicom-series"
+    if series.is_dir():
+        cases.append(("TotalSegmentator DICOM series (0.98 mm)", series, "all", "bodycomp_real_dicom_series"))
+    return cases
+
+
+def eval_real(model, docs: Path | None, rows: list) -> None:
+    print(f"\n== real CT in {REAL} (no tissue labels: HU plausibility of the raw U-Net) ==")
+    if not REAL.is_dir():
+        print("  (absent)")
+        return
+    for name, path, slices, stem in real_cases():
+        try:
+            image = load_image(path)
+        except Exception as exc:  # e.g. a JPEG 2000 series without a decoder installed
+            print(f"  {name}: cannot load ({exc})")
+            continue
+        t0 = time.time()
+        res = segment_volume(image.hu, image.spacing, slices, method="unet", model=model)
+        seconds = time.time() - t0
+        ks = res.slices
+        hu_vals = image.hu if image.hu.ndim == 2 else image.hu[:, :, ks]
+        lab_vals = res.label if image.hu.ndim == 2 else res.label[:, :, ks]
+        frac = hu_fractions(hu_vals, lab_vals)
+        area = areas_cm2(lab_vals, image.pixel_spacing)
+        n = len(ks)
+        print(f"  {name}: {n} slice(s), {seconds:.1f} s; inside HU range: muscle {fmt(frac['muscle'], 3)} "
+              f"SAT {fmt(frac['sat'], 3)} VAT {fmt(frac['vat'], 3)} IMAT {fmt(frac['imat'], 3)}; "
+              f"mean area per slice cm2: " + " ".join(f"{t} {area[t] / n:.1f}" for t in TISSUES)
+              + f"; confidence {res.confidence}")
+        rows.append({"set": "real", "group": name, "case": str(path.name), "method": "unet",
+                     "spacing_mm": round(image.pixel_spacing[0], 3),
+                     **{f"inside_hu_{t}": (round(frac[t], 4) if frac[t] is not None else "") for t in TISSUES}})
+        if docs is not None:
+            k = ks[len(ks) // 2]
+            hu_k = image.hu if image.hu.ndim == 2 else image.hu[:, :, k]
+            lab_k = res.label if image.hu.ndim == 2 else res.label[:, :, k]
+            thr = segment_volume(hu_k, image.pixel_spacing, method="threshold").label
+            overlay(hu_k, lab_k, image.pixel_spacing, docs / f"{stem}_unet.png",
+                    f"U-Net: {name}, slice {k}", areas_cm2(lab_k, image.pixel_spacing))
+            overlay(hu_k, thr, image.pixel_spacing, docs / f"{stem}_threshold.png",
+                    f"Threshold baseline: {name}, slice {k}", areas_cm2(thr, image.pixel_spacing))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bodycomp_unet.pt")
+    parser.add_argument("--per-group", type=int, default=8, help="held-out phantoms per spacing group")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="folder for overlay PNGs")
+    parser.add_argument("--no-overlays", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "eval_bodycomp.csv")
+    parser.add_argument("--skip-phantoms", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(2)
+    model = load_checkpoint(args.model)
+    meta = model.meta
+    print(f"model {args.model}: {model.config['name']} {model.config.get('kwargs')}, spacing {model.spacing_mm} mm, "
+          f"windows {model.windows}; trained {meta.get('iterations')} iterations, best epoch {meta.get('best_epoch')}")
+    docs = None if args.no_overlays else args.docs
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if not args.skip_phantoms:
+        eval_phantoms(model, args.per_group, docs, rows)
+    eval_real(model, docs, rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("set", "group", "case", "method"), k))
+    with args.out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {args.out}" + (f" and overlays in {docs}" if docs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
