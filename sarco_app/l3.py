@@ -217,12 +217,20 @@ def _find_discs(profile_mm: np.ndarray, slice_mm: float) -> tuple[np.ndarray, np
     cap = ndi.percentile_filter(raw, 35, size=41, mode="nearest")
     # Cap before smoothing: a bright endplate next to a disc must not fill its dip.
     p = ndi.gaussian_filter1d(np.minimum(raw, cap), 1.5)
-    depth = float(np.median(cap) - np.percentile(p, 5))
-    if depth <= 0:
-        return np.zeros(0, dtype=int), np.zeros(0)
-    factor = 0.45 if slice_mm < 4.0 else 0.15
-    peaks, props = find_peaks(-p, distance=12, prominence=max(factor * depth, 10.0))
-    return peaks, props["prominences"]
+    # Values far below the plateau are soft tissue beside the column ends, not discs: floor
+    # them so that they cannot make huge dips.
+    plateau = float(np.median(cap))
+    p = np.maximum(p, plateau - 150.0)
+    peaks, props = find_peaks(-p, distance=12, prominence=8.0)
+    proms = props["prominences"]
+    if peaks.size == 0:
+        return peaks, proms
+    # Discs are the deep dips: keep those at least a fraction of the typical deep dip (the
+    # median of the deeper half); thick slices blur dips unevenly, so the fraction is lower.
+    deep = np.sort(proms)[proms.size // 2 :]
+    factor = 0.4 if slice_mm < 4.0 else 0.25
+    keep = proms >= max(factor * float(np.median(deep)), 10.0)
+    return peaks[keep], proms[keep]
 
 
 def _regularise(discs: list[float], prominences: list[float]) -> tuple[list[float], float]:
