@@ -1399,36 +1399,34 @@ class _Builder:
             return
         canvas = np.zeros((self.size, self.size), np.uint8)
         px = cv.sx
-        drawn = 0.0
         picks = rng.choice(idx, size=min(idx.size, 6000), replace=True)
-        # Fat accumulates more in the back muscles with age.
         # Fat infiltrates the back muscles most, the psoas least.
         weight = {_T.ERECTOR: 1.0, _T.QUADRATUS: 0.6, _T.WALL_MUSCLE: 0.45, _T.RECTUS: 0.4,
                   _T.LATISSIMUS: 0.5, _T.PSOAS: 0.2}
         accept = rng.random(picks.size)
-        for i, u_acc in zip(picks, accept):
-            if drawn >= target_px:
+        for n, (i, u_acc) in enumerate(zip(picks, accept)):
+            # Count what was really drawn (a speck is at least one pixel).
+            if n % 25 == 0 and (canvas.view(bool) & muscle).sum() >= target_px:
                 break
             tid = tissue.flat[i]
             if u_acc > weight.get(int(tid), 0.5):
                 continue
             row, col = divmod(int(i), self.size)
             if tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS) and rng.random() < 0.8:
-                a = rng.uniform(0.3, 1.6) / px  # fibres run cranio-caudally: fat as dots
-                b = a * rng.uniform(0.4, 1.0)
+                a = rng.uniform(0.6, 2.2) / px  # fibres run cranio-caudally: fat as dots
+                b = a * rng.uniform(0.5, 1.0)
                 ang = rng.uniform(0, 180)
             elif tid in (_T.ERECTOR, _T.PSOAS, _T.QUADRATUS):
-                a = rng.uniform(1.2, 4.0) / px  # thin fatty septa between fascicles
-                b = rng.uniform(0.25, 0.6) / px
+                a = rng.uniform(1.5, 4.0) / px  # thin fatty septa between fascicles
+                b = rng.uniform(0.4, 0.8) / px
                 ang = rng.normal(90, 25) + math.degrees(cv.angle)
             else:
-                a = rng.uniform(1.0, 5.0) / px
-                b = rng.uniform(0.3, 0.8) / px
+                a = rng.uniform(1.5, 5.0) / px
+                b = rng.uniform(0.4, 0.9) / px
                 # Along the layer: perpendicular to the radius, in picture (scanner) axes.
                 theta = math.degrees(math.atan2(cv.V.flat[i], cv.U.flat[i]) + cv.angle)
                 ang = theta + 90 + rng.normal(0, 10)
             cv2.ellipse(canvas, ((col, row), (2 * a, 2 * b), float(ang)), 1, -1)
-            drawn += math.pi * a * b
         tissue[(canvas > 0) & muscle] = _T.IMAT_FAT
 
     # ------------------------------------------------------------------ outside the body
