@@ -49,8 +49,8 @@ def test_phantom_truth_matches_its_labels():
 
 
 def test_phantom_variants_change_the_rib_count():
-    _, t11 = make_volume_phantom(4, variants=["11_ribs"], **FAST, coverage="chest")
-    _, t13 = make_volume_phantom(4, variants=["13_ribs"], **FAST, coverage="chest")
+    _, t11 = make_volume_phantom(4, variants=["11_ribs"], slice_thickness=5.0, **FAST, coverage="chest")
+    _, t13 = make_volume_phantom(4, variants=["13_ribs"], slice_thickness=5.0, **FAST, coverage="chest")
     assert (t11.rib_pairs, t13.rib_pairs) == (11, 13)
     with pytest.raises(ValueError, match="unknown variants"):
         make_volume_phantom(4, variants=["two_heads"], **FAST)
@@ -158,7 +158,7 @@ def test_cli_l3_json_png_and_exit_codes(phantom, tmp_path, capsys):
     picture = cv2.imread(str(out_png))
     assert picture is not None and picture.shape[0] > 100
 
-    chest, _ = make_volume_phantom(22, coverage="chest", variants=[], **FAST)
+    chest, _ = make_volume_phantom(22, coverage="chest", slice_thickness=4.0, variants=[], **FAST)
     chest_path = save_volume(chest, tmp_path / "chest.nii.gz")
     chest_json = tmp_path / "chest.json"
     assert main(["l3", str(chest_path), "--json", str(chest_json)]) == 2
@@ -190,7 +190,7 @@ def test_cli_extract_l3_writes_a_labelable_2d_study(phantom, tmp_path):
     assert abs(z - truth.l3_z_mm) <= 5.0
     # Never overwrites without --force; a scan without L3 writes nothing and exits 2.
     assert main(["extract-l3", str(src), "--out", str(studies)]) == 1
-    chest, _ = make_volume_phantom(23, coverage="chest", variants=[], **FAST)
+    chest, _ = make_volume_phantom(23, coverage="chest", slice_thickness=4.0, variants=[], **FAST)
     chest_src = save_volume(chest, tmp_path / "chest.nii.gz")
     assert main(["extract-l3", str(chest_src), "--out", str(studies)]) == 2
     assert not (studies / "chest_L3.nii.gz").exists()

@@ -16,17 +16,46 @@ def add_parser(subparsers):
             "sex with mean ± SD, reference), the same tables as CSV and an overlay PNG per scan."
         ),
     )
-    parser.add_argument("--studies", required=True, type=Path, help="studies folder (MONAI Label layout)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--studies", type=Path, help="studies folder (MONAI Label layout)")
+    # --input: raw scans without labels (sarco_app.cohort_raw): find L3, segment, quantify.
+    source.add_argument("--input", type=Path, default=None,
+                        help="folder of raw NIfTI files and DICOM studies without labels: find L3 "
+                        "in each series, segment it, quantify (status column: ok / no L3 / "
+                        "unreadable / skipped, with the reason)")
     parser.add_argument("--out", required=True, type=Path, help="Excel workbook to write (.xlsx)")
     parser.add_argument("--slice", type=int, default=None, dest="slice_index",
                         help="slice index for 3D images (default: each label's only labelled slice)")
     parser.add_argument("--reference", default=None, metavar="NAME_OR_CSV",
                         help="T-score table: a CSV path or a bundled table name (default: the paper's Table 4)")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    parser.add_argument("--method", choices=("unet", "threshold"), default=None,
+                        help="with --input: segmentation method (default: unet when a model "
+                        "checkpoint exists, else threshold)")
     return parser
 
 
+def run_raw(args) -> int:
+    """``cohort --input DIR``: L3, segmentation and quantification of raw scans."""
+    from sarco_app.cohort_raw import quantify_raw_folder
+    from sarco_app.reference import find_reference
+
+    result = quantify_raw_folder(args.input, args.out, reference=find_reference(args.reference),
+                                 method=args.method, overlays=not args.no_overlays)
+    n = len(result["rows"])
+    print(f"{n} series: {n - result['failed']} quantified at L3 ({result['method']}), {result['failed']} not")
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            print(f"  {row['id']}: {row['status']}", file=sys.stderr)
+    print(f"wrote {result['xlsx']}, {result['csv']}, {result['summary_csv']}")
+    if result["overlay_dir"]:
+        print(f"overlays in {result['overlay_dir']}")
+    return 0 if result["failed"] < n else 1
+
+
 def run(args) -> int:
+    if getattr(args, "input", None) is not None:
+        return run_raw(args)
     from sarco_app.cohort import quantify_studies
     from sarco_app.reference import find_reference
 
