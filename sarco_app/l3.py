@@ -363,8 +363,16 @@ def locate_l3(image: CTImage) -> L3Result:
     if crest is not None:
         anchors["iliac_crest_z_mm"] = round(to_world(crest), 1)
         below = [d for d in discs if crest - 45.0 <= d <= crest + 12.0]
+        above = [d for d in discs if crest + 12.0 < d <= crest + 12.0 + period]
+        k45 = None
         if below:
             k45 = discs.index(below[-1])
+        elif above and above[0] - period >= lo_col:
+            # A missed L4/L5 dip (thick slices): the first disc above the crests is L3/L4.
+            k45 = discs.index(above[0])
+            discs.insert(k45, above[0] - period)
+            anchors["l4l5_inferred"] = True
+        if k45 is not None:
             anchors["l4l5_z_mm"] = round(to_world(discs[k45]), 1)
             bottom_l3 = k45 + 1  # segment k45 is L4, k45 + 1 is L3
         ribs_mm[: int(crest + 20)] = 0.0  # iliac wings are not ribs
@@ -407,7 +415,7 @@ def locate_l3(image: CTImage) -> L3Result:
                 "lumbar-type vertebrae (transitional anatomy?): check the level"
             )
     elif bottom_l3 is not None:
-        chosen, confidence = bottom_l3, 0.8
+        chosen, confidence = bottom_l3, 0.8 if not anchors.get("l4l5_inferred") else 0.6
         reason = "L3 counted up from the iliac crests at L4/L5 (no rib-bearing vertebra in the field of view)"
     elif top_l3 is not None:
         chosen, confidence = top_l3, 0.75
