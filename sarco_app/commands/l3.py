@@ -3,8 +3,10 @@
 The JSON answer's ``slice_index`` is the index in the **file's own voxel order** (what a viewer
 shows for that file); ``canonical_slice_index`` is the same slice in sarco's canonical order
 (axis 2 toward superior, as :func:`sarco_app.ingest.load_image` returns it). They differ for
-z-flipped files (e.g. feet-first or NIfTI written top-down). ``z_mm`` is the slice centre's
-world z (RAS / DICOM patient superior coordinate) in mm.
+z-flipped files (e.g. feet-first or NIfTI written top-down). For a DICOM series the "file
+order" is the slices sorted by ImagePositionPatient along the slice normal (ascending), never
+by file name or InstanceNumber. ``z_mm`` is the slice centre's world z (RAS / DICOM patient
+superior coordinate) in mm, the same whatever the order.
 Exit status: 0 L3 found, 2 L3 not in the field of view (JSON still written, with nulls and the
 reason), 1 unreadable input.
 """
