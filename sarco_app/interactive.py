@@ -20,13 +20,19 @@ Rules shared by both tools (see :func:`merge`):
 * pixels of *other* tissues are never overwritten unless a foreground scribble covers them, and
   a background-scribbled pixel is never the target tissue.
 
-Tissue knowledge that makes few interactions enough (all from the image and the current label):
-SAT is fat connected to the body outline; skeletal muscle lies against SAT or the outline (psoas
-and other muscles away from it are reached with a foreground scribble); VAT is fat inside the
-abdominal wall; IMAT is fat enclosed by muscle. Candidates are also restricted to the tissue's HU
-range (``sarco_app.labels.MUSCLE_HU`` / ``FAT_HU``) unless a foreground scribble says otherwise.
-Muscle and bowel of similar HU are separated by the connected-region rule and, where they touch,
-by a watershed split between the foreground seeds and the background scribbles.
+Tissue knowledge used with a rectangle (:func:`_tissue_rules`, from the image and the current
+label; the muscle wall's contours come from :func:`sarco_app.threshold.wall_contours`): SAT is
+fat outside the muscle wall; muscle is muscle-HU tissue in the wall plus what touches the
+vertebra (psoas, quadratus, paraspinals) once thin contacts are cut, never skin or the spinal
+canal; VAT is fat inside the ring of labelled SAT + muscle + bone; IMAT is fat in the fascial
+planes between and inside labelled muscles. Candidates are restricted to the tissue's HU range
+(``sarco_app.labels.MUSCLE_HU`` / ``FAT_HU``) unless a foreground scribble says otherwise.
+
+Scribbles act on regions separated at thin contacts (:func:`_pieces`): a foreground scribble adds
+the region it touches, a background scribble removes the region it marks; in a big region only
+the part within the stroke's geodesic reach changes (:func:`_stroke_reach`), and a region with
+both kinds is split geodesically between them. That is what separates muscle from a bowel loop
+of the same HU that touches it.
 """
 
 from __future__ import annotations

@@ -251,11 +251,15 @@ def main(argv=None) -> int:
             current0 = starting_label(truth_label, tissue)
             for m in methods:
                 res = run_session(tools[m], hu, truth_label, tissue, current0, spacing)
+                at_090 = [k + 1 for k, v in enumerate(res["ious"]) if v >= 0.90]
                 rows.append({"seed": seed, "tissue": tissue, "method": m,
                              "interactions": res["interactions"], "reached": res["reached"],
+                             "interactions_to_090": at_090[0] if at_090 else 10,
+                             "reached_090": bool(at_090),
                              "final_iou": round(res["final_iou"], 4),
                              "first_iou": round(res["ious"][0], 4),
-                             "mean_latency_s": round(res["mean_latency_s"], 4)})
+                             "mean_latency_s": round(res["mean_latency_s"], 4),
+                             "ious": ";".join(f"{v:.4f}" for v in res["ious"])})
         print(f"phantom {i + 1}/{args.n} done ({time.time() - begin:.0f} s)", flush=True)
 
     sessions = pd.DataFrame(rows)
@@ -266,6 +270,8 @@ def main(argv=None) -> int:
                .agg(n=("seed", "size"), interactions_mean=("interactions", "mean"),
                     interactions_median=("interactions", "median"),
                     reached_pct=("reached", lambda s: 100.0 * s.mean()),
+                    interactions_to_090_mean=("interactions_to_090", "mean"),
+                    reached_090_pct=("reached_090", lambda s: 100.0 * s.mean()),
                     final_iou_mean=("final_iou", "mean"), first_iou_mean=("first_iou", "mean"),
                     latency_ms_mean=("mean_latency_s", lambda s: 1000.0 * s.mean()))
                .round(3).reset_index())
@@ -278,29 +284,46 @@ def main(argv=None) -> int:
 
 
 def plot(sessions, path: str, tissues, methods) -> None:
+    """Top: interactions to IoU 0.95 and 0.90 (cap 10). Bottom: mean IoU after k interactions
+    (a session that reached 0.95 keeps its last IoU)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = plt.figure(figsize=(12, 6.5))
+    grid = fig.add_gridspec(2, len(tissues))
     width = 0.8 / len(methods)
     x = np.arange(len(tissues))
-    for j, m in enumerate(methods):
-        sub = sessions[sessions.method == m].groupby("tissue")
-        means = [sub.get_group(t).interactions.mean() if t in sub.groups else np.nan for t in tissues]
-        ious = [sub.get_group(t).final_iou.mean() if t in sub.groups else np.nan for t in tissues]
-        axes[0].bar(x + j * width, means, width, label=m)
-        axes[1].bar(x + j * width, ious, width, label=m)
-    for ax, title in zip(axes, ("interactions to IoU >= 0.95 (cap 10)", "final IoU")):
+    for col, (column, title) in enumerate((("interactions", "interactions to IoU >= 0.95 (cap 10)"),
+                                           ("interactions_to_090", "interactions to IoU >= 0.90 (cap 10)"))):
+        half = len(tissues) // 2
+        ax = fig.add_subplot(grid[0, col * half:(col + 1) * half])
+        for j, m in enumerate(methods):
+            sub = sessions[sessions.method == m].groupby("tissue")[column].mean()
+            ax.bar(x + j * width, [sub.get(t, np.nan) for t in tissues], width, label=m)
+        ax.axhline(3, color="k", lw=0.8, ls="--")
         ax.set_xticks(x + width * (len(methods) - 1) / 2, tissues)
-        ax.set_title(title)
-    axes[0].axhline(3, color="k", lw=0.8, ls="--")
-    axes[1].axhline(0.95, color="k", lw=0.8, ls="--")
-    axes[1].set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
+        ax.set_ylim(0, 10.5)
+        ax.set_title(title, fontsize=10)
+        if col == 0:
+            ax.legend(fontsize=8, loc="lower left")
+    for i, tissue in enumerate(tissues):
+        ax = fig.add_subplot(grid[1, i])
+        for m in methods:
+            sub = sessions[(sessions.method == m) & (sessions.tissue == tissue)]
+            curves = []
+            for text in sub.ious:
+                values = [float(v) for v in str(text).split(";")]
+                curves.append(values + [values[-1]] * (10 - len(values)))
+            if curves:
+                ax.plot(np.arange(1, 11), np.mean(curves, axis=0), marker="o", ms=3, label=m)
+        ax.axhline(0.95, color="k", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("interactions")
+        ax.set_title(f"{tissue}: mean IoU", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
