@@ -214,9 +214,13 @@ def _find_discs(profile_mm: np.ndarray, slice_mm: float) -> tuple[np.ndarray, np
     endplates around it (partial volume), so the required dip depth shrinks with thickness.
     """
     raw = profile_mm.astype(float)
-    cap = ndi.percentile_filter(raw, 35, size=41, mode="nearest")
-    # Cap before smoothing: a bright endplate next to a disc must not fill its dip.
-    p = ndi.gaussian_filter1d(np.minimum(raw, cap), 1.5)
+    thick = slice_mm >= 4.0
+    # Thick slices: few samples per vertebra, most of them body; thin: discs and endplates
+    # take a larger share of the window.
+    cap = ndi.percentile_filter(raw, 50 if thick else 35, size=41, mode="nearest")
+    # Cap before smoothing: a bright endplate next to a disc must not fill its dip. Thick
+    # slices are smooth already.
+    p = np.minimum(raw, cap) if thick else ndi.gaussian_filter1d(np.minimum(raw, cap), 1.5)
     # Values far below the plateau are soft tissue beside the column ends, not discs: floor
     # them so that they cannot make huge dips.
     plateau = float(np.median(cap))

@@ -2,7 +2,10 @@
 
 Prints a table and writes one CSV row per case (default ``docs/l3_eval.csv``).
 
-Phantom cases (seeds never used while developing the method, 1000 and up):
+Phantom cases (seeds 3000 and up by default: never looked at while developing the method;
+runs on seeds 1000-1049 and 2000-2049 showed problems that led to the last changes -- thinner
+phantom endplates, an inferred L4/L5 disc, thick-slice disc detection -- so those seeds are no
+longer held out):
 * ``native``: full or abdominal coverage, slice thickness drawn from 1.25-5 mm;
 * ``resampled_5mm``: the same volumes averaged into 5 mm slices;
 * ``flipped_z``: the same volumes written as NIfTI with the slice order reversed and read back
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50, help="held-out full/abdomen phantoms (default 50)")
     parser.add_argument("--n-partial", type=int, default=10, help="phantoms per partial coverage (default 10)")
-    parser.add_argument("--first-seed", type=int, default=1000)
+    parser.add_argument("--first-seed", type=int, default=3000)
     parser.add_argument("--csv", type=Path, default=ROOT / "docs/l3_eval.csv")
     args = parser.parse_args(argv)
     started = time.time()
