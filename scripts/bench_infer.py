@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "bodycomp_unet.pt")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and the forward")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the infer task and the bare forward (default 1, as served)")
     args = parser.parse_args(argv)
 
     import requests
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     write_phantom(ph, studies, "bench")
     port = free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               OMP_NUM_THREADS=str(args.threads), SARCO_MODEL_DIR=str(tmp / "model"),
+               OMP_NUM_THREADS=str(args.threads), SARCO_INFER_THREADS=str(args.threads), SARCO_MODEL_DIR=str(tmp / "model"),
                SARCO_SHIPPED_MODEL=str(args.model.resolve()))
     log = open(tmp / "server.log", "wb")
     cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "sarcopenia"),

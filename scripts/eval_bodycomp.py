@@ -3,12 +3,14 @@
 
 1. **Held-out phantoms**: seeds from a stream the training script never uses, at the clinical
    default (0.6-1.0 mm, 512 matrix) and at 1.5, 2.0 and 3.0 mm pixels. Dice per tissue
-   (pooled over all pixels of a group, and the mean of per-case Dice) for the U-Net as shipped
-   (``unet``), the U-Net with the HU rule (``unet+hu``) and the threshold baseline.
+   (pooled over all pixels of a group, and the mean of per-case Dice) for the raw U-Net
+   (``unet``), the default output, U-Net with the HU rule (``unet+hu``), and the threshold
+   baseline.
 2. **Real CT** in ``../shared/data/real`` (no tissue labels): the L3 slice of ``ct_lower.nii.gz``
    (z = 73, 3 mm pixels), the 3 dcmqi slices and the 20-slice DICOM series. Printed: the fraction
    of predicted muscle pixels inside -29..150 HU and of SAT / VAT pixels inside -190..-30 HU for
-   the raw U-Net (target >= 0.95), and the areas. Overlay PNGs go to ``--docs``.
+   the raw U-Net (target >= 0.95; the default output obeys the HU rule by construction), and
+   the areas of the default output. Overlay PNGs go to ``--docs``.
 
 Everything printed is also written as CSV to ``--out``.
 
@@ -82,7 +84,7 @@ def fmt(value, digits=4):
 
 def eval_phantoms(model, per_group: int, docs: Path | None, rows: list) -> None:
     print(f"\n== held-out phantoms ({per_group} per group, seeds from {HELD_OUT_SEED}) ==")
-    methods = ("unet", "unet+hu", "threshold")
+    methods = ("unet", "unet+hu", "threshold")  # raw network, default output, baseline
     overall = {m: {t: [0, 0] for t in TISSUES} for m in methods}
     for g, (group, spacing, size) in enumerate(GROUPS):
         pooled = {m: {t: [0, 0] for t in TISSUES} for m in methods}
@@ -92,7 +94,7 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list) -> None:
             kwargs = {"size": size} if spacing is None else {"spacing_mm": spacing, "size": size}
             ph = generate(seed, **kwargs)
             preds = {
-                "unet": segment_volume(ph.hu, ph.spacing, method="unet", model=model).label,
+                "unet": segment_volume(ph.hu, ph.spacing, method="unet", model=model, hu_refine=False).label,
                 "unet+hu": segment_volume(ph.hu, ph.spacing, method="unet", model=model, hu_refine=True).label,
                 "threshold": segment_volume(ph.hu, ph.spacing, method="threshold").label,
             }
@@ -153,17 +155,19 @@ def eval_real(model, docs: Path | None, rows: list) -> None:
             print(f"  {name}: cannot load ({exc})")
             continue
         t0 = time.time()
-        res = segment_volume(image.hu, image.spacing, slices, method="unet", model=model)
+        res = segment_volume(image.hu, image.spacing, slices, method="unet", model=model, hu_refine=False)
+        refined = segment_volume(image.hu, image.spacing, slices, method="unet", model=model, hu_refine=True)
         seconds = time.time() - t0
         ks = res.slices
         hu_vals = image.hu if image.hu.ndim == 2 else image.hu[:, :, ks]
         lab_vals = res.label if image.hu.ndim == 2 else res.label[:, :, ks]
         frac = hu_fractions(hu_vals, lab_vals)
-        area = areas_cm2(lab_vals, image.pixel_spacing)
+        ref_vals = refined.label if image.hu.ndim == 2 else refined.label[:, :, ks]
+        area = areas_cm2(ref_vals, image.pixel_spacing)
         n = len(ks)
         print(f"  {name}: {n} slice(s), {seconds:.1f} s; inside HU range: muscle {fmt(frac['muscle'], 3)} "
               f"SAT {fmt(frac['sat'], 3)} VAT {fmt(frac['vat'], 3)} IMAT {fmt(frac['imat'], 3)}; "
-              f"mean area per slice cm2: " + " ".join(f"{t} {area[t] / n:.1f}" for t in TISSUES)
+              f"mean area per slice cm2 (default output, HU rule): " + " ".join(f"{t} {area[t] / n:.1f}" for t in TISSUES)
               + f"; confidence {res.confidence}")
         rows.append({"set": "real", "group": name, "case": str(path.name), "method": "unet",
                      "spacing_mm": round(image.pixel_spacing[0], 3),
@@ -172,9 +176,12 @@ def eval_real(model, docs: Path | None, rows: list) -> None:
             k = ks[len(ks) // 2]
             hu_k = image.hu if image.hu.ndim == 2 else image.hu[:, :, k]
             lab_k = res.label if image.hu.ndim == 2 else res.label[:, :, k]
+            ref_k = refined.label if image.hu.ndim == 2 else refined.label[:, :, k]
             thr = segment_volume(hu_k, image.pixel_spacing, method="threshold").label
-            overlay(hu_k, lab_k, image.pixel_spacing, docs / f"{stem}_unet.png",
-                    f"U-Net: {name}, slice {k}", areas_cm2(lab_k, image.pixel_spacing))
+            overlay(hu_k, ref_k, image.pixel_spacing, docs / f"{stem}_unet.png",
+                    f"U-Net + HU rule (default): {name}, slice {k}", areas_cm2(ref_k, image.pixel_spacing))
+            overlay(hu_k, lab_k, image.pixel_spacing, docs / f"{stem}_unet_raw.png",
+                    f"U-Net raw: {name}, slice {k}", areas_cm2(lab_k, image.pixel_spacing))
             overlay(hu_k, thr, image.pixel_spacing, docs / f"{stem}_threshold.png",
                     f"Threshold baseline: {name}, slice {k}", areas_cm2(thr, image.pixel_spacing))
 

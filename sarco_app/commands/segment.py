@@ -23,8 +23,9 @@ def add_parser(subparsers):
                         help="unet: the network (default); threshold: the rule-based baseline")
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint (.pt); default: the app's retrained model, else models/bodycomp_unet.pt")
-    parser.add_argument("--hu-refine", action="store_true",
-                        help="apply the HU rule to the network's regions (muscle -29..150, fat -190..-30)")
+    parser.add_argument("--no-hu-refine", action="store_true",
+                        help="raw network labels: skip the HU rule (muscle -29..150, fat -190..-30) "
+                        "that is applied to the network's regions by default")
     parser.add_argument("--series", default=None, help="DICOM series UID or index when a folder holds several")
     return parser
 
@@ -43,7 +44,7 @@ def run(args) -> int:
         except ValueError:
             raise SarcoError(f"--slice must be an integer or 'all', not {args.slice!r}") from None
     image = load_image(args.image, series=args.series)
-    result = segment_image(image, slices, method=args.method, model=args.model, hu_refine=args.hu_refine)
+    result = segment_image(image, slices, method=args.method, model=args.model, hu_refine=not args.no_hu_refine)
     out = save_label(result.label, image, args.out)
     what = "the 2D image" if image.hu.ndim == 2 else (
         f"{len(result.slices)} slice(s)" if len(result.slices) != 1 else f"slice {result.slices[0]}")

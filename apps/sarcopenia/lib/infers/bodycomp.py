@@ -10,7 +10,8 @@ Request params (all optional):
 * ``slice_index`` - canonical axial slice (axis 2 toward superior, as everywhere in sarco);
   default: L3 found by :func:`sarco_app.l3.locate_l3`, else the middle slice;
 * ``all_slices`` - label every slice (bool);
-* ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only).
+* ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only; default
+  true, false gives the raw network labels).
 
 The JSON has ``slices`` (canonical), ``file_slices``, ``confidence`` (mean probability per
 tissue, ``bodycomp_unet`` only), ``model`` (checkpoint path), ``method`` and ``slice_source``.
@@ -62,6 +63,9 @@ class BodyCompInfer(BasicInferTask):
     ):
         self.method = method
         self._model_paths = model_paths
+        # One torch thread: on a busy 2-core CPU, OpenMP threads that wait for each other make a
+        # 512x512 slice ~10x slower (scripts/bench_infer.py); SARCO_INFER_THREADS overrides.
+        self.threads = int(os.environ.get("SARCO_INFER_THREADS", "1") or 1)
         default_description = (
             "2D U-Net body composition (muscle, SAT, VAT, IMAT) on L3 or a chosen slice"
             if method == "unet"
@@ -70,7 +74,7 @@ class BodyCompInfer(BasicInferTask):
         )
         config: dict[str, Any] = {"slice_index": "", "all_slices": False}
         if method == "unet":
-            config["hu_refine"] = False
+            config["hu_refine"] = True
         super().__init__(
             path=None,
             network=None,
@@ -139,7 +143,8 @@ class BodyCompInfer(BasicInferTask):
             slices, source = self._slices(image, req)
             t0 = time.time()
             result = segment_image(
-                image, slices, method=self.method, model=model, hu_refine=_as_bool(req.get("hu_refine", False))
+                image, slices, method=self.method, model=model, hu_refine=_as_bool(req.get("hu_refine", True)),
+                threads=self.threads,
             )
             t_segment = time.time() - t0
         except SarcoError as exc:

@@ -1,0 +1,135 @@
+"""``bodycomp_unet`` / ``bodycomp_threshold`` infer tasks and the ``bodycomp_unet`` trainer over
+HTTP on the real MONAI Label server."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+from sarco_app import labels as L
+from sarco_app.ingest import load_image, make_image, save_image
+from sarco_app.phantom import generate, write_phantom
+from sarco_app.segment import SHIPPED_MODEL_PATH, dice_per_tissue
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bodycomp_studies")
+    write_phantom(generate(515151, spacing_mm=1.2, size=320), root, "ph_a")
+    write_phantom(generate(515152, spacing_mm=2.5, size=160), root, "ph_b")
+    # A 3D image without label: three different phantom slices.
+    slices = [generate(515160 + k, spacing_mm=2.0, size=200).hu for k in range(3)]
+    save_image(make_image(np.stack(slices, axis=2), (2.0, 2.0, 5.0)), root / "vol.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bodycomp_model")
+
+
+@pytest.fixture(scope="module")
+def server(start_server, studies, model_dir):
+    if not SHIPPED_MODEL_PATH.is_file():
+        pytest.fail("models/bodycomp_unet.pt is missing")
+    return start_server(studies, conf={"model_dir": str(model_dir)})
+
+
+def infer(server, model, image, params=None):
+    r = requests.post(f"{server}/infer/{model}", params={"image": image},
+                      data={"params": json.dumps(params or {})}, timeout=300)
+    return r
+
+
+def decode(response):
+    """(label array in file voxel order, affine, params JSON) of a multipart infer answer."""
+    assert response.status_code == 200, response.text[:500]
+    parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
+    params, label = None, None
+    for part in parts:
+        disposition = part.headers.get(b"Content-Disposition", b"").decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            raw = part.content
+            if raw[:2] == b"\x1f\x8b":  # .nii.gz
+                raw = gzip.decompress(raw)
+            fh = nib.FileHolder(fileobj=io.BytesIO(raw))
+            img = nib.Nifti1Image.from_file_map({"header": fh, "image": fh})
+            label = (np.asarray(img.dataobj), img.affine)
+    assert params is not None and label is not None
+    return label[0], label[1], params
+
+
+def test_info_lists_tasks(server):
+    info = requests.get(f"{server}/info/", timeout=30).json()
+    assert info["models"]["bodycomp_unet"]["type"] == "segmentation"
+    assert "bodycomp_threshold" in info["models"] and "bodycomp_unet" in info["trainers"]
+
+
+def test_unet_infer_on_phantom(server, studies):
+    start = time.time()
+    data, affine, params = decode(infer(server, "bodycomp_unet", "ph_a"))
+    image_file = nib.load(str(studies / "ph_a.nii.gz"))
+    assert data.shape == image_file.shape and np.allclose(affine, image_file.affine, atol=1e-5)
+    truth = np.asarray(nib.load(str(studies / "labels" / "final" / "ph_a.nii.gz")).dataobj)
+    dice = dice_per_tissue(data, truth)
+    assert dice["muscle"] > 0.9 and dice["sat"] > 0.9 and dice["vat"] > 0.85, dice
+    assert params["model"] == str(SHIPPED_MODEL_PATH)
+    assert set(params["confidence"]) == set(L.LABELS) and 0.5 < params["confidence"]["sat"] <= 1.0
+    assert time.time() - start < 60
+
+
+def test_threshold_infer_on_phantom(server, studies):
+    data, affine, params = decode(infer(server, "bodycomp_threshold", "ph_b"))
+    truth = np.asarray(nib.load(str(studies / "labels" / "final" / "ph_b.nii.gz")).dataobj)
+    assert data.shape == truth.shape
+    dice = dice_per_tissue(data, truth)
+    assert dice["sat"] > 0.85 and dice["muscle"] > 0.5, dice
+    assert params["method"] == "threshold" and params["confidence"] == {}
+
+
+def test_volume_slice_params(server, studies):
+    data, _, params = decode(infer(server, "bodycomp_unet", "vol", {"slice_index": 1}))
+    assert data.shape == (200, 200, 3) and params["slices"] == [1] and params["slice_source"] == "request"
+    image = load_image(studies / "vol.nii.gz")
+    canonical = image.from_original(data)
+    assert canonical[:, :, 1].any() and not canonical[:, :, [0, 2]].any()
+    data, _, params = decode(infer(server, "bodycomp_unet", "vol", {"all_slices": True}))
+    assert params["slices"] == [0, 1, 2] and all(data[:, :, k].any() for k in range(3))
+    data, _, params = decode(infer(server, "bodycomp_unet", "vol"))
+    assert len(params["slices"]) == 1 and params["slice_source"] in ("l3_locator", "middle")
+
+
+def test_bad_slice_is_a_4xx(server):
+    r = infer(server, "bodycomp_unet", "vol", {"slice_index": 9})
+    assert r.status_code == 400 and "out of range" in r.text
+
+
+def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
+    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": True}
+    r = requests.post(f"{server}/train/bodycomp_unet", json=params, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 400
+    status = {}
+    while time.time() < deadline:
+        status = requests.get(f"{server}/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status.get("status") == "DONE", status
+    log = "\n".join(status.get("details", []))
+    assert "val dice" in log and "fine-tuning" in log
+    checkpoint = model_dir / "bodycomp_unet.pt"
+    assert checkpoint.is_file()
+    _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
+    assert result["model"] == str(checkpoint)

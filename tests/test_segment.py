@@ -1,0 +1,172 @@
+"""Inference, pre/post-processing and the ``segment`` command (``sarco_app.segment``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from sarco_app import labels as L
+from sarco_app.__main__ import main
+from sarco_app.errors import SarcoError
+from sarco_app.ingest import load_image, make_image, save_image
+from sarco_app.network import load_checkpoint, new_model, save_checkpoint
+from sarco_app.phantom import generate
+from sarco_app.segment import (
+    SHIPPED_MODEL_PATH,
+    dice_per_tissue,
+    get_model,
+    postprocess,
+    predict_probabilities,
+    segment_volume,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A randomly initialised checkpoint: enough for shapes and geometry, fast to build."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "untrained.pt"
+    save_checkpoint(new_model(), path, meta={"note": "test"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not SHIPPED_MODEL_PATH.is_file():
+        pytest.fail("models/bodycomp_unet.pt is missing: the repository must ship a trained model")
+    return get_model(SHIPPED_MODEL_PATH)
+
+
+def test_checkpoint_round_trip_is_weights_only(untrained):
+    ckpt = torch.load(untrained, weights_only=True)  # no pickled code in the file
+    assert ckpt["format"] == "sarco-bodycomp/1" and ckpt["class_names"][0] == "background"
+    model = load_checkpoint(untrained)
+    assert model.num_classes == L.NUM_CLASSES and model.meta == {"note": "test"}
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SarcoError, match="not a readable model checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(SarcoError, match="not found"):
+        get_model(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("shape,spacing", [((120, 100), (3.0, 3.0)), ((301, 257), (0.5, 0.55)), ((512, 512), (0.8, 0.8))])
+def test_probabilities_on_the_original_grid(untrained, shape, spacing):
+    model = load_checkpoint(untrained)
+    hu = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
+    probs = predict_probabilities(hu, spacing, model)
+    assert probs.shape == (1, L.NUM_CLASSES) + shape
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_postprocess_rules():
+    """Nothing outside the body, small islands go, IMAT only next to muscle."""
+    n = 200
+    hu = np.full((n, n), -1000.0, np.float32)
+    hu[40:160, 40:160] = 40.0  # the body
+    probs = np.zeros((L.NUM_CLASSES, n, n), np.float32)
+    probs[L.VAT] = 0.6
+    probs[L.BACKGROUND] = 0.4
+    probs[L.MUSCLE, 60:100, 60:100], probs[L.VAT, 60:100, 60:100] = 0.9, 0.1
+    probs[L.SAT, 5:20, 5:20] = 0.99  # outside the body
+    probs[L.IMAT, 70:74, 70:74] = 0.95  # inside muscle: kept
+    probs[L.IMAT, 130:140, 130:140] = 0.95  # far from muscle: not IMAT
+    probs[L.SAT, 120:122, 60:62] = 0.99  # 4-pixel island
+    label = postprocess(probs.copy(), hu, (1.0, 1.0), min_island_mm2=10)
+    assert not label[:40].any() and not label[:, :40].any()
+    assert (label[70:74, 70:74] == L.IMAT).all()
+    assert not (label[130:140, 130:140] == L.IMAT).any()
+    assert not (label == L.SAT).any()
+    assert (label[60:100, 60:100][5:-5, 5:-5] != L.VAT).all()
+
+
+def test_hu_refine_applies_the_clinical_rule():
+    n = 100
+    hu = np.full((n, n), 40.0, np.float32)
+    hu[40:50, 40:50] = -100.0  # fat inside the muscle region
+    probs = np.zeros((L.NUM_CLASSES, n, n), np.float32)
+    probs[L.MUSCLE] = 1.0
+    label = postprocess(probs, hu, (1.0, 1.0), hu_refine=True)
+    assert (label[40:50, 40:50] == L.IMAT).all() and (label[0:40] == L.MUSCLE).all()
+
+
+def test_slice_selection_of_a_volume(untrained):
+    ph = generate(3, spacing_mm=2.0, size=200)
+    volume = np.stack([ph.hu, ph.hu, ph.hu], axis=2)
+    one = segment_volume(volume, (2.0, 2.0, 5.0), slices=1, model=untrained)
+    assert one.label.shape == volume.shape and one.slices == [1]
+    assert not one.label[:, :, [0, 2]].any()
+    every = segment_volume(volume, (2.0, 2.0, 5.0), slices=None, method="threshold")
+    assert every.slices == [0, 1, 2] and all(every.label[:, :, k].any() for k in range(3))
+    with pytest.raises(SarcoError, match="out of range"):
+        segment_volume(volume, (2.0, 2.0, 5.0), slices=5, model=untrained)
+    with pytest.raises(SarcoError, match="unknown method"):
+        segment_volume(volume, (2.0, 2.0, 5.0), method="magic")
+
+
+@pytest.mark.parametrize("seed,spacing,size", [(424242, None, 512), (424243, 3.0, 140)])
+def test_shipped_model_on_held_out_phantoms(shipped, seed, spacing, size):
+    """The shipped network on phantoms it never saw (also 3 mm pixels, like the real NIfTI)."""
+    kwargs = {"size": size} if spacing is None else {"spacing_mm": spacing, "size": size}
+    ph = generate(seed, **kwargs)
+    result = segment_volume(ph.hu, ph.spacing, model=shipped)
+    dice = dice_per_tissue(result.label, ph.label)
+    assert dice["muscle"] > 0.9 and dice["sat"] > 0.9 and dice["vat"] > 0.85, dice
+    assert set(result.confidence) == set(L.LABELS) and result.confidence["muscle"] > 0.5
+
+
+def test_segment_cli_on_phantom_nifti(tmp_path, untrained):
+    ph = generate(5, spacing_mm=1.5, size=240)
+    image = make_image(np.stack([ph.hu] * 2, axis=2), (1.5, 1.5, 3.0))
+    path = save_image(image, tmp_path / "vol.nii.gz")
+    out = tmp_path / "lab.nii.gz"
+    assert main(["segment", str(path), "--out", str(out), "--slice", "1", "--model", str(untrained)]) == 0
+    img, lab = nib.load(str(path)), nib.load(str(out))
+    assert lab.shape == img.shape and np.allclose(lab.affine, img.affine)
+    data = np.asarray(lab.dataobj)
+    assert not data[:, :, 0].any()
+    assert main(["segment", str(path), "--out", str(out), "--method", "threshold"]) == 0
+    assert all(np.asarray(nib.load(str(out)).dataobj)[:, :, k].any() for k in range(2))
+    assert main(["segment", str(path), "--out", str(out), "--slice", "x"]) != 0
+    assert main(["segment", str(tmp_path / "nothing.nii.gz"), "--out", str(out)]) != 0
+
+
+REAL_SAMPLES = [
+    ("totalsegmentator-ct-lower/ct_lower.nii.gz", "73"),
+    ("dcmqi-ct-3slice", "all"),
+    ("totalsegmentator-dicom-series", "10"),
+]
+
+
+@pytest.mark.parametrize("relpath,slices", REAL_SAMPLES)
+def test_segment_cli_on_real_samples_keeps_the_grid(tmp_path, relpath, slices):
+    source = SHARED_REAL / relpath
+    if not source.exists():
+        pytest.skip(f"{source} is not present")
+    if not SHIPPED_MODEL_PATH.is_file():
+        pytest.fail("models/bodycomp_unet.pt is missing")
+    out = tmp_path / "label.nii.gz"
+    assert main(["segment", str(source), "--out", str(out), "--slice", slices]) == 0
+    image = load_image(source)
+    lab = nib.load(str(out))
+    assert lab.shape == tuple(image.original_shape)
+    assert np.allclose(lab.affine, image.original_affine, atol=1e-4)
+    if str(source).endswith(".nii.gz"):
+        src = nib.load(str(source))
+        assert lab.shape == src.shape and np.allclose(lab.affine, src.affine, atol=1e-4)
+    data = image.from_original(np.asarray(lab.dataobj))
+    labelled = [k for k in range(data.shape[2]) if data[:, :, k].any()]
+    assert labelled == (list(range(data.shape[2])) if slices == "all" else [int(slices)])
+    # Muscle is where muscle HU is, most of the time (plausibility on real anatomy).
+    muscle_hu = image.hu[data == L.MUSCLE]
+    assert muscle_hu.size > 0 and np.mean((muscle_hu >= -29) & (muscle_hu <= 150)) > 0.8
