@@ -114,8 +114,9 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list) -> None:
                              **{f"dice_{t}": (round(dice[t], 4) if dice[t] is not None else "") for t in TISSUES}})
             if docs is not None and i == 0 and g in (0, 3):
                 tag = "clinical" if spacing is None else f"{spacing:g}mm"
-                overlay(ph.hu, preds["unet"], ph.spacing, docs / f"bodycomp_phantom_{tag}_unet.png",
-                        f"U-Net, held-out phantom ({group})", areas_cm2(preds["unet"], ph.spacing))
+                overlay(ph.hu, preds["unet+hu"], ph.spacing, docs / f"bodycomp_phantom_{tag}_unet.png",
+                        f"U-Net + HU rule (default), held-out phantom ({group})",
+                        areas_cm2(preds["unet+hu"], ph.spacing))
                 overlay(ph.hu, ph.label, ph.spacing, docs / f"bodycomp_phantom_{tag}_truth.png",
                         f"Truth, held-out phantom ({group})", areas_cm2(ph.label, ph.spacing))
         print(f"-- {group}")
