@@ -288,22 +288,24 @@ def segment_volume(
         previous_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(int(threads))
-        sums = {name: [0.0, 0] for name in L.LABELS}
-        for start in range(0, len(chosen), batch_size):
-            batch = chosen[start : start + batch_size]
-            stack = np.moveaxis(volume[:, :, batch], 2, 0)
-            probs = predict_probabilities(stack, spacing, model, batch_size=batch_size)
-            for i, k in enumerate(batch):
-                lab = postprocess(probs[i], stack[i], spacing, hu_refine=hu_refine)
-                label[:, :, k] = lab
-                for value, name in L.NAMES.items():
-                    mask = lab == value
-                    sums[name][0] += float(probs[i][value][mask].sum())
-                    sums[name][1] += int(mask.sum())
-        result.confidence = {
-            name: (round(total / count, 4) if count else None) for name, (total, count) in sums.items()
-        }
-        torch.set_num_threads(previous_threads)
+        try:
+            sums = {name: [0.0, 0] for name in L.LABELS}
+            for start in range(0, len(chosen), batch_size):
+                batch = chosen[start : start + batch_size]
+                stack = np.moveaxis(volume[:, :, batch], 2, 0)
+                probs = predict_probabilities(stack, spacing, model, batch_size=batch_size)
+                for i, k in enumerate(batch):
+                    lab = postprocess(probs[i], stack[i], spacing, hu_refine=hu_refine)
+                    label[:, :, k] = lab
+                    for value, name in L.NAMES.items():
+                        mask = lab == value
+                        sums[name][0] += float(probs[i][value][mask].sum())
+                        sums[name][1] += int(mask.sum())
+            result.confidence = {
+                name: (round(total / count, 4) if count else None) for name, (total, count) in sums.items()
+            }
+        finally:
+            torch.set_num_threads(previous_threads)
     result.label = label[:, :, 0] if hu.ndim == 2 else label
     return result
 
