@@ -83,10 +83,10 @@ PSOAS_REACH_MM = 60.0
 PSOAS_FRONT_MM = 15.0
 #: Contacts thinner than twice this (mm) are cut when following muscle from bone (bowel loops).
 OPENING_MM = 1.5
-#: A scribble adds/removes a whole region smaller than this fraction of the answer ...
-SMALL_REGION_FRACTION = 0.25
-#: ... and in a bigger region the part within a geodesic reach, at least this (mm), of it.
+#: A scribble acts within a geodesic reach of at least this (mm) around it.
 STROKE_REACH_MM = 4.0
+#: A region lying within this multiple of that reach is taken whole.
+FAR_SCALE = 1.5
 #: Fat gaps between muscles narrower than twice this (mm) are intermuscular (IMAT).
 IMAT_GAP_MM = 2.0
 
@@ -468,15 +468,16 @@ def _touched(pieces: np.ndarray, strokes: np.ndarray) -> np.ndarray:
 
 
 def _stroke_reach(piece: np.ndarray, stroke: np.ndarray, spacing,
-                  blocked: np.ndarray | None = None) -> np.ndarray:
+                  blocked: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
     """The part of ``piece`` within a geodesic reach of ``stroke``: 1.5 times the median depth
     of the stroke in the piece (about the half-width of the structure the user drew in), at
-    least ``STROKE_REACH_MM``; ``blocked`` pixels are neither crossed nor taken."""
+    least ``STROKE_REACH_MM``, times ``scale``; ``blocked`` pixels are neither crossed nor
+    taken."""
     eight = np.ones((3, 3), bool)
     touching = stroke & ndi.binary_dilation(piece, structure=eight)
     depth_map = ndi.distance_transform_edt(piece | stroke, sampling=spacing)
     depth = float(np.median(depth_map[touching])) if touching.any() else 0.0
-    reach_mm = max(STROKE_REACH_MM, 1.5 * depth)
+    reach_mm = scale * max(STROKE_REACH_MM, 1.5 * depth)
     allowed = piece if blocked is None else piece & ~blocked
     grown = ndi.binary_dilation(stroke, structure=eight) & allowed
     for _ in range(int(np.ceil(reach_mm / min(spacing)))):
@@ -487,51 +488,74 @@ def _stroke_reach(piece: np.ndarray, stroke: np.ndarray, spacing,
     return grown
 
 
-def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spacing) -> np.ndarray:
+def _stroke_part(piece: np.ndarray, stroke: np.ndarray, spacing,
+                 blocked: np.ndarray | None = None) -> np.ndarray:
+    """The part of ``piece`` a stroke stands for.
+
+    The whole piece when it lies within ``FAR_SCALE`` times the stroke's geodesic reach (a
+    bowel loop or blob the user struck through). Otherwise the part within the reach
+    (:func:`_stroke_reach`), cut back at a neck: a marker watershed on the negated distance
+    map (distance to the piece's edge, mm) between the stroke and the rest of the piece puts
+    the border where the structure narrows, so a stroke in a blob that meets the tissue
+    through a neck takes the blob, not the tissue behind the neck.
+    """
+    wide = _stroke_reach(piece, stroke, spacing, blocked, scale=FAR_SCALE)
+    allowed = piece if blocked is None else piece & ~blocked
+    if not (allowed & ~wide).any():
+        return wide
+    within = _stroke_reach(piece, stroke, spacing, blocked)
+    # A stroke drawn in a hole of the piece (the middle of a bowel loop whose rim alone was
+    # taken) stands for the filled structure: the hole counts as part of it.
+    holes = ndi.binary_fill_holes(allowed) & ~allowed
+    shape = allowed | _components_touching(holes, ndi.binary_dilation(stroke, structure=np.ones((3, 3), bool)))
+    markers = np.zeros(piece.shape, dtype=np.int32)
+    markers[ndi.binary_dilation(stroke, structure=np.ones((3, 3), bool)) & shape] = 1
+    markers[allowed & ~within] = 2
+    depth = ndi.distance_transform_edt(np.pad(shape, 1), sampling=spacing)[1:-1, 1:-1]
+    basins = segmentation.watershed(-depth, markers, mask=shape, connectivity=2)
+    return within & (basins == 1)
+
+
+def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spacing,
+                 bg: np.ndarray | None = None) -> np.ndarray:
     """Regions (:func:`_pieces`) of ``candidate`` outside ``answer`` that foreground scribbles
-    touch: a small region (next to the answer) entirely, a big one within the stroke's reach."""
+    touch: each whole when it lies within the stroke's reach, else the part within that reach
+    (:func:`_stroke_part`)."""
     pieces = _pieces(candidate & ~answer, spacing)
     near_fg = ndi.binary_dilation(fg, structure=np.ones((3, 3), bool))
-    total = max(int(np.count_nonzero(answer)), 1)
     added = np.zeros_like(answer)
     for piece_id in np.unique(pieces[near_fg]):
         if piece_id == 0:
             continue
         piece = pieces == piece_id
-        if np.count_nonzero(piece) < SMALL_REGION_FRACTION * total:
-            added |= piece
-        else:
-            added |= _stroke_reach(piece, fg, spacing)
+        added |= _stroke_part(piece, fg & near_fg, spacing, blocked=bg)
     return added
 
 
 def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing) -> np.ndarray:
     """``answer`` without what background scribbles mark.
 
-    A marked region (:func:`_pieces`) that is small next to the whole answer (a bowel loop, a
-    blob) goes entirely. In a big region (the tissue itself, with a false bump) only the part
-    within the stroke's reach goes (:func:`_stroke_reach`); if the region holds foreground
-    scribbles too, only the part of that reach geodesically nearer to the background scribble.
+    In each marked region (:func:`_pieces`) the part the stroke stands for goes: the whole
+    region when it lies within the stroke's reach (a bowel loop, a blob), else the part within
+    that reach (:func:`_stroke_part`), so a stroke in a bowel loop glued to a big muscle does
+    not take the muscle with it (the old rule took any region under a quarter of the answer,
+    which at 512x512 took a whole psoas with a bowel loop). Foreground scribbles are never
+    crossed, and a region holding them too is split geodesically between the two kinds.
     """
     answer = answer & ~bg
     if not bg.any() or not answer.any():
         return answer
     pieces = _pieces(answer, spacing)
     near_bg = ndi.binary_dilation(bg, structure=np.ones((3, 3), bool))
-    total = int(np.count_nonzero(answer))
     out = answer.copy()
     for piece_id in np.unique(pieces[near_bg & answer]):
         if piece_id == 0:
             continue
         piece = pieces == piece_id
-        has_fg = (piece & fg).any()
-        if not has_fg and np.count_nonzero(piece) < SMALL_REGION_FRACTION * total:
-            out[piece] = False
-            continue
-        grown = _stroke_reach(piece, bg, spacing, blocked=fg)
-        if has_fg:
-            grown &= ~_split(piece | bg, fg & piece, bg)
-        out[grown] = False
+        gone = _stroke_part(piece, bg, spacing, blocked=fg)
+        if (piece & fg).any():
+            gone &= ~_split(piece | bg, fg & piece, bg)
+        out[gone] = False
     return out
 
 
@@ -549,13 +573,25 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
     answer = np.zeros_like(candidate)
     if inp.roi is not None:
         answer |= _tissue_rules(inp, candidate, _anatomy(inp.hu, inp.spacing))
+        # The rules' openings and contours shave the tissue's rim: take back candidate pixels
+        # touching the answer (one pixel; a wider step would climb into touching organs).
+        answer |= ndi.binary_dilation(answer, structure=np.ones((3, 3), bool)) & candidate & ~_skin_or_outside(inp)
     if inp.fg.any():
         if answer.any():
-            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing)
+            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg)
         else:  # scribbles only: the regions they touch are the answer
             answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
     answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing)
     return answer | (inp.fg & region)
+
+
+def _skin_or_outside(inp: _Inputs) -> np.ndarray:
+    """Pixels no tissue grows into: outside the body, and the skin for muscle."""
+    anat = _anatomy(inp.hu, inp.spacing)
+    out = ~anat.body
+    if inp.tissue == MUSCLE:
+        out |= anat.body & ~ndi.binary_erosion(anat.body, structure=_disk(SKIN_MM, inp.spacing))
+    return out
 
 
 def _region(inp: _Inputs) -> np.ndarray:

@@ -59,41 +59,75 @@ def first_rectangle(truth: np.ndarray, margin_px: int = 4) -> tuple[int, int, in
             max(0, int(ys.min()) - margin_px), min(ny, int(ys.max()) + 1 + margin_px))
 
 
+#: Brush diameters (mm) of the simulated annotator, as in Slicer's paint effect: the wide one
+#: first; where no wrong region is wide enough for it, the person zooms in and paints a
+#: one-pixel line (0 mm: the stroke's centre line only).
+BRUSHES_MM = (3.0, 0.0)
+
+
 def next_scribble(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0),
                   stroke_mm: float = 25.0) -> tuple[str, np.ndarray] | None:
-    """Where a person would click next: a stroke in the largest wrong region.
+    """:func:`scribble_with_brush` with the widest brush of :data:`BRUSHES_MM` that fits."""
+    for brush_mm in BRUSHES_MM:
+        found = scribble_with_brush(pred, truth, spacing, stroke_mm, brush_mm)
+        if found is not None:
+            return found
+    return None
+
+
+def scribble_with_brush(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0),
+                        stroke_mm: float = 25.0, brush_mm: float = 3.0
+                        ) -> tuple[str, np.ndarray] | None:
+    """Where a person would paint next: a brush stroke in the largest wrong region it fits in.
 
     Parameters
     ----------
     pred, truth : (X, Y) bool arrays
         Current result and the truth for the target tissue.
     spacing : (sx, sy) mm.
-    stroke_mm : half-length of the stroke around the region's deepest point.
+    stroke_mm : half-length of the stroke around the region's deepest point (mm).
+    brush_mm : brush diameter (mm); the painted stroke is its centre line widened by the brush.
 
-    Returns ``('fg' | 'bg', stroke_mask)`` or ``None`` when nothing is wrong. The stroke lies
-    inside the wrong region, along its middle (skeleton), so it never marks a pixel wrongly.
+    Returns ``('fg' | 'bg', stroke_mask)`` or ``None`` when no wrong region is wide enough for
+    the brush (a person cannot paint inside a 1-pixel sliver without marking right pixels).
+    The stroke runs along the region's middle (skeleton), never marking a pixel wrongly.
     """
+    from sarco_app.interactive import _disk
+
+    brush = _disk(brush_mm / 2.0, spacing) if brush_mm > 0 else np.ones((1, 1), bool)
     best = None
     for kind, wrong in (("fg", truth & ~pred), ("bg", pred & ~truth)):
+        # Where the brush's centre may go so that the whole brush stays in the wrong region.
+        centre_ok = ndi.binary_erosion(wrong, structure=brush)
         labels, count = ndi.label(wrong, structure=np.ones((3, 3), bool))
-        if count == 0:
+        if count == 0 or not centre_ok.any():
             continue
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        fits = np.zeros(count + 1, bool)
+        fits[np.unique(labels[centre_ok])] = True
+        sizes[~fits] = 0
         k = int(np.argmax(sizes))
-        if best is None or sizes[k] > best[2]:
-            best = (kind, labels == k, int(sizes[k]))
+        if sizes[k] > 0 and (best is None or sizes[k] > best[2]):
+            best = (kind, labels == k, int(sizes[k]), centre_ok & (labels == k))
     if best is None:
         return None
-    kind, region, _ = best
+    kind, region, _, centre_ok = best
     depth = ndi.distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1]
+    depth[~centre_ok] = 0
     cx, cy = np.unravel_index(int(np.argmax(depth)), depth.shape)
     xs, ys = np.ogrid[: region.shape[0], : region.shape[1]]
     near = ((xs - cx) * spacing[0]) ** 2 + ((ys - cy) * spacing[1]) ** 2 <= stroke_mm**2
-    inner = depth >= min(1.5 * min(spacing), depth.max())
-    stroke = skeletonize(region) & near & inner
-    stroke[cx, cy] = True
+    line = skeletonize(region) & near & centre_ok
+    line[cx, cy] = True
+    line = _components_of(line, cx, cy)
+    stroke = ndi.binary_dilation(line, structure=brush) & region
     return kind, stroke
+
+
+def _components_of(mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
+    """The 8-connected component of ``mask`` holding pixel (cx, cy): one continuous stroke."""
+    labels, _ = ndi.label(mask, structure=np.ones((3, 3), bool))
+    return labels == labels[cx, cy]
 
 
 # --------------------------------------------------------------------------- the tools
@@ -187,8 +221,11 @@ def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, 
         kind, stroke = nxt
         (fg if kind == "fg" else bg)[stroke] = True
         (bg if kind == "fg" else fg)[stroke] = False
-    return {"interactions": len(ious), "reached": ious[-1] >= goal, "final_iou": ious[-1],
-            "mean_latency_s": float(np.mean(latencies)), "ious": ious}
+    reached = ious[-1] >= goal
+    # A session stopped early (no wrong region a brush fits in) has not reached the goal
+    # within the cap: it counts as the cap.
+    return {"interactions": len(ious) if reached else cap, "reached": reached, "final_iou": ious[-1],
+            "calls": len(ious), "mean_latency_s": float(np.mean(latencies)), "ious": ious}
 
 
 def starting_label(truth_label: np.ndarray, tissue: str) -> np.ndarray:

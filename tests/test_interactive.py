@@ -229,3 +229,65 @@ def test_annotator_session_reaches_goal_on_synthetic():
                                             np.zeros(truth.shape, np.uint8), SPACING)
     assert result["reached"] and result["interactions"] <= 4
     assert result["ious"][-1] >= 0.95
+
+
+def two_touching_blobs(n: int = 90):
+    """A big disk (radius 22 px) and a smaller one (radius 12 px) overlapping in a neck about
+    10 px wide: thicker than the contacts :func:`interactive._pieces` cuts at 1 mm pixels."""
+    x, y = np.ogrid[:n, :n]
+    big = (x - 30) ** 2 + (y - 45) ** 2 <= 22**2
+    small = (x - 61) ** 2 + (y - 45) ** 2 <= 12**2
+    return big, small & ~big
+
+
+def test_background_stroke_removes_the_touching_blob_up_to_the_neck():
+    big, small = two_touching_blobs()
+    answer = big | small
+    assert interactive._pieces(answer, (1.0, 1.0)).max() == 1  # one region: no thin contact
+    bg = np.zeros_like(answer)
+    bg[58:65, 45] = True  # a short stroke in the middle of the small blob
+    out = interactive._remove_marked(answer, np.zeros_like(answer), bg, (1.0, 1.0))
+    assert np.count_nonzero(out & small) < 0.1 * small.sum()
+    assert np.count_nonzero(out & big) > 0.95 * big.sum()
+
+
+def test_foreground_stroke_adds_the_touching_blob_up_to_the_neck():
+    big, small = two_touching_blobs()
+    answer = np.zeros_like(big)
+    answer[10:20, 40:50] = True  # something already labelled elsewhere
+    fg = np.zeros_like(big)
+    fg[58:65, 45] = True
+    added = interactive._add_touched(answer, big | small, fg, (1.0, 1.0))
+    assert np.count_nonzero(added & small) > 0.9 * small.sum()
+    assert np.count_nonzero(added & big & ~answer) < 0.1 * big.sum()
+
+
+def test_annotator_brush_prefers_a_region_it_fits_and_falls_back_to_a_line():
+    spacing = (0.7, 0.7)
+    truth = np.zeros((80, 80), bool)
+    truth[10:70, 10:70] = True
+    pred = truth.copy()
+    pred[10:70, 10] = False  # a 60-px, 1-px-wide missed sliver along the border
+    pred[30:36, 30:36] = False  # a 36-px hole 4.2 mm wide: a 3 mm brush fits
+    kind, stroke = simulate_annotator.next_scribble(pred, truth, spacing)
+    assert kind == "fg" and (truth & ~pred)[stroke].all()
+    assert stroke[30:36, 30:36].any() and not stroke[:, 10].any()
+    assert np.count_nonzero(stroke) > 1  # painted with the brush, not a single pixel
+    pred[30:36, 30:36] = True  # only the sliver is left: a one-pixel line inside it
+    kind, stroke = simulate_annotator.next_scribble(pred, truth, spacing)
+    assert kind == "fg" and stroke.any() and (truth & ~pred)[stroke].all()
+
+
+def test_session_stopped_without_reaching_counts_as_the_cap():
+    truth_label = np.zeros((40, 40), np.uint8)
+    truth_label[10:30, 10:30] = MUSCLE
+
+    def half_tool(hu, tissue, roi, fg, bg, current, spacing):
+        out = np.zeros_like(truth_label)
+        out[10:30, 10:20] = MUSCLE  # IoU 0.5 whatever the user does
+        return out
+
+    result = simulate_annotator.run_session(half_tool, np.zeros((40, 40), np.float32),
+                                            truth_label, "muscle",
+                                            np.zeros_like(truth_label), (1.0, 1.0), cap=10)
+    assert not result["reached"] and result["interactions"] == 10
