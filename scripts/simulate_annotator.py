@@ -256,7 +256,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tissues", default=",".join(TISSUES))
     parser.add_argument("--out", default=str(ROOT / "docs" / "interactive"),
                         help="output prefix: <out>_sessions.csv, <out>_summary.csv, <out>.png")
+    parser.add_argument("--markdown-from", metavar="SUMMARY_CSV",
+                        help="only print the Markdown results table of an existing summary CSV")
     args = parser.parse_args(argv)
+    if args.markdown_from:
+        print(markdown_table(args.markdown_from))
+        return 0
 
     import logging
 
@@ -315,9 +320,27 @@ def main(argv=None) -> int:
     summary.to_csv(f"{out}_summary.csv", index=False)
     print(f"matrix {args.size}x{args.size}, {args.n} phantoms, goal IoU >= 0.95, cap 10")
     print(summary.to_string(index=False))
+    print(markdown_table(f"{out}_summary.csv"))
     plot(sessions, f"{out}.png", tissues, methods)
     print(f"wrote {out}_sessions.csv, {out}_summary.csv, {out}.png")
     return 0
+
+
+def markdown_table(summary_csv: str) -> str:
+    """The docs' results table (Markdown) from a summary CSV written by :func:`main`."""
+    import pandas as pd
+
+    summary = pd.read_csv(summary_csv)
+    lines = ["| tissue | method | n | interactions to IoU >= 0.95 (mean / median, cap 10) | "
+             "reached 0.95 | interactions to IoU >= 0.90 (mean) | reached 0.90 | "
+             "IoU after 1st (rectangle) | final IoU | latency per call (ms, in-process) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.tissue} | {r.method} | {r.n} | {r.interactions_mean:.1f} / "
+                     f"{r.interactions_median:g} | {r.reached_pct:.0f} % | "
+                     f"{r.interactions_to_090_mean:.1f} | {r.reached_090_pct:.0f} % | "
+                     f"{r.first_iou_mean:.3f} | {r.final_iou_mean:.3f} | {r.latency_ms_mean:.0f} |")
+    return "\n".join(lines)
 
 
 def plot(sessions, path: str, tissues, methods) -> None:

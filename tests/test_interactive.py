@@ -291,3 +291,17 @@ def test_session_stopped_without_reaching_counts_as_the_cap():
                                             truth_label, "muscle",
                                             np.zeros_like(truth_label), (1.0, 1.0), cap=10)
     assert not result["reached"] and result["interactions"] == 10
+
+
+def test_markdown_table_from_summary(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "summary.csv"
+    pd.DataFrame([{"tissue": "sat", "method": "grabcut", "n": 30, "interactions_mean": 2.5,
+                   "interactions_median": 2.0, "reached_pct": 90.0,
+                   "interactions_to_090_mean": 1.2, "reached_090_pct": 100.0,
+                   "final_iou_mean": 0.951, "first_iou_mean": 0.93,
+                   "latency_ms_mean": 123.4}]).to_csv(path, index=False)
+    table = simulate_annotator.markdown_table(str(path)).splitlines()
+    assert len(table) == 3
+    assert table[2] == "| sat | grabcut | 30 | 2.5 / 2 | 90 % | 1.2 | 100 % | 0.930 | 0.951 | 123 |"
