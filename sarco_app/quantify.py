@@ -245,7 +245,8 @@ def _decimal_spacing(value: float) -> float:
 
 def choose_slice(image: CTImage, label: np.ndarray, slice_index: int | None) -> int:
     """The axial slice to measure: ``slice_index`` (negative counts from the end), the only
-    slice of a 2D image, or the only labelled slice of a 3D label; else :class:`SarcoError`."""
+    slice of a 2D image, the only labelled slice of a 3D label, or else the labelled L3 slice
+    found by :func:`sarco_app.l3.locate_l3`; :class:`SarcoError` when none applies."""
     if image.hu.ndim == 2:
         take_slice(image.hu, slice_index)  # raises for an index other than 0
         return 0
@@ -256,8 +257,17 @@ def choose_slice(image: CTImage, label: np.ndarray, slice_index: int | None) -> 
             return 0
         if labelled.size == 1:
             return int(labelled[0])
+        if labelled.size > 1:
+            from sarco_app.l3 import locate_l3  # a 3D scan measured at L3 by default
+
+            found = locate_l3(image)
+            if found.found and found.slice_index in set(labelled.tolist()):
+                return int(found.slice_index)
+            why = found.reason if not found.found else f"L3 (slice {found.slice_index}) is not labelled"
+        else:
+            why = "no slice is labelled"
         raise SarcoError(
-            f"the image has {depth} slices and {labelled.size} of them are labelled: "
+            f"the image has {depth} slices and {labelled.size} of them are labelled ({why}): "
             "give the slice to measure (--slice K)"
         )
     take_slice(image.hu, slice_index)  # raises SarcoError when out of range

@@ -433,3 +433,22 @@ def test_phantom_areas_and_martin_flag_agree():
             assert result["tissues"][tissue]["area_cm2"] == pytest.approx(area, rel=1e-12)
         assert result["flags"]["martin2013_sarcopenia"] is sarcopenic
         assert result["flags"]["martin2013_myosteatosis"] is True  # muscle ~25 HU < 33 (BMI 29)
+
+
+def test_3d_scan_labelled_on_every_slice_is_measured_at_l3():
+    """Without --slice, a volume labelled on all slices is measured at the L3 slice."""
+    from sarco_app.l3 import locate_l3
+    from sarco_app.phantom3d import make_volume_phantom
+
+    image, truth = make_volume_phantom(21, slice_thickness=3.0, variants=[], matrix=160, pixel_spacing=2.4)
+    label = np.where((image.hu > -29) & (image.hu < 150), 1, 0).astype(np.uint8)
+    expected = locate_l3(image)
+    assert expected.found
+    result = quantify_scan(image, label, None, None, None)
+    assert result["slice_index"] == expected.slice_index
+    assert abs(expected.z_mm - truth.l3_z_mm) <= 5.0
+    chest, _ = make_volume_phantom(22, slice_thickness=3.0, variants=[], coverage="chest",
+                                   matrix=160, pixel_spacing=2.4)
+    chest_label = np.ones(chest.hu.shape, np.uint8)
+    with pytest.raises(SarcoError, match="give the slice"):
+        quantify_scan(chest, chest_label, None, None, None)
