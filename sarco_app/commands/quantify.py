@@ -51,7 +51,7 @@ def add_parser(subparsers):
     parser.add_argument("--image", required=True, type=Path, help="CT image: NIfTI, DICOM file/folder/zip")
     parser.add_argument("--label", required=True, type=Path, help="label NIfTI on the image's grid (0-4)")
     parser.add_argument("--slice", type=int, default=None, dest="slice_index",
-                        help="axial slice index for 3D images (default: the only labelled slice)")
+                        help="axial slice index for 3D images (default: the only labelled slice, else L3)")
     add_patient_options(parser)
     parser.add_argument("--reference", default=None, metavar="NAME_OR_CSV",
                         help="T-score table: a CSV path or a bundled table name "
