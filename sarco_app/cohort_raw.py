@@ -22,7 +22,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +54,6 @@ def _stem(path: Path) -> str:
 
 def find_raw_inputs(input_dir: str | Path) -> list[RawInput]:
     """Every NIfTI file, and every series of every DICOM study (folder or zip), in ``input_dir``."""
-    from sarco_app import ingest
 
     input_dir = Path(input_dir)
     if not input_dir.is_dir():

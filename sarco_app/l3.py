@@ -31,7 +31,6 @@ superior). :func:`file_slice_index` converts the answer to the voxel order of th
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -473,7 +472,6 @@ def file_slice_index(image: CTImage, canonical_index: int) -> int | None:
     Returns ``None`` when the file's slices are not axial (its third axis is not head-feet), so
     no single file slice index exists.
     """
-    n = image.hu.shape[2]
     probe = np.zeros(image.hu.shape, dtype=np.uint8)
     probe[:, :, canonical_index] = 1
     original = image.to_original(probe)

@@ -7,7 +7,6 @@ import gzip
 import io
 import json
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 
 import nibabel as nib

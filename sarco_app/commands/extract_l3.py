@@ -59,7 +59,7 @@ def slice_image(image, canonical_index: int):
 
 def run(args: argparse.Namespace) -> int:
     from sarco_app import ingest
-    from sarco_app.commands.l3 import answer_json, locate_file
+    from sarco_app.commands.l3 import locate_file
     from sarco_app.l3 import file_slice_index
 
     study_id = args.study_id or default_id(args.image)

@@ -49,7 +49,7 @@ def locate_file(path: Path, series: str | None = None) -> tuple[Any, Any, dict]:
     Returns ``(image, result, answer)``.
     """
     from sarco_app import ingest
-    from sarco_app.l3 import file_slice_index, locate_l3
+    from sarco_app.l3 import locate_l3
 
     image = ingest.load_image(path, series=series)
     if image.hu.ndim != 3 or image.num_slices < 3:

@@ -23,7 +23,6 @@ file changes, so a model written by the trainer is used without a restart.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
@@ -32,27 +31,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from sarco_app.errors import SarcoError
 from sarco_app.labels import LABELS
 
+from lib.infers.common import DirectInferTask, as_bool, http_error
+
 logger = logging.getLogger(__name__)
 
 
-def _http_error(status: int, message: str) -> Exception:
-    from fastapi import HTTPException
-
-    return HTTPException(status_code=status, detail=message)
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-class BodyCompInfer(BasicInferTask):
+class BodyCompInfer(DirectInferTask):
     """Automatic body-composition label of one slice (default) or all slices."""
 
     def __init__(
@@ -96,16 +84,10 @@ class BodyCompInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return self.method == "threshold" or self.model_path() is not None
 
-    def pre_transforms(self, data=None):
-        return []
-
-    def post_transforms(self, data=None):
-        return []
-
     def _slices(self, image, req: dict) -> tuple[Any, str]:
         if image.hu.ndim == 2:
             return 0, "2d"
-        if _as_bool(req.get("all_slices", False)):
+        if as_bool(req.get("all_slices", False)):
             return "all", "all_slices"
         value = req.get("slice_index", "")
         if value not in ("", None):
@@ -128,27 +110,23 @@ class BodyCompInfer(BasicInferTask):
         from sarco_app.segment import segment_image
 
         begin = time.time()
-        req = copy.deepcopy(self._config)
-        req.update(request)
-        image_path = req.get("image")
-        if not isinstance(image_path, str) or not os.path.exists(image_path):
-            raise _http_error(400, "bodycomp needs an image from the datastore or an uploaded file")
+        req, image_path = self.request_with_image(request, f"bodycomp_{self.method}")
         model = None
         if self.method == "unet":
             model = self.model_path()
             if model is None:
-                raise _http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
+                raise http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
         try:
             image = load_image(image_path)
             slices, source = self._slices(image, req)
             t0 = time.time()
             result = segment_image(
-                image, slices, method=self.method, model=model, hu_refine=_as_bool(req.get("hu_refine", True)),
+                image, slices, method=self.method, model=model, hu_refine=as_bool(req.get("hu_refine", True)),
                 threads=self.threads,
             )
             t_segment = time.time() - t0
         except SarcoError as exc:
-            raise _http_error(400, str(exc)) from exc
+            raise http_error(400, str(exc)) from exc
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(result.label, image, out)
         file_slices = result.slices

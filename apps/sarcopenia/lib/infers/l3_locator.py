@@ -16,7 +16,6 @@ A 2D image or an unreadable file is answered with HTTP 400.
 from __future__ import annotations
 
 import base64
-import copy
 import logging
 import os
 import tempfile
@@ -24,26 +23,15 @@ import time
 from typing import Any, Callable
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from sarco_app.errors import SarcoError
+
+from lib.infers.common import DirectInferTask, as_bool, http_error
 
 logger = logging.getLogger(__name__)
 
 
-def _http_error(status: int, message: str) -> Exception:
-    from fastapi import HTTPException
-
-    return HTTPException(status_code=status, detail=message)
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-class L3LocatorInfer(BasicInferTask):
+class L3LocatorInfer(DirectInferTask):
     """Find the L3 slice of a 3D CT (vertebra counting; no network, no download)."""
 
     def __init__(self, description: str | None = None):
@@ -62,12 +50,6 @@ class L3LocatorInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return True
 
-    def pre_transforms(self, data=None):
-        return []
-
-    def post_transforms(self, data=None):
-        return []
-
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
         import cv2
         import numpy as np
@@ -77,25 +59,21 @@ class L3LocatorInfer(BasicInferTask):
         from sarco_app.l3 import locate_l3
 
         begin = time.time()
-        req = copy.deepcopy(self._config)
-        req.update(request)
-        image_path = req.get("image")
-        if not isinstance(image_path, str) or not os.path.exists(image_path):
-            raise _http_error(400, "l3_locator needs an image from the datastore or an uploaded file")
+        req, image_path = self.request_with_image(request, "l3_locator")
         try:
             image = load_image(image_path)
             if image.hu.ndim != 3 or image.num_slices < 3:
                 raise SarcoError(f"l3_locator needs a 3D image; this one has shape {image.hu.shape}")
             result = locate_l3(image)
         except SarcoError as exc:
-            raise _http_error(400, str(exc)) from exc
+            raise http_error(400, str(exc)) from exc
         label = np.zeros(image.hu.shape, dtype=np.uint8)
         if result.found:
             label[:, :, result.slice_index] = 1
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(label, image, out)
         answer = answer_json(image, result, source=os.path.basename(image_path))
-        if _as_bool(req.get("views", True)):
+        if as_bool(req.get("views", True)):
             from sarco_app.views import render_l3_views
 
             ok, png = cv2.imencode(".png", render_l3_views(image, result))

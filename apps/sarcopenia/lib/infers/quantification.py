@@ -12,7 +12,6 @@ override or fill the image's patient data; ``slice`` picks the axial slice of a 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -20,21 +19,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from sarco_app.errors import SarcoError
+
+from lib.infers.common import DirectInferTask, http_error
 
 logger = logging.getLogger(__name__)
 
 
-def _http_error(status: int, message: str) -> Exception:
-    """An error FastAPI answers with ``status`` and ``{"detail": message}``."""
-    from fastapi import HTTPException
-
-    return HTTPException(status_code=status, detail=message)
-
-
-class QuantificationInfer(BasicInferTask):
+class QuantificationInfer(DirectInferTask):
     """Areas, HU statistics, indices, T-scores and cut-off flags as JSON (no label output)."""
 
     def __init__(self, datastore: Any = None, description: str | None = None):
@@ -63,13 +56,6 @@ class QuantificationInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return True  # nothing to load
 
-    # No MONAI pipeline runs: __call__ below measures the label directly.
-    def pre_transforms(self, data=None):
-        return []
-
-    def post_transforms(self, data=None):
-        return []
-
     def _get_datastore(self):
         store = self._datastore
         if store is None:
@@ -91,10 +77,10 @@ class QuantificationInfer(BasicInferTask):
             except Exception:  # an image the datastore cannot resolve is not ours
                 continue
         if image_id is None:
-            raise _http_error(400, "no label sent and the image is not in the datastore: send a label file")
+            raise http_error(400, "no label sent and the image is not in the datastore: send a label file")
         label_id = store.get_label_by_image_id(image_id, tag)
         if not label_id:
-            raise _http_error(404, f"image {image_id} has no {tag!r} label: save one or send a label file")
+            raise http_error(404, f"image {image_id} has no {tag!r} label: save one or send a label file")
         return store.get_label_uri(label_id, tag)
 
     def _reference_dirs(self) -> list[Path]:
@@ -109,18 +95,14 @@ class QuantificationInfer(BasicInferTask):
         from sarco_app.quantify import clean_json, quantify_request
 
         begin = time.time()
-        req = copy.deepcopy(self._config)
-        req.update(request)
-        image_path = req.get("image")
-        if not isinstance(image_path, str) or not os.path.exists(image_path):
-            raise _http_error(400, "quantification needs an image from the datastore or an uploaded file")
+        req, image_path = self.request_with_image(request, "quantification")
         label_path = req.get("label")
         try:
             if not (isinstance(label_path, str) and os.path.exists(label_path)):
                 label_path = self._stored_label(image_path, str(req.get("label_tag") or "final"))
             result = quantify_request(image_path, label_path, req, reference_dirs=self._reference_dirs())
         except SarcoError as exc:
-            raise _http_error(400, str(exc)) from exc
+            raise http_error(400, str(exc)) from exc
         result = clean_json(result)
         result["latencies"] = {"total": round(time.time() - begin, 3)}
         logger.info(f"quantification of {image_path}: SMA {result['indices']['sma_cm2']:.2f} cm²")

@@ -1,0 +1,43 @@
+"""What the sarco infer tasks share: a task base that calls ``sarco_app`` directly (no MONAI
+transform pipeline) and the HTTP errors users see."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+
+def http_error(status: int, message: str) -> HTTPException:
+    """An error FastAPI answers with ``status`` and ``{"detail": message}``."""
+    return HTTPException(status_code=status, detail=message)
+
+
+def as_bool(value: Any) -> bool:
+    """A request flag given as a bool or as text ('true', '1', 'yes', 'on')."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class DirectInferTask(BasicInferTask):
+    """An infer task whose ``__call__`` runs the library itself: no pre/post transforms."""
+
+    def pre_transforms(self, data=None):
+        return []
+
+    def post_transforms(self, data=None):
+        return []
+
+    def request_with_image(self, request: dict, task_name: str) -> tuple[dict, str]:
+        """The task's config overlaid with ``request``, and the path of the request's image
+        (HTTP 400 when there is none)."""
+        req = copy.deepcopy(self._config)
+        req.update(request)
+        image_path = req.get("image")
+        if not isinstance(image_path, str) or not os.path.exists(image_path):
+            raise http_error(400, f"{task_name} needs an image from the datastore or an uploaded file")
+        return req, image_path
