@@ -29,10 +29,11 @@ planes between and inside labelled muscles. Candidates are restricted to the tis
 (``sarco_app.labels.MUSCLE_HU`` / ``FAT_HU``) unless a foreground scribble says otherwise.
 
 Scribbles act on regions separated at thin contacts (:func:`_pieces`): a foreground scribble adds
-the region it touches, a background scribble removes the region it marks; in a big region only
-the part within the stroke's geodesic reach changes (:func:`_stroke_reach`), and a region with
-both kinds is split geodesically between them. That is what separates muscle from a bowel loop
-of the same HU that touches it.
+the part of the region it touches that it stands for, a background scribble removes it — the
+whole region when it lies within the stroke's geodesic reach, else the reach cut back at a neck
+(:func:`_stroke_part`) — and a region with both kinds is split geodesically between them. That
+is what separates muscle from a bowel loop of the same HU that touches it, without taking the
+muscle behind the contact.
 """
 
 from __future__ import annotations
