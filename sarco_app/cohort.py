@@ -174,16 +174,9 @@ def quantify_studies(
     dict with ``rows`` (list of dicts), ``xlsx``, ``csv``, ``summary_csv``, ``overlay_dir``,
     ``unlabelled`` (ids of images without a final label) and ``failed`` (count).
     """
-    import pandas as pd
     from tqdm import tqdm
 
-    out_path = Path(out_path)
-    if out_path.suffix.lower() != ".xlsx":
-        raise SarcoError(f"--out {out_path}: the workbook must end in .xlsx")
-    if not isinstance(reference, ReferenceTable):
-        reference = load_reference(reference)
-    if not isinstance(cutoffs, Cutoffs):
-        cutoffs = load_cutoffs(cutoffs)
+    out_path, reference, cutoffs = resolve_outputs(out_path, reference, cutoffs)
     studies, unlabelled = find_labelled_studies(studies_dir)
     if not studies:
         raise SarcoError(f"studies folder {studies_dir}: no image has a final label in labels/final/")
@@ -206,28 +199,7 @@ def quantify_studies(
             row["status"] = f"error: {type(exc).__name__}: {exc}"
         rows.append(row)
 
-    frame = pd.DataFrame.from_records(rows)
-    frame = _order_columns(frame)
-    measures = [
-        "age",
-        "height_cm",
-        "weight_kg",
-        "bmi",
-        *[f"{t}_area_cm2" for t in ("muscle", "sat", "vat", "imat")],
-        *[f"{t}_hu_mean" for t in ("muscle", "sat", "vat", "imat")],
-        *INDEX_KEYS,
-        *[f"t_{i}" for i in reference.indices],
-    ]
-    summary = summary_by_sex(frame, list(dict.fromkeys(measures)))  # muscle_hu_mean is listed twice
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with pd.ExcelWriter(out_path, engine="openpyxl") as writer:
-        frame.to_excel(writer, sheet_name="scans", index=False)
-        summary.to_excel(writer, sheet_name="summary", index=False)
-        _reference_frame(reference, cutoffs).to_excel(writer, sheet_name="reference", index=False)
-    csv_path = out_path.with_suffix(".csv")
-    frame.to_csv(csv_path, index=False)
-    summary_csv = out_path.with_name(out_path.stem + "_summary.csv")
-    summary.to_csv(summary_csv, index=False)
+    frame, csv_path, summary_csv = write_workbook(rows, out_path, reference, cutoffs)
     failed = int((frame["status"] != "ok").sum())
     return {
         "rows": rows,
@@ -238,6 +210,66 @@ def quantify_studies(
         "unlabelled": unlabelled,
         "failed": failed,
     }
+
+
+def resolve_outputs(out_path, reference, cutoffs) -> tuple[Path, ReferenceTable, Cutoffs]:
+    """Check the workbook path and load the reference table and cut-offs (names, paths or
+    ``None`` for the defaults)."""
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".xlsx":
+        raise SarcoError(f"--out {out_path}: the workbook must end in .xlsx")
+    if not isinstance(reference, ReferenceTable):
+        reference = load_reference(reference)
+    if not isinstance(cutoffs, Cutoffs):
+        cutoffs = load_cutoffs(cutoffs)
+    return out_path, reference, cutoffs
+
+
+def summary_measures(reference: ReferenceTable) -> list[str]:
+    """The columns the summary sheet gives as mean ± SD by sex."""
+    measures = [
+        "age",
+        "height_cm",
+        "weight_kg",
+        "bmi",
+        *[f"{t}_area_cm2" for t in TISSUES],
+        *[f"{t}_hu_mean" for t in TISSUES],
+        *INDEX_KEYS,
+        *[f"t_{i}" for i in reference.indices],
+    ]
+    return list(dict.fromkeys(measures))  # muscle_hu_mean is listed twice
+
+
+def write_workbook(
+    rows: list[dict[str, Any]],
+    out_path: Path,
+    reference: ReferenceTable,
+    cutoffs: Cutoffs,
+    lead_columns: Iterable[str] = ("id", "status"),
+):
+    """Write the cohort's workbook (sheets ``scans``, ``summary``, ``reference``) to ``out_path``
+    and the scans and summary as ``<stem>.csv`` and ``<stem>_summary.csv`` beside it.
+
+    Returns the scans frame and the two CSV paths."""
+    import pandas as pd
+
+    frame = _order_columns(pd.DataFrame.from_records(rows))
+    lead = [c for c in lead_columns if c in frame.columns]
+    frame = frame[lead + [c for c in frame.columns if c not in lead]]
+    if "sex" in frame.columns:
+        summary = summary_by_sex(frame, [m for m in summary_measures(reference) if m in frame.columns])
+    else:  # no scan could be measured
+        summary = summary_by_sex(frame.iloc[0:0].assign(sex=None), [])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with pd.ExcelWriter(out_path, engine="openpyxl") as writer:
+        frame.to_excel(writer, sheet_name="scans", index=False)
+        summary.to_excel(writer, sheet_name="summary", index=False)
+        _reference_frame(reference, cutoffs).to_excel(writer, sheet_name="reference", index=False)
+    csv_path = out_path.with_suffix(".csv")
+    frame.to_csv(csv_path, index=False)
+    summary_csv = out_path.with_name(out_path.stem + "_summary.csv")
+    summary.to_csv(summary_csv, index=False)
+    return frame, csv_path, summary_csv
 
 
 def _load_pair(image_path: Path, label_path: Path) -> tuple[CTImage, np.ndarray]:

@@ -198,20 +198,11 @@ def quantify_raw_folder(
     dict with ``rows``, ``xlsx``, ``csv``, ``summary_csv``, ``overlay_dir``, ``failed`` (rows
     whose status is not ``ok``) and ``method``.
     """
-    import pandas as pd
     from tqdm import tqdm
 
-    from sarco_app.cohort import _order_columns, _reference_frame, _write_overlay, summary_by_sex
-    from sarco_app.quantify import INDEX_KEYS
-    from sarco_app.reference import Cutoffs, ReferenceTable, load_cutoffs, load_reference
+    from sarco_app.cohort import _write_overlay, resolve_outputs, write_workbook
 
-    out_path = Path(out_path)
-    if out_path.suffix.lower() != ".xlsx":
-        raise SarcoError(f"--out {out_path}: the workbook must end in .xlsx")
-    if not isinstance(reference, ReferenceTable):
-        reference = load_reference(reference)
-    if not isinstance(cutoffs, Cutoffs):
-        cutoffs = load_cutoffs(cutoffs)
+    out_path, reference, cutoffs = resolve_outputs(out_path, reference, cutoffs)
     model = None
     if method is None:
         from sarco_app.segment import default_model_path
@@ -237,25 +228,10 @@ def quantify_raw_folder(
             row = {"id": entry.name, "status": f"error: {type(exc).__name__}: {exc}", "image": str(entry.path)}
         rows.append(row)
 
-    frame = _order_columns(pd.DataFrame.from_records(rows))
-    first = [c for c in ("id", "status", "l3_slice_index", "l3_z_mm", "l3_confidence", "segmentation") if c in frame]
-    frame = frame[first + [c for c in frame.columns if c not in first]]
-    measures = ["age", "height_cm", "weight_kg", "bmi",
-                *[f"{t}_area_cm2" for t in ("muscle", "sat", "vat", "imat")],
-                *[f"{t}_hu_mean" for t in ("muscle", "sat", "vat", "imat")],
-                *INDEX_KEYS, *[f"t_{i}" for i in reference.indices]]
-    measures = [m for m in dict.fromkeys(measures)]
-    ok = frame[frame["status"] == "ok"]
-    summary = summary_by_sex(ok if len(ok) else frame, [m for m in measures if m in frame.columns])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with pd.ExcelWriter(out_path, engine="openpyxl") as writer:
-        frame.to_excel(writer, sheet_name="scans", index=False)
-        summary.to_excel(writer, sheet_name="summary", index=False)
-        _reference_frame(reference, cutoffs).to_excel(writer, sheet_name="reference", index=False)
-    csv_path = out_path.with_suffix(".csv")
-    frame.to_csv(csv_path, index=False)
-    summary_csv = out_path.with_name(out_path.stem + "_summary.csv")
-    summary.to_csv(summary_csv, index=False)
+    frame, csv_path, summary_csv = write_workbook(
+        rows, out_path, reference, cutoffs,
+        lead_columns=("id", "status", "l3_slice_index", "l3_z_mm", "l3_confidence", "segmentation"),
+    )
     return {
         "rows": rows,
         "xlsx": out_path,
