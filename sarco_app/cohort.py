@@ -15,19 +15,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import NIFTI_SUFFIXES, CTImage
+from sarco_app.ingest import NIFTI_SUFFIXES, CTImage, image_stem
 from sarco_app.quantify import INDEX_KEYS, PATIENT_FIELDS, TISSUE_KEYS, TISSUES, load_label, quantify_scan
 from sarco_app.reference import Cutoffs, ReferenceTable, load_cutoffs, load_reference
 
 __all__ = ["find_labelled_studies", "flatten_result", "quantify_studies", "quantify_scan", "summary_by_sex"]
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def find_labelled_studies(studies_dir: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
@@ -38,12 +30,12 @@ def find_labelled_studies(studies_dir: str | Path) -> tuple[list[tuple[str, Path
     label_dir = studies_dir / "labels" / "final"
     labels = {}
     if label_dir.is_dir():
-        labels = {_stem(p): p for p in label_dir.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)}
+        labels = {image_stem(p): p for p in label_dir.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)}
     found, unlabelled = [], []
     for image in sorted(studies_dir.iterdir()):
         if not (image.is_file() and image.name.lower().endswith(NIFTI_SUFFIXES)):
             continue
-        study_id = _stem(image)
+        study_id = image_stem(image)
         if study_id in labels:
             found.append((study_id, image, labels[study_id]))
         else:

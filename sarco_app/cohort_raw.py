@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import NIFTI_SUFFIXES, CTImage
+from sarco_app.ingest import NIFTI_SUFFIXES, CTImage, image_stem
 
 #: Smallest |cos| between the slice normal and the head-feet axis for an axial series.
 AXIAL_COS = 0.8
@@ -45,11 +45,7 @@ class RawInput:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(NIFTI_SUFFIXES + (".zip",), key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return image_stem(path, NIFTI_SUFFIXES + (".zip",))
 
 
 def find_raw_inputs(input_dir: str | Path) -> list[RawInput]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import NIFTI_SUFFIXES
+from sarco_app.ingest import NIFTI_SUFFIXES, image_stem
 
 #: Column name -> label values it covers.
 COLUMNS: dict[str, tuple[int, ...]] = {
@@ -74,22 +74,14 @@ def agreement(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- files
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _label_files(path: Path, what: str) -> dict[str, Path]:
     if not path.exists():
         raise SarcoError(f"{what} {path}: no such file or folder")
     if path.is_file():
-        return {_stem(path): path}
+        return {image_stem(path): path}
     if (path / "labels" / "final").is_dir():  # a studies folder: its files are images, not labels
         return _label_files(path / "labels" / "final", what)
-    files = {_stem(p): p for p in sorted(path.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)}
+    files = {image_stem(p): p for p in sorted(path.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)}
     if not files:
         raise SarcoError(f"{what} {path}: no NIfTI label files found")
     return files
@@ -129,7 +121,7 @@ def pair_files(pred: str | Path, truth: str | Path) -> tuple[list[tuple[str, Pat
     pred, truth = Path(pred), Path(truth)
     pred_files, truth_files = _label_files(pred, "--pred"), _label_files(truth, "--truth")
     if pred.is_file() and truth.is_file():
-        return [(_stem(truth), pred, truth)], [], []
+        return [(image_stem(truth), pred, truth)], [], []
     common = sorted(set(pred_files) & set(truth_files))
     if not common:
         raise SarcoError(f"no file names in common between {pred} and {truth}")

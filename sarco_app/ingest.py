@@ -270,15 +270,19 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def image_stem(path: str | Path, suffixes: Iterable[str] = NIFTI_SUFFIXES) -> str:
+    """File name without its image suffix: ``scan.nii.gz`` -> ``scan`` (the MONAI Label id)."""
+    name = Path(path).name
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def sidecar_path(path: str | Path) -> Path:
     """``scan.nii.gz`` -> ``scan.json``: where patient data of a NIfTI image are kept."""
     path = Path(path)
-    name = path.name
-    for suffix in NIFTI_SUFFIXES[::-1]:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + ".json")
+    return path.with_name(image_stem(path) + ".json")
 
 
 def load_nifti(path: str | Path) -> CTImage:
