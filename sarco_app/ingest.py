@@ -123,8 +123,7 @@ class CTImage:
             raise ValueError(
                 f"array shape {array.shape} differs from the image's shape {self.original_shape}"
             )
-        back = ornt.ornt_transform(self._to_original, _identity_ornt())
-        return _apply_ornt(array, back)
+        return _apply_ornt(array, _invert_ornt(self._to_original))
 
 
 def take_slice(volume: np.ndarray, index: int | None = None) -> np.ndarray:
@@ -211,8 +210,13 @@ def patient_from_dicom(ds: Any) -> PatientInfo:
 # --------------------------------------------------------------------------- orientation
 
 
-def _identity_ornt(ndim: int = 3) -> np.ndarray:
-    return np.array([[i, 1] for i in range(ndim)], dtype=float)
+def _invert_ornt(transform: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes ``transform`` (row i: axis i goes to axis
+    ``transform[i, 0]``, flipped when ``transform[i, 1]`` is -1)."""
+    inverse = np.empty_like(transform)
+    for axis, (target, flip) in enumerate(transform):
+        inverse[int(target)] = [axis, flip]
+    return inverse
 
 
 def _apply_ornt(array: np.ndarray, transform: np.ndarray) -> np.ndarray:

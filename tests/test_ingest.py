@@ -241,3 +241,37 @@ def test_info_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli(["info", "--help"])
     assert exc.value.code == 0
+
+
+AXIS_ORDERS = [(perm, flips) for perm in __import__("itertools").permutations(range(3))
+               for flips in __import__("itertools").product((1, -1), repeat=3)]
+
+
+@pytest.mark.parametrize("perm, flips", AXIS_ORDERS)
+def test_every_axis_order_round_trips(tmp_path, perm, flips):
+    """All 48 axis orders/flips: voxels keep their world position, labels go back exactly."""
+    shape = (4, 5, 6)
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    affine = np.eye(4)
+    affine[:3, :3] = 0
+    for i, (axis, flip) in enumerate(zip(perm, flips)):
+        affine[axis, i] = flip * (0.5 + i)  # file axis i runs along world axis `axis`
+    affine[:3, 3] = [10, -20, 30]
+    src = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), src)
+    image = ingest.load_image(src)
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+    # the same value sits at the same world position in the file and in the canonical array
+    for canonical_index in ([0, 0, 0], [1, 2, 3], list(np.array(image.hu.shape) - 1)):
+        value = image.hu[tuple(canonical_index)]
+        file_index = np.argwhere(data == value)[0]
+        world_c = image.affine @ np.array(canonical_index + [1.0])
+        world_f = affine @ np.array(list(file_index) + [1.0])
+        assert np.allclose(world_c, world_f)
+    assert np.array_equal(image.to_original(image.hu), data)
+    assert np.array_equal(image.from_original(data), image.hu)
+    label = (image.hu % 5 == 0).astype(np.uint8)
+    out = ingest.save_label(label, image, tmp_path / "label.nii.gz")
+    stored = np.asarray(nib.load(out).dataobj)
+    assert np.array_equal(stored, (data % 5 == 0).astype(np.uint8))
+    assert np.array_equal(image.from_original(stored), label)
