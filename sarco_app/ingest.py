@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
-from sarco_app.errors import IngestError
+from sarco_app.errors import IngestError, SarcoError
 
 #: HU written for padding and anything below air.
 AIR_HU = -1024.0
@@ -52,6 +52,22 @@ _DECODER_HINTS = {
 }
 
 
+#: Plausible ranges of manual patient data; a value outside is a unit mix-up (m vs cm).
+PLAUSIBLE_PATIENT = {"age": (0.0, 130.0), "height_cm": (50.0, 260.0), "weight_kg": (2.0, 400.0)}
+
+
+def check_plausible(field_name: str, value: float | None) -> float | None:
+    """``value`` when it lies in the plausible range of ``field_name``; else a SarcoError that
+    names the unit expected (a height of 1.7 is metres, not cm)."""
+    if value is None or field_name not in PLAUSIBLE_PATIENT:
+        return value
+    low, high = PLAUSIBLE_PATIENT[field_name]
+    if not low <= float(value) <= high:
+        unit = {"age": "years", "height_cm": "cm", "weight_kg": "kg"}[field_name]
+        raise SarcoError(f"{field_name} {value:g} is outside {low:g}..{high:g} {unit}: check the unit")
+    return float(value)
+
+
 @dataclass
 class PatientInfo:
     """Patient data; every field is ``None`` when unknown."""
@@ -68,9 +84,7 @@ class PatientInfo:
     def from_dict(cls, data: dict[str, Any]) -> "PatientInfo":
         return cls(
             sex=normalise_sex(data.get("sex")),
-            age=_positive_or_none(data.get("age")),
-            height_cm=_positive_or_none(data.get("height_cm")),
-            weight_kg=_positive_or_none(data.get("weight_kg")),
+            **{key: check_plausible(key, _positive_or_none(data.get(key))) for key in PLAUSIBLE_PATIENT},
         )
 
 
@@ -199,11 +213,12 @@ def patient_from_dicom(ds: Any) -> PatientInfo:
             height = size * 100.0  # the standard says metres
         elif 30 <= size <= 260:
             height = size  # entered in cm by mistake; the meaning is unambiguous
+    weight = _positive_or_none(ds.get("PatientWeight", None))
     return PatientInfo(
         sex=normalise_sex(ds.get("PatientSex", None)),
         age=round(age, 2) if age is not None else None,
         height_cm=round(height, 2) if height is not None else None,
-        weight_kg=_positive_or_none(ds.get("PatientWeight", None)),
+        weight_kg=weight if weight is not None and 2.0 <= weight <= 400.0 else None,
     )
 
 

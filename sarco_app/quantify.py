@@ -398,11 +398,10 @@ def patient_from_params(params: dict[str, Any]) -> PatientInfo:
         sex = normalise_sex(sex_text)
         if sex is None:
             raise SarcoError(f"sex must be M or F, got {sex_text!r}")
+    from sarco_app.ingest import PLAUSIBLE_PATIENT, check_plausible
+
     return PatientInfo(
-        sex=sex,
-        age=_param_number(params, "age"),
-        height_cm=_param_number(params, "height_cm"),
-        weight_kg=_param_number(params, "weight_kg"),
+        sex=sex, **{key: check_plausible(key, _param_number(params, key)) for key in PLAUSIBLE_PATIENT}
     )
 
 

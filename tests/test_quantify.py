@@ -452,3 +452,17 @@ def test_3d_scan_labelled_on_every_slice_is_measured_at_l3():
     chest_label = np.ones(chest.hu.shape, np.uint8)
     with pytest.raises(SarcoError, match="give the slice"):
         quantify_scan(chest, chest_label, None, None, None)
+
+
+def test_height_in_metres_is_refused_not_measured(tmp_path, capsys):
+    """A height of 1.7 'cm' is a unit mix-up: a one-line error, not an SMI of 500000."""
+    from sarco_app.quantify import patient_from_params
+
+    folder, label_path = _dicom_scan(tmp_path, PatientSex="M", PatientWeight="80")
+    code = cli(["quantify", "--image", str(folder), "--label", str(label_path),
+                "--height-cm", "1.7", "--weight-kg", "70"])
+    err = capsys.readouterr().err
+    assert code == 1 and "height_cm 1.7 is outside" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SarcoError, match="weight_kg 7000 is outside"):
+        patient_from_params({"weight_kg": "7000"})
+    assert patient_from_params({"height_cm": "172", "weight_kg": "70"}).height_cm == 172.0

@@ -62,12 +62,12 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from sarco_app.ingest import PatientInfo, load_image
+    from sarco_app.ingest import PLAUSIBLE_PATIENT, PatientInfo, check_plausible, load_image
     from sarco_app.quantify import clean_json, load_label, quantify_scan
 
     image = load_image(args.image)
     label = load_label(args.label, image)
-    manual = PatientInfo(sex=args.sex, age=args.age, height_cm=args.height_cm, weight_kg=args.weight_kg)
+    manual = PatientInfo(sex=args.sex, **{key: check_plausible(key, getattr(args, key)) for key in PLAUSIBLE_PATIENT})
     from sarco_app.reference import find_reference
 
     reference = find_reference(args.reference)
