@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -691,6 +691,14 @@ def _histogram(hu: np.ndarray, mask: np.ndarray, lo: float, hi: float, bins: int
     return (hist / peak).astype(np.float32) if peak > 0 else hist.astype(np.float32)
 
 
+def _option_number(name: str, value: Any, kind: type) -> Any:
+    """``kind(value)`` for a tool option, or a SarcoError naming the option."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SarcoError(f"{name} must be a number, got {value!r}") from None
+
+
 def back_projection(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = None,
                     fg: np.ndarray | None = None, bg: np.ndarray | None = None,
                     current: np.ndarray | None = None, spacing: Sequence[float] = (1.0, 1.0),
@@ -727,10 +735,10 @@ def back_projection(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | N
     """
     inp, put_back = _prepare(hu, tissue, roi, fg, bg, current, spacing, slice_index)
     lo, hi = TISSUE_HU[inp.tissue]
-    nbins = int(bins) if bins is not None else int(np.ceil((hi - lo) / BIN_WIDTH_HU))
+    nbins = int(np.ceil((hi - lo) / BIN_WIDTH_HU)) if bins is None else _option_number("bins", bins, int)
     if nbins < 2 or nbins > 4096:
         raise SarcoError(f"bins must be between 2 and 4096, got {nbins}")
-    level = 0.05 if threshold is None else float(threshold)
+    level = 0.05 if threshold is None else _option_number("threshold", threshold, float)
     if not 0.0 <= level < 1.0:
         raise SarcoError(f"threshold must be in [0, 1), got {level}")
     region = _region(inp)
@@ -791,7 +799,14 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
         raise SarcoError(f"iterations must be an integer, got {iterations!r}") from None
     if not 1 <= iterations <= 50:
         raise SarcoError(f"iterations must be between 1 and 50, got {iterations}")
-    window = GRABCUT_WINDOW[inp.tissue] if window is None else tuple(float(w) for w in window)
+    if window is None:
+        window = GRABCUT_WINDOW[inp.tissue]
+    else:
+        if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+            raise SarcoError(f"window must be [low, high] in HU, got {window!r}")
+        window = tuple(_option_number("window", w, float) for w in window)
+        if window[0] >= window[1]:
+            raise SarcoError(f"window must be [low, high] with low < high, got {list(window)}")
     if len(window) != 2:
         raise SarcoError(f"window must be (low, high) in HU, got {window}")
     hu_s = inp.smooth(DENOISE_MM if denoise_mm is None else float(denoise_mm))

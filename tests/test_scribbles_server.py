@@ -146,6 +146,8 @@ def test_bad_requests_are_4xx(server, studies, truth, model):
          "shape"),
         ({"label": "sat", "roi": [0, 50, 0, 50]}, None, "'tissue'"),
         ({"tissue": "sat", "iterations": 0, "roi": [0, 50, 0, 50], "bins": 1}, None, ""),
+        ({"tissue": "sat", "roi": [0, 50, 0, 50], "bins": "x", "window": "x"}, None, "must be"),
+        ({"tissue": "sat", "roi": [0, 50, 0, 50], "threshold": "x", "window": [10, "x"]}, None, "must be"),
     ]
     for params, scribbles, message in cases:
         res = _infer(server, model, "syn", params, scribbles)

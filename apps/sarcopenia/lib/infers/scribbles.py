@@ -100,6 +100,9 @@ class TissueScribblesInfer(BasicInferTask):
         except SarcoError as exc:
             os.unlink(output)
             raise HTTPException(status_code=400, detail=str(exc)) from None
+        except Exception:
+            os.unlink(output)  # no temp file left behind whatever went wrong
+            raise
         summary["latencies"] = {"total": round(time.time() - begin, 3)}
         summary["label_names"] = self.labels
         logger.info(f"{self.method}: {summary}")
