@@ -343,6 +343,11 @@ def train(
         f"spacing {model.spacing_mm} mm"
     )
     best = {"score": -1.0, "dice": {}, "epoch": 0}
+    if config.init_from:
+        # A fine-tune must beat the model it starts from before it may replace it.
+        initial = validate(model, val_data)
+        best = {"score": _main_score(initial), "dice": initial, "epoch": 0}
+        log("initial model val dice " + " ".join(f"{k} {v:.4f}" for k, v in initial.items() if v is not None))
     t_loop = time.time()
     it = 0
     history = []
@@ -394,14 +399,17 @@ def train(
             log(f"time limit {config.time_limit_s:.0f} s reached in epoch {epoch}; stopping")
             break
     seconds = time.time() - t0
-    log(f"done in {seconds:.0f} s; best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
+    if best["epoch"] == 0:
+        log(f"done in {seconds:.0f} s; no epoch beat the initial model, so {out_path} was not written")
+    else:
+        log(f"done in {seconds:.0f} s; best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
     return {
         "best_dice": best["dice"],
         "best_epoch": best["epoch"],
         "epochs": len(history),
         "iterations": it,
         "seconds": round(seconds, 1),
-        "checkpoint": str(out_path),
+        "checkpoint": str(out_path) if best["epoch"] > 0 else None,
         "history": history,
     }
 

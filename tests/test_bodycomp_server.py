@@ -115,7 +115,9 @@ def test_bad_slice_is_a_4xx(server):
 
 
 def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
-    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": True}
+    # From scratch: the first epoch is always written (a fine-tune is written only when it beats
+    # the model it starts from, tests/test_train.py).
+    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False}
     r = requests.post(f"{server}/train/bodycomp_unet", json=params, timeout=30)
     assert r.status_code == 200, r.text
     deadline = time.time() + 400
@@ -127,7 +129,7 @@ def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
         time.sleep(2)
     assert status.get("status") == "DONE", status
     log = "\n".join(status.get("details", []))
-    assert "val dice" in log and "fine-tuning" in log
+    assert "val dice" in log
     checkpoint = model_dir / "bodycomp_unet.pt"
     assert checkpoint.is_file()
     _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))

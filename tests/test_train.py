@@ -67,3 +67,18 @@ def test_train_cli_writes_a_checkpoint_inference_loads(studies, tmp_path):
 def test_train_cli_errors(tmp_path):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt")]) != 0
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--epochs", "0"]) != 0
+
+
+def test_fine_tune_that_does_not_improve_keeps_the_model(studies, tmp_path, capsys):
+    """lr 0 cannot beat the initial model: the checkpoint is not (over)written."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
+    if not shipped.is_file():
+        pytest.skip("no shipped model")
+    out = tmp_path / "tuned.pt"
+    code = main(["train", "--data", str(studies), "--out", str(out), "--epochs", "1",
+                 "--iterations-per-epoch", "1", "--batch-size", "2", "--crop", "64", "--threads", "1",
+                 "--lr", "0", "--init", str(shipped)])
+    assert code == 0 and not out.exists()
+    assert "not written" in capsys.readouterr().out

@@ -50,5 +50,8 @@ def run(args) -> int:
     )
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result["best_dice"].items() if v is not None)
+    if result["checkpoint"] is None:
+        print(f"no epoch beat the initial model ({dice}); {args.out} not written")
+        return 0
     print(f"wrote {result['checkpoint']} (best epoch {result['best_epoch']}: {dice})")
     return 0
