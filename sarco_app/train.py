@@ -114,18 +114,14 @@ def load_pairs(pairs: Sequence[tuple[str | Path, str | Path]]) -> list[Sample]:
     """Labelled slices from ``(image, label)`` file pairs (NIfTI or DICOM image, NIfTI label on
     the image's grid); from a 3D label every slice with a labelled tissue is used."""
     from sarco_app.ingest import load_image
+    from sarco_app.quantify import load_label
 
     samples: list[Sample] = []
     for image_path, label_path in pairs:
         image_path, label_path = Path(image_path), Path(label_path)
         image = load_image(image_path)
-        label_img = load_image(label_path)  # same canonicalisation as the image
-        lab = np.rint(label_img.hu).astype(np.int16)
-        if lab.shape != image.hu.shape:
-            raise SarcoError(f"{label_path.name}: label shape {lab.shape} differs from image {image.hu.shape}")
-        if lab.min() < 0 or lab.max() > max(L.NAMES):
-            raise SarcoError(f"{label_path.name}: label values must be 0-{max(L.NAMES)}")
-        lab = lab.astype(np.uint8)
+        # Labels live on the image file's grid: map them with the image's own orientation.
+        lab = load_label(label_path, image)
         stem = image_path.name.split(".")[0]
         spacing = image.pixel_spacing
         if image.hu.ndim == 2:
