@@ -129,6 +129,23 @@ class CTImage:
             return array
         return _apply_ornt(array, self._to_original)
 
+    def file_slice(self, canonical_index: int) -> int | None:
+        """Index in the source file's own slice order of canonical axial slice
+        ``canonical_index``; ``None`` when the file's third axis is not head-feet."""
+        if self.hu.ndim == 2:
+            return 0 if int(canonical_index) == 0 else None
+        if self._to_original is None:
+            return int(canonical_index)
+        target, flip = self._to_original[2]
+        if int(target) != 2:
+            return None
+        return int(canonical_index) if flip > 0 else self.hu.shape[2] - 1 - int(canonical_index)
+
+    def canonical_slice(self, file_index: int) -> int | None:
+        """Canonical axial index of slice ``file_index`` of the source file (inverse of
+        :meth:`file_slice`); ``None`` when the file's third axis is not head-feet."""
+        return self.file_slice(file_index)  # a flip or identity is its own inverse
+
     def from_original(self, array: np.ndarray) -> np.ndarray:
         """An array on the source file's grid, put in canonical order (inverse of to_original)."""
         if self._to_original is None:
@@ -564,7 +581,10 @@ def load_dicom(path: str | Path, series: str | int | None = None) -> CTImage:
                 f"inconsistent slice geometry in one series: {name} has a different "
                 "orientation or pixel spacing"
             )
-        if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
+        size = (ds.get("Rows"), ds.get("Columns"))
+        if None in size:
+            raise IngestError(f"{name}: missing Rows/Columns")
+        if size != (datasets[0].get("Rows"), datasets[0].get("Columns")):
             raise IngestError(f"inconsistent slice geometry in one series: {name} has another size")
         placed.append((float(ipp @ normal), ipp, ds))
     placed.sort(key=lambda item: item[0])

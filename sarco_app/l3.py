@@ -472,12 +472,4 @@ def file_slice_index(image: CTImage, canonical_index: int) -> int | None:
     Returns ``None`` when the file's slices are not axial (its third axis is not head-feet), so
     no single file slice index exists.
     """
-    probe = np.zeros(image.hu.shape, dtype=np.uint8)
-    probe[:, :, canonical_index] = 1
-    original = image.to_original(probe)
-    if original.ndim != 3:
-        return None
-    hits = np.nonzero(original.any(axis=(0, 1)))[0]
-    if hits.size != 1 or original[:, :, hits[0]].sum() != probe.sum():
-        return None
-    return int(hits[0])
+    return image.file_slice(canonical_index)

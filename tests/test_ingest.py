@@ -275,3 +275,11 @@ def test_every_axis_order_round_trips(tmp_path, perm, flips):
     stored = np.asarray(nib.load(out).dataobj)
     assert np.array_equal(stored, (data % 5 == 0).astype(np.uint8))
     assert np.array_equal(image.from_original(stored), label)
+    # slice indices: canonical <-> the file's own order, when the file's slices are axial
+    for k in range(image.hu.shape[2]):
+        f = image.file_slice(k)
+        if perm[2] != 2:
+            assert f is None
+        else:
+            assert image.canonical_slice(f) == k
+            assert set(data[:, :, f].ravel()) == set(image.hu[:, :, k].ravel())

@@ -60,7 +60,6 @@ def slice_image(image, canonical_index: int):
 def run(args: argparse.Namespace) -> int:
     from sarco_app import ingest
     from sarco_app.commands.l3 import locate_file
-    from sarco_app.l3 import file_slice_index
 
     study_id = args.study_id or default_id(args.image)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", study_id):
@@ -82,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
         n = image.num_slices
         if not 0 <= args.slice_index < n:
             raise SarcoError(f"--slice {args.slice_index} out of range 0..{n - 1}")
-        # File order -> canonical: find the canonical slice that maps to it.
-        canonical = next(k for k in range(n) if file_slice_index(image, k) == args.slice_index)
+        canonical = image.canonical_slice(args.slice_index)
+        if canonical is None:
+            raise SarcoError("--slice needs an axial series: this file's slices are not axial")
         answer = {"slice_index": args.slice_index, "canonical_slice_index": canonical,
                   "reason": "slice given by the user", "found": True, "confidence": None,
                   "z_mm": round(float(image.affine[2, 2] * canonical + image.affine[2, 3]), 2)}
