@@ -190,6 +190,12 @@ def test_cli_extract_l3_writes_a_labelable_2d_study(phantom, tmp_path):
     assert abs(z - truth.l3_z_mm) <= 5.0
     # Never overwrites without --force; a scan without L3 writes nothing and exits 2.
     assert main(["extract-l3", str(src), "--out", str(studies)]) == 1
+    # --force replaces the image, but never under an id whose stored label would then mismatch.
+    assert main(["extract-l3", str(src), "--out", str(studies), "--force"]) == 0
+    (studies / "labels" / "final").mkdir(parents=True)
+    (studies / "labels" / "final" / "patient_1_L3.nii.gz").write_bytes(b"label")
+    assert main(["extract-l3", str(src), "--out", str(studies), "--force"]) == 1
+    assert (studies / "labels" / "final" / "patient_1_L3.nii.gz").read_bytes() == b"label"
     chest, _ = make_volume_phantom(23, coverage="chest", slice_thickness=4.0, variants=[], **FAST)
     chest_src = save_volume(chest, tmp_path / "chest.nii.gz")
     assert main(["extract-l3", str(chest_src), "--out", str(studies)]) == 2

@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     out_image = args.out / f"{study_id}.nii.gz"
     if out_image.exists() and not args.force:
         raise SarcoError(f"{out_image} already exists (use --force to replace the image; labels are never touched)")
+    stored = sorted((args.out / "labels").glob(f"*/{study_id}.nii.gz")) if args.force else []
+    if stored:
+        # A new image under an id that has labels would pair them with the wrong slice.
+        raise SarcoError(f"{study_id} has stored labels ({stored[0]}): use another --id or remove them first")
     if args.slice_index is None:
         image, result, answer = locate_file(args.image, args.series)
         if not result.found:
