@@ -916,9 +916,9 @@ def _box_to_canonical(image, roi: Sequence[float] | None, slice_index: int | Non
             raise SarcoError(f"slice_index must be an integer, got {slice_index!r}") from None
         if not 0 <= k < shape[2]:
             raise SarcoError(f"slice_index {k} out of range 0..{shape[2] - 1}")
-        marker = np.zeros(shape, dtype=bool)
-        marker[..., k] = True
-        index_c = int(np.nonzero(image.from_original(marker).any(axis=(0, 1)))[0][0])
+        index_c = image.canonical_slice(k)
+        if index_c is None:
+            raise SarcoError("slice_index needs an axial image: this file's slices are not axial")
     elif slice_index not in (None, 0):
         raise SarcoError(f"slice_index {slice_index} given but the image is 2D")
     return roi_c, index_c
