@@ -10,7 +10,8 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
    ``min_island_mm2`` handed to the next most likely class, IMAT only inside the muscle
    compartment, and (``hu_refine``, on by default) the clinical HU rule applied to the regions:
-   the network finds the compartments, HU decides tissue at the original resolution.
+   the network finds the compartments, HU decides tissue at the original resolution; muscle and
+   VAT borders first move by HU within half a working pixel (:func:`refine_borders`).
 
 :func:`segment_volume` / :func:`segment_image` run it on a 2D image, one slice of a volume or all
 slices, with the method ``"unet"`` or ``"threshold"`` (:mod:`sarco_app.threshold`).
@@ -27,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
@@ -144,6 +146,8 @@ def postprocess(
     min_island_mm2: float = 25.0,
     imat_margin_mm: float = 3.0,
     hu_refine: bool = False,
+    border_mm: float = 1.0,
+    border_min_prob: float = 0.05,
 ) -> np.ndarray:
     """Label map from class probabilities with the corrections users expect.
 
@@ -157,7 +161,10 @@ def postprocess(
         closed with a disk of this radius (mm).
     hu_refine : also apply the clinical HU rule: muscle-region pixels in the fat range become
         IMAT, other out-of-range muscle pixels background; fat labels outside -190..-30 HU
-        become background.
+        become background. Before the rule, muscle and VAT borders are refined by HU within
+        ``border_mm`` (see :func:`refine_borders`).
+    border_mm, border_min_prob : band (mm) and least class probability of the border
+        refinement; ``border_mm`` is half the model's working spacing in :func:`segment_volume`.
 
     Returns
     -------
@@ -186,12 +193,57 @@ def postprocess(
         probs[L.IMAT][stray_imat] = 0.0
         label = probs.argmax(0).astype(np.uint8)
     if hu_refine:
+        label = refine_borders(label, probs, hu, (sx, sy), border_mm, border_min_prob)
         is_fat = (hu >= L.FAT_HU[0]) & (hu <= L.FAT_HU[1])
         is_muscle = (hu >= L.MUSCLE_HU[0]) & (hu <= L.MUSCLE_HU[1])
         muscle = label == L.MUSCLE
         label[muscle & is_fat] = L.IMAT
         label[muscle & ~is_fat & ~is_muscle] = L.BACKGROUND
         label[np.isin(label, (L.SAT, L.VAT, L.IMAT)) & ~is_fat] = L.BACKGROUND
+    return label
+
+
+def refine_borders(
+    label: np.ndarray,
+    probs: np.ndarray,
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    band_mm: float = 1.0,
+    min_prob: float = 0.05,
+    tissues: Sequence[int] = (L.MUSCLE, L.VAT),
+) -> np.ndarray:
+    """Move muscle and VAT borders to where HU puts them, within ``band_mm`` of the network's.
+
+    The network works on a coarser grid (2 mm) than clinical slices (0.6-1.0 mm), so its
+    borders are uncertain by about half a working pixel; the HU rule alone then drops the
+    partial-volume rim (a muscle border pixel the network called fat or background). Here,
+    one pixel ring at a time up to ``band_mm``, a pixel that is background or whose label
+    does not fit its HU, touches (4-connected) a tissue of ``tissues`` whose HU range it fits
+    and has that tissue's probability >= ``min_prob`` takes that tissue (the most probable one
+    if several qualify). SAT is not grown: its outer border is skin/air partial volume, whose
+    mixed HU falls in the fat range. Returns a new ``(X, Y)`` label map.
+    """
+    steps = int(round(band_mm / float(min(spacing[0], spacing[1]))))
+    if steps <= 0:
+        return label
+    label = label.copy()
+    is_fat = (hu >= L.FAT_HU[0]) & (hu <= L.FAT_HU[1])
+    is_muscle = (hu >= L.MUSCLE_HU[0]) & (hu <= L.MUSCLE_HU[1])
+    fits = {L.MUSCLE: is_muscle, L.SAT: is_fat, L.VAT: is_fat, L.IMAT: is_fat}
+    for _ in range(steps):
+        misfit = label == L.BACKGROUND
+        for value, fit in fits.items():
+            misfit |= (label == value) & ~fit
+        best = np.zeros(label.shape, dtype=np.float32)
+        grown = np.zeros(label.shape, dtype=np.uint8)
+        for value in tissues:
+            take = ndi.binary_dilation(label == value) & misfit & fits[value]
+            take &= (probs[value] >= min_prob) & (probs[value] > best)
+            grown[take] = value
+            best[take] = probs[value][take]
+        if not grown.any():
+            break
+        label[grown > 0] = grown[grown > 0]
     return label
 
 
@@ -295,7 +347,8 @@ def segment_volume(
                 stack = np.moveaxis(volume[:, :, batch], 2, 0)
                 probs = predict_probabilities(stack, spacing, model, batch_size=batch_size)
                 for i, k in enumerate(batch):
-                    lab = postprocess(probs[i], stack[i], spacing, hu_refine=hu_refine)
+                    lab = postprocess(probs[i], stack[i], spacing, hu_refine=hu_refine,
+                                      border_mm=model.spacing_mm / 2)
                     label[:, :, k] = lab
                     for value, name in L.NAMES.items():
                         mask = lab == value

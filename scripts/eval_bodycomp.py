@@ -82,15 +82,15 @@ def fmt(value, digits=4):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def eval_phantoms(model, per_group: int, docs: Path | None, rows: list) -> None:
-    print(f"\n== held-out phantoms ({per_group} per group, seeds from {HELD_OUT_SEED}) ==")
+def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_base: int = HELD_OUT_SEED) -> None:
+    print(f"\n== held-out phantoms ({per_group} per group, seeds from {seed_base}) ==")
     methods = ("unet", "unet+hu", "threshold")  # raw network, default output, baseline
     overall = {m: {t: [0, 0] for t in TISSUES} for m in methods}
     for g, (group, spacing, size) in enumerate(GROUPS):
         pooled = {m: {t: [0, 0] for t in TISSUES} for m in methods}
         cases = {m: {t: [] for t in TISSUES} for m in methods}
         for i in range(per_group):
-            seed = HELD_OUT_SEED + 100 * g + i
+            seed = seed_base + 100 * g + i
             kwargs = {"size": size} if spacing is None else {"spacing_mm": spacing, "size": size}
             ph = generate(seed, **kwargs)
             preds = {
@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "eval_bodycomp.csv")
     parser.add_argument("--skip-phantoms", action="store_true")
+    parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED,
+                        help="first held-out seed (another stream, e.g. 888000, checks choices made on the default)")
     args = parser.parse_args(argv)
     import torch
 
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
         docs.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if not args.skip_phantoms:
-        eval_phantoms(model, args.per_group, docs, rows)
+        eval_phantoms(model, args.per_group, docs, rows, args.seed_base)
     eval_real(model, docs, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("set", "group", "case", "method"), k))

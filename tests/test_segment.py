@@ -21,6 +21,7 @@ from sarco_app.segment import (
     get_model,
     postprocess,
     predict_probabilities,
+    refine_borders,
     segment_volume,
 )
 
@@ -98,6 +99,35 @@ def test_hu_refine_applies_the_clinical_rule():
     probs[L.MUSCLE] = 1.0
     label = postprocess(probs, hu, (1.0, 1.0), hu_refine=True)
     assert (label[40:50, 40:50] == L.IMAT).all() and (label[0:40] == L.MUSCLE).all()
+
+
+def test_refine_borders_moves_muscle_and_vat_borders_by_hu_within_the_band():
+    n = 60
+    hu = np.full((n, n), -100.0, np.float32)  # fat
+    hu[20:40, 10:30] = 40.0  # a muscle block, x 20..39
+    label = np.full((n, n), L.VAT, np.uint8)
+    label[22:38, 10:30] = L.MUSCLE  # the network's muscle is 2 px short on each side
+    probs = np.zeros((L.NUM_CLASSES, n, n), np.float32)
+    probs[L.MUSCLE, 18:42] = 0.3
+    probs[L.VAT] = 0.7
+    probs[L.MUSCLE, 20:22, 25:30] = 0.01  # too unlikely to be muscle: stays out
+    out = refine_borders(label, probs, hu, (0.5, 0.5), band_mm=1.0)
+    assert (out[20:40, 10:25] == L.MUSCLE).all()  # 2 px = 1 mm on each side grown
+    assert (out[20:22, 25:30] == L.VAT).all()
+    assert (out[:20] == L.VAT).all() and (out[40:] == L.VAT).all()  # fat HU never becomes muscle
+    # The band is in mm: 1 mm is under one 3 mm pixel, so nothing moves.
+    assert np.array_equal(refine_borders(label, probs, hu, (3.0, 3.0), band_mm=1.0), label)
+    # A 1 px band only takes the first ring.
+    one = refine_borders(label, probs, hu, (1.0, 1.0), band_mm=1.0)
+    assert (one[21:39, 10:25] == L.MUSCLE).all() and not (one[20, 10:25] == L.MUSCLE).any()
+    # VAT grows back into fat-HU pixels the network called background; SAT does not grow.
+    label2 = np.zeros((n, n), np.uint8)
+    label2[:, :30] = L.VAT
+    label2[:, 35:] = L.SAT
+    probs2 = np.full((L.NUM_CLASSES, n, n), 0.2, np.float32)
+    hu2 = np.full((n, n), -100.0, np.float32)
+    out2 = refine_borders(label2, probs2, hu2, (1.0, 1.0), band_mm=2.0)
+    assert (out2[:, 30:32] == L.VAT).all() and (out2[:, 32:35] == 0).all()
 
 
 def test_slice_selection_of_a_volume(untrained):
