@@ -105,6 +105,12 @@ class _Inputs:
     spacing: tuple[float, float]
     denoised: np.ndarray | None = None  # (X, Y) float32, HU after a light Gaussian blur
 
+    @property
+    def editing(self) -> bool:
+        """Strokes without a rectangle on a slice whose current label holds the tissue: the
+        strokes edit that label (e.g. the network's proposal) instead of starting anew."""
+        return self.roi is None and bool(np.any(self.current == self.tissue))
+
     def smooth(self, sigma_mm: float) -> np.ndarray:
         """The slice blurred by a Gaussian of ``sigma_mm`` (CT noise would otherwise push
         single pixels out of their tissue's HU range)."""
@@ -205,8 +211,12 @@ def _prepare(hu, tissue, roi, fg, bg, current, spacing, slice_index):
     elif cur2.shape != shape2:
         raise SarcoError(f"current label has shape {cur2.shape} but the image has shape {shape2}")
     roi2 = parse_roi(roi, shape2)
-    if roi2 is None and not fg2.any():
-        raise SarcoError("no foreground scribbles and no roi: draw a rectangle or a foreground scribble")
+    value_present = bool(np.any(np.asarray(cur2) == value))
+    if roi2 is None and not fg2.any() and not (bg2.any() and value_present):
+        raise SarcoError(
+            "no foreground scribbles and no roi: draw a rectangle or a foreground scribble "
+            f"(background scribbles alone need {NAMES[value]} in the current label to edit)"
+        )
     if len(tuple(spacing)) < 2 or min(float(s) for s in tuple(spacing)[:2]) <= 0:
         raise SarcoError(f"spacing must be two positive numbers (mm), got {spacing}")
     sx, sy = (float(s) for s in tuple(spacing)[:2])
@@ -580,7 +590,8 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
     """Apply the tissue rules, the connected-region rule and the scribbles to a raw proposal.
 
     With a rectangle, the anatomy-allowed part of the proposal (see :func:`_tissue_rules`) is
-    the starting answer. Foreground scribbles add the regions of the proposal they touch (even
+    the starting answer; without one, the current label's tissue is (``_Inputs.editing``:
+    strokes correct a stored label such as the network's proposal). Foreground scribbles add the regions of the proposal they touch (even
     where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`;
     big ones only near the stroke, :func:`_add_touched`); background scribbles remove the
     regions they mark (:func:`_remove_marked`).
@@ -593,6 +604,8 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
         # The rules' openings and contours shave the tissue's rim: take back candidate pixels
         # touching the answer (one pixel; a wider step would climb into touching organs).
         answer |= ndi.binary_dilation(answer, structure=np.ones((3, 3), bool)) & candidate & ~_skin_or_outside(inp)
+    elif inp.editing:
+        answer |= inp.current == inp.tissue
     if inp.fg.any():
         if answer.any():
             answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg)
@@ -748,6 +761,8 @@ def back_projection(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | N
     sample = inp.fg & in_range
     if inp.roi is not None:
         sample |= region & in_range & body_mask(inp.hu)
+    elif not sample.any() and inp.editing:  # background strokes on a stored label
+        sample = (inp.current == inp.tissue) & in_range
     if not sample.any():
         raise SarcoError(f"no {NAMES[inp.tissue]} HU values under the rectangle or scribbles")
     ranges = [lo, hi + 1e-3]

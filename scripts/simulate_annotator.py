@@ -15,8 +15,11 @@ Compared on the same phantoms and the same interactions:
   the phantom's spacing instead of its 2.5 mm default); its foreground mask is merged into the
   label map with the same rules as our tools (:func:`sarco_app.interactive.merge`).
 
-Protocol: muscle and SAT are labelled on an empty label map; VAT and IMAT on a map that already
-holds the true muscle and SAT (the order a person works in). Writes a per-session CSV, a
+Protocol ``--start empty`` (default): muscle and SAT are labelled on an empty label map; VAT and
+IMAT on a map that already holds the true muscle and SAT (the order a person works in).
+Protocol ``--start auto`` (the paper's workflow: "Sarcopenia Predict", then correct): the first
+interaction is the automatic label (``bodycomp_unet``'s default output); the annotator then only
+paints strokes, no rectangle, and every tool call edits that label. Writes a per-session CSV, a
 summary CSV and a PNG plot.
 
 Usage::
@@ -184,8 +187,9 @@ class HistogramGraphCutBaseline:
         scrib[fg] = self.task.scribbles_fg_label
         scrib_path = str(self.workdir / "scribbles.nii.gz")
         nib.save(nib.Nifti1Image(scrib[:, :, None], self.affine), scrib_path)
+        box = roi if roi is not None else (0, hu.shape[0], 0, hu.shape[1])
         request = {"image": image, "label": scrib_path, "device": "cpu",
-                   "roi": [roi[0], roi[1], roi[2], roi[3], 0, 1]}
+                   "roi": [box[0], box[1], box[2], box[3], 0, 1]}
         result_path, _ = self.task(request)
         pred = np.asarray(nib.load(result_path).dataobj)
         os.unlink(result_path)
@@ -196,21 +200,28 @@ class HistogramGraphCutBaseline:
 # --------------------------------------------------------------------------- a session
 
 
-def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, cap=10):
+def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, cap=10,
+                auto_seconds: float | None = None):
     """Interactions until the tissue's IoU reaches ``goal`` (at most ``cap``).
 
+    With ``auto_seconds`` (protocol ``auto``) the first interaction is ``current0`` itself, the
+    automatic label that took that long, and no rectangle is drawn: strokes edit it.
     Returns dict(interactions, reached, final_iou, mean_latency_s, ious).
     """
     value = LABELS[tissue]
     truth = truth_label == value
-    roi = first_rectangle(truth)
+    roi = None if auto_seconds is not None else first_rectangle(truth)
     fg = np.zeros(hu.shape, bool)
     bg = np.zeros(hu.shape, bool)
     ious, latencies = [], []
     for step in range(1, cap + 1):
         start = time.perf_counter()
-        label = tool(hu, tissue, roi, fg, bg, current0, spacing)
-        latencies.append(time.perf_counter() - start)
+        if auto_seconds is not None and step == 1:
+            label = current0
+            latencies.append(auto_seconds)
+        else:
+            label = tool(hu, tissue, roi, fg, bg, current0, spacing)
+            latencies.append(time.perf_counter() - start)
         pred = label == value
         ious.append(interactive.iou(pred, truth))
         if ious[-1] >= goal:
@@ -252,6 +263,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=30, help="phantoms per tissue")
     parser.add_argument("--size", type=int, default=256, help="phantom matrix (pixels)")
     parser.add_argument("--seed0", type=int, default=1000, help="first phantom seed")
+    parser.add_argument("--start", choices=("empty", "auto"), default="empty",
+                        help="empty: rectangle first; auto: the automatic label first, then strokes")
+    parser.add_argument("--model", default=None, help="checkpoint for --start auto (default: the served one)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tissues", default=",".join(TISSUES))
     parser.add_argument("--out", default=str(ROOT / "docs" / "interactive"),
@@ -277,6 +291,12 @@ def main(argv=None) -> int:
         pass
     methods = [m for m in args.methods.split(",") if m]
     tissues = [t for t in args.tissues.split(",") if t]
+    model = None
+    if args.start == "auto":
+        from sarco_app.segment import get_model, segment_volume
+
+        model = get_model(args.model)
+        print(f"start: automatic label of {model.path}")
     workdir = Path(tempfile.mkdtemp(prefix="sarco_annot_"))
     tools = {}
     for m in methods:
@@ -287,12 +307,20 @@ def main(argv=None) -> int:
     for i in range(args.n):
         seed = args.seed0 + i
         hu, truth_label, spacing = load_phantom(seed, args.size)
+        if args.start == "auto":
+            t0 = time.perf_counter()
+            auto_label = (segment_volume(hu, spacing, method="unet", model=model).label,
+                          time.perf_counter() - t0)
         for tissue in tissues:
             if not (truth_label == LABELS[tissue]).any():
                 continue
-            current0 = starting_label(truth_label, tissue)
+            if args.start == "auto":
+                current0, auto_seconds = auto_label
+            else:
+                current0, auto_seconds = starting_label(truth_label, tissue), None
             for m in methods:
-                res = run_session(tools[m], hu, truth_label, tissue, current0, spacing)
+                res = run_session(tools[m], hu, truth_label, tissue, current0, spacing,
+                                  auto_seconds=auto_seconds)
                 at_090 = [k + 1 for k, v in enumerate(res["ious"]) if v >= 0.90]
                 rows.append({"seed": seed, "tissue": tissue, "method": m,
                              "interactions": res["interactions"], "reached": res["reached"],
@@ -333,7 +361,7 @@ def markdown_table(summary_csv: str) -> str:
     summary = pd.read_csv(summary_csv)
     lines = ["| tissue | method | n | interactions to IoU >= 0.95 (mean / median, cap 10) | "
              "reached 0.95 | interactions to IoU >= 0.90 (mean) | reached 0.90 | "
-             "IoU after 1st (rectangle) | final IoU | latency per call (ms, in-process) |",
+             "IoU after 1st | final IoU | latency per call (ms, in-process) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         lines.append(f"| {r.tissue} | {r.method} | {r.n} | {r.interactions_mean:.1f} / "

@@ -56,6 +56,16 @@ def synthetic_slice(nx: int = 150, ny: int = 120, seed: int = 0, bowel: bool = T
     return hu, label
 
 
+def bowel_loop(hu, truth):
+    """The bowel loop of :func:`synthetic_slice`: the largest unlabelled region of muscle HU."""
+    from scipy import ndimage as ndi
+
+    regions, count = ndi.label((truth == 0) & (hu > 0) & (hu < 100))
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return regions == int(np.argmax(sizes))
+
+
 def bbox(mask, margin=3):
     return simulate_annotator.first_rectangle(mask, margin)
 
@@ -150,6 +160,28 @@ def test_scribbles_only_without_rectangle():
     assert (truth[fg] == SAT).all()
     out = interactive.back_projection(hu, "sat", fg=fg, spacing=SPACING)
     assert interactive.iou(out == SAT, truth == SAT) >= 0.85
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_background_stroke_edits_a_stored_label(tool):
+    """The auto-label workflow: a stored label (e.g. the network's) that took the bowel loop as
+    muscle is corrected with one background stroke and no rectangle."""
+    hu, truth = synthetic_slice()
+    loop = bowel_loop(hu, truth)
+    current = truth.copy()
+    current[loop] = MUSCLE
+    bg = np.zeros(hu.shape, bool)
+    xs, ys = np.nonzero(loop)
+    cx, cy = int(np.median(xs)), int(np.median(ys))
+    bg[cx - 2:cx + 3, cy] = True
+    assert loop[bg].all()
+    out = tool(hu, "muscle", bg=bg, current=current, spacing=SPACING)
+    assert np.count_nonzero(out[loop] == MUSCLE) < 0.1 * loop.sum()
+    assert interactive.iou(out == MUSCLE, truth == MUSCLE) >= 0.97  # the ring it touches stays
+    assert (out[truth == SAT] == SAT).all() and (out[truth == VAT] == VAT).all()
+    # Without the tissue in the current label a background stroke alone has nothing to edit.
+    with pytest.raises(SarcoError, match="background scribbles alone"):
+        tool(hu, "muscle", bg=bg, current=np.where(truth == SAT, SAT, 0), spacing=SPACING)
 
 
 def test_volume_slice_index():

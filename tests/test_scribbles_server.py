@@ -17,7 +17,7 @@ from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, sa
 from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_interactive import synthetic_slice  # noqa: E402
+from test_interactive import bowel_loop, synthetic_slice  # noqa: E402
 
 BG, FG = len(LABELS) + 1, len(LABELS) + 2  # MONAI Label's scribble values for 4 labels
 SPACING = (1.5, 1.5)
@@ -30,6 +30,11 @@ def studies(tmp_path_factory):
     image = make_image(hu, SPACING, PatientInfo(sex="M"))
     save_image(image, root / "syn.nii.gz")
     np.save(root.parent / "syn_truth.npy", truth)
+    # The same slice with a stored label that took the bowel loop as muscle (editing with strokes).
+    save_image(image, root / "withloop.nii.gz")
+    stored = truth.copy()
+    stored[bowel_loop(hu, truth)] = MUSCLE
+    save_label(stored, image, root / "labels" / "final" / "withloop.nii.gz")
     # The same slice with a stored label holding VAT (merge rules over HTTP).
     save_image(image, root / "withvat.nii.gz")
     save_label(np.where(truth == VAT, VAT, 0).astype(np.uint8), image,
@@ -121,6 +126,23 @@ def test_merge_keeps_stored_other_tissue(server, studies, truth):
     stored = load_image(studies / "withvat.nii.gz").from_original(
         np.asarray(nib.load(studies / "labels" / "final" / "withvat.nii.gz").dataobj))
     assert not (stored == MUSCLE).any()
+
+
+def test_background_stroke_edits_the_stored_label(server, studies, truth):
+    stored = load_image(studies / "withloop.nii.gz").from_original(
+        np.asarray(nib.load(studies / "labels" / "final" / "withloop.nii.gz").dataobj))
+    wrong = (stored == MUSCLE) & (truth != MUSCLE)
+    assert wrong.sum() > 50
+    scribbles = np.zeros(truth.shape, np.uint8)
+    xs, ys = np.nonzero(wrong)
+    cx, cy = int(np.median(xs)), int(np.median(ys))
+    scribbles[cx - 2:cx + 3, cy] = BG
+    assert wrong[scribbles == BG].all()
+    res = _infer(server, "grabcut", "withloop", {"tissue": "muscle"},
+                 _nifti_bytes(scribbles, studies / "withloop.nii.gz"))
+    label = _label(res, studies / "withloop.nii.gz")
+    assert np.count_nonzero(label[wrong] == MUSCLE) < 0.1 * wrong.sum()
+    assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
 
 
 def test_volume_with_slice_index(server, studies, truth):
