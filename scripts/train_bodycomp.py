@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sarco_app.phantom import generate  # noqa: E402
+from sarco_app.network import DEFAULT_NETWORK  # noqa: E402
 from sarco_app.train import Sample, TrainConfig, train  # noqa: E402
 
 
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--time-limit", type=float, default=2280.0,
                         help="seconds of training after which the LR schedule ends (default 38 min)")
     parser.add_argument("--init", type=Path, default=None, help="checkpoint to continue from")
+    parser.add_argument("--features", type=str, default=None,
+                        help="BasicUNet features, comma-separated (default: sarco_app.network's)")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.time()
@@ -93,6 +96,9 @@ def main(argv=None) -> int:
         init_from=str(args.init) if args.init else None,
         time_limit_s=args.time_limit,
     )
+    if args.features:
+        features = [int(f) for f in args.features.split(",")]
+        config.network = {**DEFAULT_NETWORK, "kwargs": {**DEFAULT_NETWORK["kwargs"], "features": features}}
     result = train(train_samples, args.out, config, val_samples=val_samples, log=log)
     summary = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
