@@ -11,7 +11,7 @@ randomness all derive from it. Phantoms are drawn like this (see :func:`phantom_
 
 Example (the command recorded in models/MODEL_CARD.md)::
 
-    .venv/bin/python scripts/train_bodycomp.py --seed 0 --out models/bodycomp_unet.pt
+    .venv/bin/python scripts/train_bodycomp.py --out models/bodycomp_unet.pt
 """
 
 from __future__ import annotations
@@ -61,20 +61,20 @@ def make_samples(plan: list[dict], log=print) -> list[Sample]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/bodycomp_unet.pt"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--count", type=int, default=160, help="training phantoms")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--count", type=int, default=300, help="training phantoms")
     parser.add_argument("--val-count", type=int, default=16, help="validation phantoms (other seeds)")
-    parser.add_argument("--epochs", type=int, default=44)
+    parser.add_argument("--epochs", type=int, default=160)
     parser.add_argument("--iterations-per-epoch", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core CPU)")
-    parser.add_argument("--time-limit", type=float, default=2280.0,
-                        help="seconds of training after which the LR schedule ends (default 38 min)")
+    parser.add_argument("--time-limit", type=float, default=4800.0,
+                        help="seconds of training after which the LR schedule ends (default 80 min)")
     parser.add_argument("--init", type=Path, default=None, help="checkpoint to continue from")
-    parser.add_argument("--features", type=str, default=None,
-                        help="BasicUNet features, comma-separated (default: sarco_app.network's)")
+    parser.add_argument("--features", type=str, default="24,24,48,96,192,24",
+                        help="BasicUNet features, comma-separated (the shipped model's by default)")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.time()
