@@ -149,6 +149,14 @@ def test_bad_input_is_4xx(server, studies, tmp_path):
     assert response.status_code == 400 and "height_cm must be a number" in response.json()["detail"]
     response = _infer(server, "s1", {"reference": "no_such_table"})
     assert response.status_code == 400 and "unknown reference table" in response.json()["detail"]
+    # A client must not make the server read its files: no paths in params.
+    table = tmp_path / "table.csv"
+    table.write_text("sex,index,mean,sd\nM,sma_cm2,100,10\n")
+    response = _infer(server, "s1", {"reference": str(table)})
+    assert response.status_code == 400 and "not a path" in response.json()["detail"]
+    stored = studies / "labels" / "final" / "s1.nii.gz"
+    response = _infer(server, "s2", {"label": str(stored)})
+    assert response.status_code == 400 and "cannot name a server file" in response.json()["detail"]
     other = make_image(np.zeros((10, 10), np.float32), (1, 1))
     wrong = save_label(np.zeros((10, 10), np.uint8), other, tmp_path / "wrong.nii.gz")
     response = _infer(server, "s1", label_file=wrong)

@@ -7,13 +7,16 @@ another), it returns the JSON of :func:`sarco_app.quantify.quantify_scan` and no
 Request params (all optional): ``height_cm``, ``weight_kg``, ``sex`` (M/F), ``age`` (years)
 override or fill the image's patient data; ``slice`` picks the axial slice of a 3D image;
 ``reference`` names a T-score table (a file stem in ``sarco_app/references/`` or
-``<studies>/references/``, or a CSV path on the server); ``label_tag`` the stored label used.
+``<studies>/references/``; not a path: a client must not make the server read its files);
+``label_tag`` the stored label used. The label comes as an uploaded file (``label``), never as a
+server path in ``params``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +28,13 @@ from sarco_app.errors import SarcoError
 from lib.infers.common import DirectInferTask, http_error
 
 logger = logging.getLogger(__name__)
+
+
+def _is_upload(path: Any) -> bool:
+    """Whether ``path`` is where MONAI Label saves an uploaded label (a temporary file)."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return False
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
 
 
 class QuantificationInfer(DirectInferTask):
@@ -97,8 +107,15 @@ class QuantificationInfer(DirectInferTask):
         begin = time.time()
         req, image_path = self.request_with_image(request, "quantification")
         label_path = req.get("label")
+        reference = str(req.get("reference") or "")
+        if "/" in reference or "\\" in reference or reference.lower().endswith(".csv"):
+            raise http_error(400, f"reference {reference!r}: give a table name (a CSV stem in the studies "
+                             "folder's references/ or a bundled table), not a path")
+        if label_path is not None and not _is_upload(label_path):
+            raise http_error(400, "params 'label' cannot name a server file: upload the label file "
+                             "(form field 'label') or choose a stored label with 'label_tag'")
         try:
-            if not (isinstance(label_path, str) and os.path.exists(label_path)):
+            if label_path is None:
                 label_path = self._stored_label(image_path, str(req.get("label_tag") or "final"))
             result = quantify_request(image_path, label_path, req, reference_dirs=self._reference_dirs())
         except SarcoError as exc:
