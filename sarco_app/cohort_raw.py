@@ -42,6 +42,7 @@ class RawInput:
     series: int | None = None
     skip: str | None = None
     error: str | None = None
+    files: list[Path] | None = None  # loose DICOM files read together (``path`` is their folder)
 
 
 def _stem(path: Path) -> str:
@@ -66,7 +67,8 @@ def find_raw_inputs(input_dir: str | Path) -> list[RawInput]:
         elif path.is_file() and path.suffix.lower() not in (".json", ".txt", ".csv", ".md", ".xlsx", ".png"):
             loose_files.append(path)
     if loose_files:
-        # Loose files directly in the folder: read them as DICOM together, one row per series.
+        # Loose files directly in the folder: read them as DICOM together, one row per series
+        # (sub-folders are studies of their own, so the folder itself is not read recursively).
         entries.extend(_dicom_entries(input_dir, input_dir.name or "dicom", files=loose_files))
     return entries
 
@@ -75,18 +77,13 @@ def _dicom_entries(path: Path, name: str, files: list[Path] | None = None) -> li
     from sarco_app import ingest
 
     try:
-        if files is not None:
-            series = []
-            for f in files:
-                try:
-                    series.extend(ingest.list_series(f))
-                except SarcoError as exc:
-                    series.append(exc)
-            return [_series_entry(f"{name}/{f.name}", f, s, 0) for f, s in zip(files, series)]
-        found = ingest.list_series(path)
+        found = ingest.list_series(files if files is not None else path)
     except SarcoError as exc:
         return [RawInput(name, path, error=str(exc))]
-    return [_series_entry(name if len(found) == 1 else f"{name}#{i}", path, s, i) for i, s in enumerate(found)]
+    entries = [_series_entry(name if len(found) == 1 else f"{name}#{i}", path, s, i) for i, s in enumerate(found)]
+    for entry in entries:
+        entry.files = files
+    return entries
 
 
 def _series_entry(name: str, path: Path, series: Any, index: int) -> RawInput:
@@ -130,7 +127,7 @@ def process_input(entry: RawInput, method: str = "unet", model: Any = None,
         row["status"] = f"skipped: {entry.skip}"
         return row, None
     try:
-        image = ingest.load_image(entry.path, series=entry.series)
+        image = ingest.load_image(entry.files or entry.path, series=entry.series)
     except (ValueError, OSError) as exc:
         row["status"] = f"unreadable: {exc}"
         return row, None

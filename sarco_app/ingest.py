@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -416,9 +416,12 @@ def _read_header(source: Any, name: str):
         raise IngestError(f"{name}: damaged DICOM file ({type(exc).__name__}: {exc})") from exc
 
 
-def _iter_dicom_sources(path: Path) -> Iterable[tuple[Any, str]]:
-    """(readable source, display name) for every candidate file under ``path``."""
-    if path.is_dir():
+def _iter_dicom_sources(path: Path | list[Path]) -> Iterable[tuple[Any, str]]:
+    """(readable source, display name) for every candidate file under ``path`` (or in a list)."""
+    if isinstance(path, list):
+        for file in path:
+            yield file, file.name
+    elif path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             if file.name.startswith(".") or file.suffix.lower() in (".json", ".txt", ".csv", ".md"):
                 continue
@@ -452,33 +455,61 @@ def _series_key(ds: Any) -> str:
     )
 
 
-def list_series(path: str | Path) -> list[SeriesInfo]:
-    """All image series under a DICOM file, folder (recursive) or zip, largest first.
-
-    Files that are not DICOM are skipped in folders and zips; a single file that is not DICOM
-    is an error.
-    """
+def _as_source(path: str | Path | Sequence[str | Path]) -> Path | list[Path]:
+    """A path, or a list of file paths (e.g. loose slices picked from a folder), checked to exist."""
+    if isinstance(path, (list, tuple)):
+        files = [Path(p) for p in path]
+        if not files:
+            raise IngestError("no files given")
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            raise IngestError(f"{missing}: no such file")
+        return files
     path = Path(path)
     if not path.exists():
         raise IngestError(f"{path}: no such file or folder")
+    return path
+
+
+def _source_name(source: Path | list[Path]) -> str:
+    if isinstance(source, list):
+        return f"{source[0].parent} ({len(source)} files)"
+    return str(source)
+
+
+def _display_name(path: str | Path | Sequence[str | Path]) -> str:
+    if isinstance(path, (list, tuple)):
+        return f"{Path(path[0]).parent.name} ({len(path)} files)" if path else "no files"
+    return Path(path).name
+
+
+def list_series(path: str | Path | Sequence[str | Path]) -> list[SeriesInfo]:
+    """All image series under a DICOM file, folder (recursive) or zip, or in a list of files,
+    largest first.
+
+    Files that are not DICOM are skipped in folders, zips and lists; a single file that is not
+    DICOM is an error.
+    """
+    path = _as_source(path)
     groups: dict[str, list] = {}
     seen_dicom = 0
     for source, name in _iter_dicom_sources(path):
         ds = _read_header(source, name)
+        single = isinstance(path, Path) and path.is_file() and not zipfile.is_zipfile(path)
         if ds is None:
-            if path.is_file() and not zipfile.is_zipfile(path):
+            if single:
                 raise IngestError(f"{path.name}: not a DICOM file")
             continue
         seen_dicom += 1
         if "PixelData" not in ds and "FloatPixelData" not in ds:
-            if path.is_file() and not zipfile.is_zipfile(path):
+            if single:
                 raise IngestError(f"{path.name}: DICOM file without pixel data")
             continue
         ds.filename_for_messages = name
         groups.setdefault(_series_key(ds), []).append(ds)
     if not groups:
         what = "DICOM files without pixel data" if seen_dicom else "no DICOM files"
-        raise IngestError(f"{path}: {what} found")
+        raise IngestError(f"{_source_name(path)}: {what} found")
     series = []
     for key, datasets in groups.items():
         first = datasets[0]
@@ -541,7 +572,7 @@ def _geometry(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return iop, ipp, spacing
 
 
-def load_dicom(path: str | Path, series: str | int | None = None) -> CTImage:
+def load_dicom(path: str | Path | Sequence[str | Path], series: str | int | None = None) -> CTImage:
     """A DICOM CT series as a canonical :class:`CTImage` in HU.
 
     ``series`` picks one of :func:`list_series` by index or key/UID; by default the CT series
@@ -557,15 +588,15 @@ def load_dicom(path: str | Path, series: str | int | None = None) -> CTImage:
     else:
         matches = [s for s in found if series in (s.key, s.series_uid)]
         if not matches:
-            raise IngestError(f"series {series!r} not found under {path}")
+            raise IngestError(f"series {series!r} not found under {_source_name(_as_source(path))}")
         chosen = matches[0]
     if chosen.modality not in ("CT", ""):
         raise IngestError(
-            f"{Path(path).name}: modality {chosen.modality} is not CT (series {chosen.description!r})"
+            f"{_display_name(path)}: modality {chosen.modality} is not CT (series {chosen.description!r})"
         )
     datasets = chosen.datasets
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise IngestError(f"{Path(path).name}: multi-frame (enhanced) CT is not supported yet")
+        raise IngestError(f"{_display_name(path)}: multi-frame (enhanced) CT is not supported yet")
     first_name = getattr(datasets[0], "filename_for_messages", "slice")
     iop0, _, spacing0 = _geometry(datasets[0], first_name)
     row_dir, col_dir = iop0[:3], iop0[3:]
@@ -612,7 +643,7 @@ def load_dicom(path: str | Path, series: str | int | None = None) -> CTImage:
     hu, canon_affine, back = _canonicalise(volume, affine)
     first = placed[0][2]
     meta = {
-        "source": str(path),
+        "source": _source_name(_as_source(path)),
         "format": "dicom",
         "modality": chosen.modality or "CT",
         "series_uid": chosen.series_uid,
@@ -638,8 +669,11 @@ def load_dicom(path: str | Path, series: str | int | None = None) -> CTImage:
 # --------------------------------------------------------------------------- entry point
 
 
-def load_image(path: str | Path, series: str | int | None = None) -> CTImage:
-    """Load a NIfTI file, or a DICOM file / folder / zip, as a canonical :class:`CTImage`."""
+def load_image(path: str | Path | Sequence[str | Path], series: str | int | None = None) -> CTImage:
+    """Load a NIfTI file, or a DICOM file / folder / zip / list of files, as a canonical
+    :class:`CTImage`."""
+    if isinstance(path, (list, tuple)):
+        return load_dicom(path, series=series)
     path = Path(path)
     if not path.exists():
         raise IngestError(f"{path}: no such file or folder")

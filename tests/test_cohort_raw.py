@@ -3,6 +3,8 @@ with good, broken, non-CT, non-axial and L3-less inputs mixed."""
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -66,6 +68,23 @@ def test_cohort_input_mixes_good_broken_and_skipped_inputs(raw_folder, tmp_path,
     overlays = sorted(p.name for p in (tmp_path / "cohort_overlays").glob("*.png"))
     assert overlays == ["ct_study.png", "good.png"]
     assert "cohort" in captured.err and "broken: unreadable" in captured.err
+
+
+def test_cohort_input_reads_loose_dicom_slices_as_one_series(raw_folder, tmp_path):
+    root, _, lower_truth = raw_folder
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    slices = sorted((root / "ct_study").iterdir())
+    for path in slices:
+        shutil.copy(path, loose / path.name)
+    (loose / "notes.txt").write_text("not a scan")
+    out = tmp_path / "loose.xlsx"
+    assert main(["cohort", "--input", str(loose), "--out", str(out), "--method", "threshold",
+                 "--no-overlays"]) == 0
+    frame = pd.read_csv(out.with_suffix(".csv"))
+    assert list(frame["id"]) == ["loose"] and frame.loc[0, "status"] == "ok"  # one row, not one per file
+    assert abs(frame.loc[0, "l3_z_mm"] - lower_truth.l3_z_mm) <= 5.0
+    assert frame.loc[0, "sex"] == "F"
 
 
 def test_cohort_input_needs_a_folder(tmp_path, capsys):
