@@ -134,3 +134,19 @@ def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
     assert checkpoint.is_file()
     _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
     assert result["model"] == str(checkpoint)
+
+
+def test_damaged_retrained_checkpoint_falls_back_to_the_shipped_model(server, model_dir):
+    checkpoint = model_dir / "bodycomp_unet.pt"
+    backup = checkpoint.read_bytes() if checkpoint.is_file() else None
+    checkpoint.write_bytes(b"PK\x03\x04 a checkpoint cut short by a full disk")
+    try:
+        _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
+        assert result["model"] == str(SHIPPED_MODEL_PATH)
+        assert len(result["warnings"]) == 1 and "not a readable model checkpoint" in result["warnings"][0]
+        assert result["pixels"]["muscle"] > 0
+    finally:
+        if backup is None:
+            checkpoint.unlink()
+        else:
+            checkpoint.write_bytes(backup)

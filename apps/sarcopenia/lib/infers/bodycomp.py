@@ -81,6 +81,24 @@ class BodyCompInfer(DirectInferTask):
                 return Path(path)
         return None
 
+    def _load_model(self) -> tuple[Any, list[str]]:
+        """The first readable checkpoint of the candidates, and a warning for each damaged one
+        skipped (a retrained checkpoint that cannot be read falls back to the shipped model)."""
+        from sarco_app.segment import get_model
+
+        paths = self._model_paths() if callable(self._model_paths) else self._model_paths
+        existing = [Path(p) for p in paths if Path(p).is_file()]
+        if not existing:
+            raise http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
+        warnings: list[str] = []
+        for path in existing:
+            try:
+                return get_model(path), warnings
+            except SarcoError as exc:
+                logger.warning(f"skipping model {path}: {exc}")
+                warnings.append(f"{path}: {exc}")
+        raise http_error(500, "no readable body-composition model: " + "; ".join(warnings))
+
     def is_valid(self) -> bool:
         return self.method == "threshold" or self.model_path() is not None
 
@@ -111,11 +129,9 @@ class BodyCompInfer(DirectInferTask):
 
         begin = time.time()
         req, image_path = self.request_with_image(request, f"bodycomp_{self.method}")
-        model = None
+        model, warnings = None, []
         if self.method == "unet":
-            model = self.model_path()
-            if model is None:
-                raise http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
+            model, warnings = self._load_model()
         try:
             image = load_image(image_path)
             slices, source = self._slices(image, req)
@@ -146,5 +162,7 @@ class BodyCompInfer(DirectInferTask):
             "label_names": dict(LABELS),
             "latencies": {"segment": round(t_segment, 3), "total": round(time.time() - begin, 3)},
         }
+        if warnings:
+            result_json["warnings"] = [f"{w}; used the next model" for w in warnings]
         logger.info(f"bodycomp_{self.method} on {image_path}: slices {result.slices[:5]} ({source})")
         return out, result_json
