@@ -493,9 +493,9 @@ def list_series(path: str | Path | Sequence[str | Path]) -> list[SeriesInfo]:
     path = _as_source(path)
     groups: dict[str, list] = {}
     seen_dicom = 0
+    single = isinstance(path, Path) and path.is_file() and not zipfile.is_zipfile(path)
     for source, name in _iter_dicom_sources(path):
         ds = _read_header(source, name)
-        single = isinstance(path, Path) and path.is_file() and not zipfile.is_zipfile(path)
         if ds is None:
             if single:
                 raise IngestError(f"{path.name}: not a DICOM file")
