@@ -191,17 +191,8 @@ def quantify_studies(
             row["status"] = f"error: {type(exc).__name__}: {exc}"
         rows.append(row)
 
-    frame, csv_path, summary_csv = write_workbook(rows, out_path, reference, cutoffs)
-    failed = int((frame["status"] != "ok").sum())
-    return {
-        "rows": rows,
-        "xlsx": out_path,
-        "csv": csv_path,
-        "summary_csv": summary_csv,
-        "overlay_dir": overlay_dir if overlays else None,
-        "unlabelled": unlabelled,
-        "failed": failed,
-    }
+    written = write_workbook(rows, out_path, reference, cutoffs)
+    return {**written, "overlay_dir": overlay_dir if overlays else None, "unlabelled": unlabelled}
 
 
 def resolve_outputs(out_path, reference, cutoffs) -> tuple[Path, ReferenceTable, Cutoffs]:
@@ -242,7 +233,8 @@ def write_workbook(
     """Write the cohort's workbook (sheets ``scans``, ``summary``, ``reference``) to ``out_path``
     and the scans and summary as ``<stem>.csv`` and ``<stem>_summary.csv`` beside it.
 
-    Returns the scans frame and the two CSV paths."""
+    Returns what the cohort commands report: ``rows``, ``xlsx``, ``csv``, ``summary_csv`` and
+    ``failed`` (rows whose status is not ``ok``)."""
     import pandas as pd
 
     frame = _order_columns(pd.DataFrame.from_records(rows))
@@ -261,7 +253,8 @@ def write_workbook(
     frame.to_csv(csv_path, index=False)
     summary_csv = out_path.with_name(out_path.stem + "_summary.csv")
     summary.to_csv(summary_csv, index=False)
-    return frame, csv_path, summary_csv
+    return {"rows": rows, "xlsx": out_path, "csv": csv_path, "summary_csv": summary_csv,
+            "failed": int((frame["status"] != "ok").sum())}
 
 
 def _load_pair(image_path: Path, label_path: Path) -> tuple[CTImage, np.ndarray]:

@@ -221,16 +221,8 @@ def quantify_raw_folder(
             row = {"id": entry.name, "status": f"error: {type(exc).__name__}: {exc}", "image": str(entry.path)}
         rows.append(row)
 
-    frame, csv_path, summary_csv = write_workbook(
+    written = write_workbook(
         rows, out_path, reference, cutoffs,
         lead_columns=("id", "status", "l3_slice_index", "l3_z_mm", "l3_confidence", "segmentation"),
     )
-    return {
-        "rows": rows,
-        "xlsx": out_path,
-        "csv": csv_path,
-        "summary_csv": summary_csv,
-        "overlay_dir": overlay_dir if overlays else None,
-        "failed": int((frame["status"] != "ok").sum()),
-        "method": method,
-    }
+    return {**written, "overlay_dir": overlay_dir if overlays else None, "method": method}
