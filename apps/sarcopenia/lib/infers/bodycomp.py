@@ -73,21 +73,22 @@ class BodyCompInfer(DirectInferTask):
             config=config,
         )
 
+    def _existing_models(self) -> list[Path]:
+        """The configured checkpoint candidates that exist, preferred first."""
+        paths = self._model_paths() if callable(self._model_paths) else self._model_paths
+        return [Path(p) for p in paths if Path(p).is_file()]
+
     def model_path(self) -> Path | None:
         """The first existing checkpoint of the configured candidates."""
-        paths = self._model_paths() if callable(self._model_paths) else self._model_paths
-        for path in paths:
-            if Path(path).is_file():
-                return Path(path)
-        return None
+        existing = self._existing_models()
+        return existing[0] if existing else None
 
     def _load_model(self) -> tuple[Any, list[str]]:
         """The first readable checkpoint of the candidates, and a warning for each damaged one
         skipped (a retrained checkpoint that cannot be read falls back to the shipped model)."""
         from sarco_app.segment import get_model
 
-        paths = self._model_paths() if callable(self._model_paths) else self._model_paths
-        existing = [Path(p) for p in paths if Path(p).is_file()]
+        existing = self._existing_models()
         if not existing:
             raise http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
         warnings: list[str] = []

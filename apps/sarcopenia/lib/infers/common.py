@@ -41,3 +41,15 @@ class DirectInferTask(BasicInferTask):
         if not isinstance(image_path, str) or not os.path.exists(image_path):
             raise http_error(400, f"{task_name} needs an image from the datastore or an uploaded file")
         return req, image_path
+
+
+def datastore_image_id(store: Any, image_path: str) -> str | None:
+    """The id of the datastore image stored at ``image_path`` (None for an uploaded file)."""
+    wanted = os.path.realpath(image_path)
+    for image_id in store.list_images():
+        try:
+            if os.path.realpath(store.get_image_uri(image_id)) == wanted:
+                return image_id
+        except Exception:  # an image the datastore cannot resolve is not ours
+            continue
+    return None

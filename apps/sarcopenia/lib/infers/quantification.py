@@ -25,7 +25,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from sarco_app.errors import SarcoError
 
-from lib.infers.common import DirectInferTask, http_error
+from lib.infers.common import DirectInferTask, datastore_image_id, http_error
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +77,7 @@ class QuantificationInfer(DirectInferTask):
     def _stored_label(self, image_path: str, tag: str) -> str:
         """Path of the ``tag`` label stored for the datastore image at ``image_path``."""
         store = self._get_datastore()
-        wanted = os.path.realpath(image_path)
-        image_id = None
-        for candidate in store.list_images():
-            try:
-                if os.path.realpath(store.get_image_uri(candidate)) == wanted:
-                    image_id = candidate
-                    break
-            except Exception:  # an image the datastore cannot resolve is not ours
-                continue
+        image_id = datastore_image_id(store, image_path)
         if image_id is None:
             raise http_error(400, "no label sent and the image is not in the datastore: send a label file")
         label_id = store.get_label_by_image_id(image_id, tag)

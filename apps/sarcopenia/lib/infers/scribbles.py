@@ -21,13 +21,13 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from sarco_app import interactive
 from sarco_app.errors import SarcoError
 from sarco_app.labels import LABELS
+
+from lib.infers.common import DirectInferTask, datastore_image_id, http_error
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _DESCRIPTIONS = {
 }
 
 
-class TissueScribblesInfer(BasicInferTask):
+class TissueScribblesInfer(DirectInferTask):
     """One of the semi-automatic tools as a MONAI Label scribbles task (2D, slice by slice)."""
 
     def __init__(self, method: str, datastore: Optional[Callable[[], Any]] = None):
@@ -55,26 +55,18 @@ class TissueScribblesInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return True  # nothing to load
 
-    # No MONAI pipeline runs: __call__ below calls sarco_app directly.
-    def pre_transforms(self, data=None):
-        return []
-
-    def post_transforms(self, data=None):
-        return []
-
     def _current_label_path(self, image_path: str) -> Optional[str]:
         """The datastore's final (else original) label of the requested image, if any."""
         if self._datastore is None:
             return None
         store = self._datastore()
-        for image_id in store.list_images():
-            if os.path.abspath(store.get_image_uri(image_id)) != os.path.abspath(image_path):
-                continue
-            for tag in ("final", "original"):
-                label_id = store.get_label_by_image_id(image_id, tag)
-                if label_id:
-                    return store.get_label_uri(label_id, tag)
+        image_id = datastore_image_id(store, image_path)
+        if image_id is None:
             return None
+        for tag in ("final", "original"):
+            label_id = store.get_label_by_image_id(image_id, tag)
+            if label_id:
+                return store.get_label_uri(label_id, tag)
         return None
 
     def __call__(self, request, callbacks=None) -> Tuple[Optional[str], Dict[str, Any]]:
@@ -84,11 +76,8 @@ class TissueScribblesInfer(BasicInferTask):
         scribbles = req.get("label")
         if isinstance(scribbles, str) and not os.path.exists(scribbles):
             # A JSON param 'label' replaces the uploaded scribble file in MONAI Label's request.
-            raise HTTPException(
-                status_code=400,
-                detail=f"params 'label'={scribbles!r} would replace the scribble file: send the "
-                "target tissue as 'tissue'",
-            )
+            raise http_error(400, f"params 'label'={scribbles!r} would replace the scribble file: send the "
+                             "target tissue as 'tissue'")
         output = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         try:
             options = {k: req.get(k) for k in ("bins", "threshold", "window", "iterations")}
@@ -99,7 +88,7 @@ class TissueScribblesInfer(BasicInferTask):
                 bg_value=self.scribbles_bg_label, fg_value=self.scribbles_fg_label, **options)
         except SarcoError as exc:
             os.unlink(output)
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+            raise http_error(400, str(exc)) from None
         except Exception:
             os.unlink(output)  # no temp file left behind whatever went wrong
             raise
