@@ -471,16 +471,12 @@ def _as_source(path: str | Path | Sequence[str | Path]) -> Path | list[Path]:
     return path
 
 
-def _source_name(source: Path | list[Path]) -> str:
+def _source_name(source: Path | list[Path], short: bool = False) -> str:
+    """A path or list of files (from :func:`_as_source`) for messages; ``short``: names only."""
     if isinstance(source, list):
-        return f"{source[0].parent} ({len(source)} files)"
-    return str(source)
-
-
-def _display_name(path: str | Path | Sequence[str | Path]) -> str:
-    if isinstance(path, (list, tuple)):
-        return f"{Path(path[0]).parent.name} ({len(path)} files)" if path else "no files"
-    return Path(path).name
+        folder = source[0].parent
+        return f"{folder.name if short else folder} ({len(source)} files)"
+    return source.name if short else str(source)
 
 
 def list_series(path: str | Path | Sequence[str | Path]) -> list[SeriesInfo]:
@@ -578,7 +574,8 @@ def load_dicom(path: str | Path | Sequence[str | Path], series: str | int | None
     ``series`` picks one of :func:`list_series` by index or key/UID; by default the CT series
     with the most slices.
     """
-    found = list_series(path)
+    source = _as_source(path)
+    found = list_series(source)
     if series is None:
         chosen = found[0]
     elif isinstance(series, int) or str(series).isdigit():
@@ -588,15 +585,15 @@ def load_dicom(path: str | Path | Sequence[str | Path], series: str | int | None
     else:
         matches = [s for s in found if series in (s.key, s.series_uid)]
         if not matches:
-            raise IngestError(f"series {series!r} not found under {_source_name(_as_source(path))}")
+            raise IngestError(f"series {series!r} not found under {_source_name(source)}")
         chosen = matches[0]
     if chosen.modality not in ("CT", ""):
         raise IngestError(
-            f"{_display_name(path)}: modality {chosen.modality} is not CT (series {chosen.description!r})"
+            f"{_source_name(source, short=True)}: modality {chosen.modality} is not CT (series {chosen.description!r})"
         )
     datasets = chosen.datasets
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise IngestError(f"{_display_name(path)}: multi-frame (enhanced) CT is not supported yet")
+        raise IngestError(f"{_source_name(source, short=True)}: multi-frame (enhanced) CT is not supported yet")
     first_name = getattr(datasets[0], "filename_for_messages", "slice")
     iop0, _, spacing0 = _geometry(datasets[0], first_name)
     row_dir, col_dir = iop0[:3], iop0[3:]
@@ -643,7 +640,7 @@ def load_dicom(path: str | Path | Sequence[str | Path], series: str | int | None
     hu, canon_affine, back = _canonicalise(volume, affine)
     first = placed[0][2]
     meta = {
-        "source": _source_name(_as_source(path)),
+        "source": _source_name(source),
         "format": "dicom",
         "modality": chosen.modality or "CT",
         "series_uid": chosen.series_uid,

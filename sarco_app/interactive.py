@@ -211,17 +211,16 @@ def _prepare(hu, tissue, roi, fg, bg, current, spacing, slice_index):
     elif cur2.shape != shape2:
         raise SarcoError(f"current label has shape {cur2.shape} but the image has shape {shape2}")
     roi2 = parse_roi(roi, shape2)
-    value_present = bool(np.any(np.asarray(cur2) == value))
-    if roi2 is None and not fg2.any() and not (bg2.any() and value_present):
-        raise SarcoError(
-            "no foreground scribbles and no roi: draw a rectangle or a foreground scribble "
-            f"(background scribbles alone need {NAMES[value]} in the current label to edit)"
-        )
     if len(tuple(spacing)) < 2 or min(float(s) for s in tuple(spacing)[:2]) <= 0:
         raise SarcoError(f"spacing must be two positive numbers (mm), got {spacing}")
     sx, sy = (float(s) for s in tuple(spacing)[:2])
     inputs = _Inputs(np.asarray(hu2, dtype=np.float32), value, roi2, fg2 & ~bg2, bg2,
                      np.asarray(cur2).astype(np.uint8), (sx, sy))
+    if roi2 is None and not fg2.any() and not (bg2.any() and inputs.editing):
+        raise SarcoError(
+            "no foreground scribbles and no roi: draw a rectangle or a foreground scribble "
+            f"(background scribbles alone need {NAMES[value]} in the current label to edit)"
+        )
 
     def put_back(label2: np.ndarray) -> np.ndarray:
         if not ndim3:
