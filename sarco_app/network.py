@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -157,3 +157,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
         path=str(path),
         mtime=path.stat().st_mtime,
     )
+
+
+def first_readable_checkpoint(paths: Sequence[str | Path]) -> tuple[Path | None, list[str]]:
+    """The first of ``paths`` that loads as a checkpoint, and a message for each existing file
+    skipped because it cannot be read (a retrained checkpoint cut short falls back to the next
+    candidate, usually the shipped model). Missing files are passed over silently."""
+    skipped: list[str] = []
+    for path in (Path(p) for p in paths):
+        if not path.is_file():
+            continue
+        try:
+            load_checkpoint(path)
+        except SarcoError as exc:
+            skipped.append(f"{path}: {exc}")
+            continue
+        return path, skipped
+    return None, skipped

@@ -80,6 +80,37 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint to fine-tune from (same network config)
     time_limit_s: float | None = None
 
+    def check(self) -> None:
+        """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
+        problems = []
+
+        def need(ok: bool, text: str) -> None:
+            if not ok:
+                problems.append(text)
+
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs!r})")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch_size must be >= 1 (got {self.batch_size!r})")
+        need(isinstance(self.crop, int) and self.crop >= 32 and self.crop % 16 == 0,
+             f"crop must be a multiple of 16 and >= 32 pixels (got {self.crop!r})")
+        need(self.iterations_per_epoch is None
+             or (isinstance(self.iterations_per_epoch, int) and self.iterations_per_epoch >= 1),
+             f"iterations_per_epoch must be >= 1, or 0/None for one pass (got {self.iterations_per_epoch!r})")
+        need(finite(self.lr) and 0 <= self.lr <= 1, f"lr must be in [0, 1] (got {self.lr!r})")
+        need(finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        need(finite(self.val_fraction) and 0 <= self.val_fraction < 1,
+             f"val_fraction must be in [0, 1) (got {self.val_fraction!r})")
+        need(isinstance(self.max_val, int) and self.max_val >= 1, f"max_val must be >= 1 (got {self.max_val!r})")
+        need(isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1 (got {self.threads!r})")
+        need(self.time_limit_s is None or (finite(self.time_limit_s) and self.time_limit_s > 0),
+             f"time_limit_s must be > 0, or 0/None for none (got {self.time_limit_s!r})")
+        if problems:
+            raise SarcoError("invalid training settings: " + "; ".join(problems))
+
 
 # --------------------------------------------------------------------------- data
 
@@ -306,6 +337,7 @@ def train(
     ``seconds`` and ``checkpoint``.
     """
     config = config or TrainConfig()
+    config.check()
     if not samples:
         raise SarcoError("no training samples")
     torch.set_num_threads(max(1, int(config.threads)))

@@ -114,10 +114,8 @@ def test_bad_slice_is_a_4xx(server):
     assert r.status_code == 400 and "out of range" in r.text
 
 
-def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
-    # From scratch: the first epoch is always written (a fine-tune is written only when it beats
-    # the model it starts from, tests/test_train.py).
-    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False}
+def run_training(server, params) -> tuple[str, str]:
+    """(final status, train log) of ``POST /train/bodycomp_unet`` with ``params``."""
     r = requests.post(f"{server}/train/bodycomp_unet", json=params, timeout=30)
     assert r.status_code == 200, r.text
     deadline = time.time() + 400
@@ -127,8 +125,15 @@ def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
         if status.get("status") in ("DONE", "ERROR"):
             break
         time.sleep(2)
-    assert status.get("status") == "DONE", status
-    log = "\n".join(status.get("details", []))
+    return status.get("status"), "\n".join(status.get("details", []))
+
+
+def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
+    # From scratch: the first epoch is always written (a fine-tune is written only when it beats
+    # the model it starts from, tests/test_train.py).
+    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False}
+    status, log = run_training(server, params)
+    assert status == "DONE", log
     assert "val dice" in log
     checkpoint = model_dir / "bodycomp_unet.pt"
     assert checkpoint.is_file()
@@ -148,5 +153,35 @@ def test_damaged_retrained_checkpoint_falls_back_to_the_shipped_model(server, mo
     finally:
         if backup is None:
             checkpoint.unlink()
+        else:
+            checkpoint.write_bytes(backup)
+
+
+def test_train_rejects_bad_params_before_reading_data(server, model_dir):
+    before = sorted(p.name for p in model_dir.iterdir())
+    status, log = run_training(server, {"epochs": "ten", "crop": 100, "lr": -1})
+    assert status == "ERROR"
+    assert "epochs must be an integer, not 'ten'" in log
+    status, log = run_training(server, {"epochs": 0, "crop": 100, "lr": -1})
+    assert status == "ERROR"
+    for text in ("epochs must be >= 1", "crop must be a multiple of 16", "lr must be in [0, 1]"):
+        assert text in log
+    assert "labelled images" not in log  # failed before the datastore's labels were read
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_fine_tune_skips_a_damaged_retrained_checkpoint(server, model_dir):
+    checkpoint = model_dir / "bodycomp_unet.pt"
+    backup = checkpoint.read_bytes() if checkpoint.is_file() else None
+    checkpoint.write_bytes(b"PK\x03\x04 a checkpoint cut short by a full disk")
+    try:
+        params = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 2, "crop": 64, "fine_tune": True}
+        status, log = run_training(server, params)
+        assert status == "DONE", log
+        assert f"skipping unreadable checkpoint {checkpoint}" in log
+        assert f"fine-tuning {SHIPPED_MODEL_PATH}" in log
+    finally:
+        if backup is None:
+            checkpoint.unlink(missing_ok=True)
         else:
             checkpoint.write_bytes(backup)

@@ -64,9 +64,27 @@ def test_train_cli_writes_a_checkpoint_inference_loads(studies, tmp_path):
     assert result.label.shape == ph.hu.shape and result.model_path == str(out)
 
 
-def test_train_cli_errors(tmp_path):
+def test_train_cli_errors(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt")]) != 0
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--epochs", "0"]) != 0
+    assert "epochs must be >= 1" in capsys.readouterr().err
+    # Settings are checked before the (missing) studies are read: the message names the setting.
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--crop", "100"]) != 0
+    assert "crop must be a multiple of 16" in capsys.readouterr().err
+
+
+def test_train_config_check_names_every_bad_setting():
+    from sarco_app.train import TrainConfig, train
+
+    TrainConfig().check()  # the defaults are valid
+    with pytest.raises(SarcoError) as err:
+        TrainConfig(epochs=0, lr=float("nan"), batch_size=-1, time_limit_s=-5).check()
+    text = str(err.value)
+    for setting in ("epochs", "lr", "batch_size", "time_limit_s"):
+        assert f"{setting} must be" in text
+    ph = generate(8, spacing_mm=2.0, size=128)
+    with pytest.raises(SarcoError, match="iterations_per_epoch"):
+        train([Sample(ph.hu, ph.label, ph.spacing)], "unused.pt", TrainConfig(iterations_per_epoch=0))
 
 
 def test_fine_tune_that_does_not_improve_keeps_the_model(studies, tmp_path, capsys):

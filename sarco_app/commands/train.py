@@ -32,11 +32,8 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from sarco_app.errors import SarcoError
     from sarco_app.train import TrainConfig, train_from_folder
 
-    if args.epochs < 1 or args.batch_size < 1 or args.crop < 32:
-        raise SarcoError("--epochs and --batch-size must be >= 1 and --crop >= 32")
     config = TrainConfig(
         epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch,
@@ -48,6 +45,7 @@ def run(args) -> int:
         augment=not args.no_augment,
         threads=args.threads,
     )
+    config.check()  # bad settings fail before the studies are read
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result["best_dice"].items() if v is not None)
     if result["checkpoint"] is None:

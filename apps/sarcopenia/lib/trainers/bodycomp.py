@@ -21,13 +21,9 @@ from typing import Any, Callable, Sequence
 
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.infers.common import as_bool
+
 logger = logging.getLogger(__name__)
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 class BodyCompTrainer(TrainTask):
@@ -49,9 +45,47 @@ class BodyCompTrainer(TrainTask):
             "time_limit_s": 0,
         }
 
-    def _init_checkpoint(self) -> Path | None:
+    def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
+        """The first readable candidate; a damaged retrained checkpoint is skipped (logged)."""
+        from sarco_app.network import first_readable_checkpoint
+
         paths = self._init_paths() if callable(self._init_paths) else self._init_paths
-        return next((Path(p) for p in paths if Path(p).is_file()), None)
+        path, skipped = first_readable_checkpoint(paths)
+        for message in skipped:
+            log(f"bodycomp_unet: skipping unreadable checkpoint {message}")
+        return path
+
+    def _train_config(self, request: dict[str, Any]):
+        """Request params -> :class:`~sarco_app.train.TrainConfig`, checked before any data is read."""
+        from sarco_app.errors import SarcoError
+        from sarco_app.train import TrainConfig
+
+        req = dict(self.config())
+        req.update({k: v for k, v in request.items() if k in req})
+        values: dict[str, Any] = {}
+        problems = []
+        for key in ("epochs", "iterations_per_epoch", "batch_size", "crop", "seed", "lr", "time_limit_s"):
+            kind = float if key in ("lr", "time_limit_s") else int
+            try:
+                number = float(req[key])
+                if kind is int and not number.is_integer():
+                    raise ValueError
+                values[key] = kind(number)
+            except (TypeError, ValueError):
+                problems.append(f"{key} must be {'a number' if kind is float else 'an integer'}, not {req[key]!r}")
+        if problems:
+            raise SarcoError("invalid training params: " + "; ".join(problems))
+        config = TrainConfig(
+            epochs=values["epochs"],
+            iterations_per_epoch=values["iterations_per_epoch"] or None,
+            batch_size=values["batch_size"],
+            crop=values["crop"],
+            lr=values["lr"],
+            seed=values["seed"],
+            time_limit_s=values["time_limit_s"] or None,
+        )
+        config.check()
+        return config, as_bool(req["fine_tune"])
 
     def stats(self) -> dict[str, Any]:
         if not self.output_path.is_file():
@@ -66,29 +100,22 @@ class BodyCompTrainer(TrainTask):
                 "val_dice": meta.get("val_dice"), "seconds": meta.get("seconds")}
 
     def __call__(self, request, datastore):
-        from sarco_app.train import TrainConfig, load_pairs, train
-
-        req = dict(self.config())
-        req.update({k: v for k, v in request.items() if k in req})
-        pairs = [(d["image"], d["label"]) for d in datastore.datalist()]
-        if not pairs:
-            raise ValueError("no final labels in the datastore: save some labels before training")
-        samples = load_pairs(pairs)
-        init = self._init_checkpoint() if _as_bool(req["fine_tune"]) else None
-        config = TrainConfig(
-            epochs=int(req["epochs"]),
-            iterations_per_epoch=int(req["iterations_per_epoch"]) or None,
-            batch_size=int(req["batch_size"]),
-            crop=int(req["crop"]),
-            lr=float(req["lr"]),
-            seed=int(req["seed"]),
-            init_from=str(init) if init else None,
-            time_limit_s=float(req["time_limit_s"]) or None,
-        )
+        from sarco_app.train import load_pairs, train
 
         def log(line: str) -> None:
             print(line, flush=True)  # MONAI Label collects the process's stdout as the train log
 
+        try:
+            config, fine_tune = self._train_config(request)
+        except Exception as exc:
+            log(f"bodycomp_unet: {exc}")  # the reason shows in GET /train/ details
+            raise
+        pairs = [(d["image"], d["label"]) for d in datastore.datalist()]
+        if not pairs:
+            raise ValueError("no final labels in the datastore: save some labels before training")
+        samples = load_pairs(pairs)
+        init = self._init_checkpoint(log) if fine_tune else None
+        config.init_from = str(init) if init else None
         log(f"bodycomp_unet: {len(pairs)} labelled images, {len(samples)} slices; "
             f"{'fine-tuning ' + str(init) if init else 'training from scratch'} -> {self.output_path}")
         result = train(samples, self.output_path, config, log=log)
