@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from sarco_app import interactive
 from sarco_app.errors import SarcoError
@@ -64,6 +65,25 @@ def bowel_loop(hu, truth):
     sizes = np.bincount(regions.ravel())
     sizes[0] = 0
     return regions == int(np.argmax(sizes))
+
+
+def muscle_plane(seed: int = 0):
+    """:func:`synthetic_slice` (no bowel) with a thin fat plane (~0 HU, partial volume) splitting
+    the muscle ring into two layers over its left side, as between abdominal wall layers.
+    Returns (hu, truth, plane, line): truth has the plane as background; ``line`` is a
+    one-pixel stroke along the plane's middle, 30 pixels long."""
+    hu, truth = synthetic_slice(bowel=False, seed=seed)
+    nx, ny = truth.shape
+    x, y = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    rho = np.hypot((x - nx / 2) / (nx * 0.33), (y - ny / 2) / (ny * 0.285))
+    left = x < nx / 2 - nx * 0.2
+    plane = (np.abs(rho - 1.0) < 0.012) & left & (truth == MUSCLE)
+    hu = hu.copy()
+    hu[plane] = np.random.default_rng(seed + 1).normal(-5, 8, plane.sum())
+    truth = truth.copy()
+    truth[plane] = 0
+    line = plane & (np.abs(y - ny / 2) < 15)
+    return hu, truth, plane, line
 
 
 def bbox(mask, margin=3):
@@ -182,6 +202,26 @@ def test_background_stroke_edits_a_stored_label(tool):
     # Without the tissue in the current label a background stroke alone has nothing to edit.
     with pytest.raises(SarcoError, match="background scribbles alone"):
         tool(hu, "muscle", bg=bg, current=np.where(truth == SAT, SAT, 0), spacing=SPACING)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_background_line_along_a_fat_plane_takes_the_plane_not_the_muscle_beside_it(tool):
+    """A person zoomed in draws a one-pixel background line along a thin fat plane the stored
+    label took as muscle: the plane goes, the muscle layers on both sides stay."""
+    hu, truth, plane, line = muscle_plane()
+    assert line.sum() >= 20 and not ndi.binary_erosion(line).any()
+    current = truth.copy()
+    current[plane] = MUSCLE
+    out = tool(hu, "muscle", bg=line, current=current, spacing=SPACING)
+    beside = ndi.binary_dilation(line, iterations=2) & plane
+    assert np.count_nonzero(out[beside] == MUSCLE) < 0.2 * beside.sum()
+    lost = (truth == MUSCLE) & (out != MUSCLE)
+    assert lost.sum() < 0.5 * line.sum()  # the region rule alone took a band ~8x the line
+    # Without a contrast (a line through tissue of the muscle's own HU) the region rule acts.
+    flat = hu.copy()
+    flat[plane] = 45
+    out = tool(flat, "muscle", bg=line, current=current, spacing=SPACING)
+    assert ((truth == MUSCLE) & (out != MUSCLE)).sum() > 2 * line.sum()
 
 
 def test_volume_slice_index():

@@ -17,7 +17,7 @@ from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, sa
 from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_interactive import bowel_loop, synthetic_slice  # noqa: E402
+from test_interactive import bowel_loop, muscle_plane, synthetic_slice  # noqa: E402
 
 BG, FG = len(LABELS) + 1, len(LABELS) + 2  # MONAI Label's scribble values for 4 labels
 SPACING = (1.5, 1.5)
@@ -39,6 +39,14 @@ def studies(tmp_path_factory):
     save_image(image, root / "withvat.nii.gz")
     save_label(np.where(truth == VAT, VAT, 0).astype(np.uint8), image,
                root / "labels" / "final" / "withvat.nii.gz")
+    # A slice whose stored label took a thin fat plane between muscle layers as muscle.
+    plane_hu, plane_truth, plane, line = muscle_plane()
+    plane_image = make_image(plane_hu, SPACING)
+    save_image(plane_image, root / "withplane.nii.gz")
+    save_label(np.where(plane, MUSCLE, plane_truth).astype(np.uint8), plane_image,
+               root / "labels" / "final" / "withplane.nii.gz")
+    np.save(root.parent / "plane_line.npy", line)
+    np.save(root.parent / "plane_truth.npy", plane_truth)
     # A 3-slice volume whose middle slice is the phantom.
     vol = np.stack([np.full_like(hu, -1000), hu, np.full_like(hu, -1000)], axis=2)
     save_image(make_image(vol, SPACING + (5.0,)), root / "vol.nii.gz")
@@ -143,6 +151,18 @@ def test_background_stroke_edits_the_stored_label(server, studies, truth):
     label = _label(res, studies / "withloop.nii.gz")
     assert np.count_nonzero(label[wrong] == MUSCLE) < 0.1 * wrong.sum()
     assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
+
+
+@pytest.mark.parametrize("model", ["backprojection", "grabcut"])
+def test_background_line_along_a_plane_edits_only_the_plane(server, studies, model):
+    line = np.load(studies.parent / "plane_line.npy")
+    truth = np.load(studies.parent / "plane_truth.npy")
+    scribbles = np.where(line, BG, 0).astype(np.uint8)
+    res = _infer(server, model, "withplane", {"tissue": "muscle"},
+                 _nifti_bytes(scribbles, studies / "withplane.nii.gz"))
+    label = _label(res, studies / "withplane.nii.gz")
+    assert not (label[line] == MUSCLE).any()
+    assert ((truth == MUSCLE) & (label != MUSCLE)).sum() < 0.5 * line.sum()
 
 
 def test_volume_with_slice_index(server, studies, truth):
