@@ -380,13 +380,13 @@ def plot(sessions, path: str, tissues, methods) -> None:
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(12, 6.5))
-    grid = fig.add_gridspec(2, len(tissues))
+    n = len(tissues)
+    grid = fig.add_gridspec(2, 2 * n)  # top: two plots of n columns; bottom: one per tissue
     width = 0.8 / len(methods)
     x = np.arange(len(tissues))
     for col, (column, title) in enumerate((("interactions", "interactions to IoU >= 0.95 (cap 10)"),
                                            ("interactions_to_090", "interactions to IoU >= 0.90 (cap 10)"))):
-        half = len(tissues) // 2
-        ax = fig.add_subplot(grid[0, col * half:(col + 1) * half])
+        ax = fig.add_subplot(grid[0, col * n:(col + 1) * n])
         for j, m in enumerate(methods):
             sub = sessions[sessions.method == m].groupby("tissue")[column].mean()
             ax.bar(x + j * width, [sub.get(t, np.nan) for t in tissues], width, label=m)
@@ -397,7 +397,7 @@ def plot(sessions, path: str, tissues, methods) -> None:
         if col == 0:
             ax.legend(fontsize=8, loc="lower left")
     for i, tissue in enumerate(tissues):
-        ax = fig.add_subplot(grid[1, i])
+        ax = fig.add_subplot(grid[1, 2 * i:2 * i + 2])
         for m in methods:
             sub = sessions[(sessions.method == m) & (sessions.tissue == tissue)]
             curves = []
