@@ -148,7 +148,6 @@ def postprocess(
     hu_refine: bool = False,
     border_mm: float = 1.0,
     border_min_prob: float = 0.05,
-    vat_min_prob: float = 0.2,
 ) -> np.ndarray:
     """Label map from class probabilities with the corrections users expect.
 
@@ -166,9 +165,6 @@ def postprocess(
         ``border_mm`` (see :func:`refine_borders`).
     border_mm, border_min_prob : band (mm) and least class probability of the border
         refinement; ``border_mm`` is half the model's working spacing in :func:`segment_volume`.
-    vat_min_prob : with ``hu_refine``, a fat-HU pixel the network left as background becomes VAT
-        when its VAT probability is at least this (thin fat between bowel loops, narrower than
-        the 2 mm working grid, gets a VAT probability well below the arg-max but above noise).
 
     Returns
     -------
@@ -200,7 +196,6 @@ def postprocess(
         label = refine_borders(label, probs, hu, (sx, sy), border_mm, border_min_prob)
         is_fat = (hu >= L.FAT_HU[0]) & (hu <= L.FAT_HU[1])
         is_muscle = (hu >= L.MUSCLE_HU[0]) & (hu <= L.MUSCLE_HU[1])
-        label[(label == L.BACKGROUND) & is_fat & (probs[L.VAT] >= vat_min_prob)] = L.VAT
         muscle = label == L.MUSCLE
         label[muscle & is_fat] = L.IMAT
         label[muscle & ~is_fat & ~is_muscle] = L.BACKGROUND

@@ -101,22 +101,6 @@ def test_hu_refine_applies_the_clinical_rule():
     assert (label[40:50, 40:50] == L.IMAT).all() and (label[0:40] == L.MUSCLE).all()
 
 
-def test_hu_refine_gives_likely_visceral_fat_left_as_background_to_vat():
-    n = 80
-    hu = np.full((n, n), 40.0, np.float32)
-    hu[30:50, 30:50] = -100.0  # fat, e.g. a sliver between bowel loops
-    hu[30:50, 55:75] = 30.0  # soft tissue with the same probabilities: never VAT
-    probs = np.zeros((L.NUM_CLASSES, n, n), np.float32)
-    probs[L.BACKGROUND] = 1.0
-    probs[L.BACKGROUND, 30:50, 30:75], probs[L.VAT, 30:50, 30:75] = 0.7, 0.3
-    probs[L.BACKGROUND, 30:35, 30:50], probs[L.VAT, 30:35, 30:50] = 0.9, 0.1  # unlikely: stays
-    label = postprocess(probs.copy(), hu, (1.0, 1.0), hu_refine=True)
-    assert (label[35:50, 30:50] == L.VAT).all() and not label[30:35].any()
-    assert not label[:, 55:].any()
-    assert not postprocess(probs.copy(), hu, (1.0, 1.0), hu_refine=True, vat_min_prob=0.5).any()
-    assert not postprocess(probs.copy(), hu, (1.0, 1.0)).any()  # the raw network: arg-max only
-
-
 def test_refine_borders_moves_muscle_and_vat_borders_by_hu_within_the_band():
     n = 60
     hu = np.full((n, n), -100.0, np.float32)  # fat
