@@ -9,9 +9,12 @@ randomness all derive from it. Phantoms are drawn like this (see :func:`phantom_
   real NIfTI has 3 mm pixels);
 * levels L3 (70 %) and L1/L2/L4 (30 %) so that labelling all slices of a volume behaves.
 
-Example (the command recorded in models/MODEL_CARD.md)::
+The shipped model is two runs (recorded in models/MODEL_CARD.md): the defaults (stage 1, 80 min),
+then a fine-tune on another seed's phantoms with larger crops (stage 2, 45 min)::
 
-    .venv/bin/python scripts/train_bodycomp.py --out models/bodycomp_unet.pt
+    .venv/bin/python scripts/train_bodycomp.py --out runs/stage1.pt
+    .venv/bin/python scripts/train_bodycomp.py --seed 7 --init runs/stage1.pt --lr 6e-4 --epochs 90 \
+        --crop 192 --batch-size 4 --time-limit 2700 --out models/bodycomp_unet.pt
 """
 
 from __future__ import annotations
