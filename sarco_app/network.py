@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -159,18 +159,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
     )
 
 
-def first_readable_checkpoint(paths: Sequence[str | Path]) -> tuple[Path | None, list[str]]:
-    """The first of ``paths`` that loads as a checkpoint, and a message for each existing file
-    skipped because it cannot be read (a retrained checkpoint cut short falls back to the next
-    candidate, usually the shipped model). Missing files are passed over silently."""
+def first_readable_model(
+    paths: Sequence[str | Path], load: Callable[[Path], BodyCompModel] | None = None
+) -> tuple[BodyCompModel | None, list[str]]:
+    """The first of ``paths`` that ``load`` (default :func:`load_checkpoint`) can read, and a
+    message for each existing file skipped because it cannot be read (a retrained checkpoint
+    cut short falls back to the next candidate, usually the shipped model). Missing files are
+    passed over silently."""
+    load = load or load_checkpoint
     skipped: list[str] = []
     for path in (Path(p) for p in paths):
         if not path.is_file():
             continue
         try:
-            load_checkpoint(path)
+            return load(path), skipped
         except SarcoError as exc:
             skipped.append(f"{path}: {exc}")
-            continue
-        return path, skipped
     return None, skipped

@@ -86,19 +86,18 @@ class BodyCompInfer(DirectInferTask):
     def _load_model(self) -> tuple[Any, list[str]]:
         """The first readable checkpoint of the candidates, and a warning for each damaged one
         skipped (a retrained checkpoint that cannot be read falls back to the shipped model)."""
+        from sarco_app.network import first_readable_model
         from sarco_app.segment import get_model
 
         existing = self._existing_models()
         if not existing:
             raise http_error(503, "no body-composition model found: train one or ship models/bodycomp_unet.pt")
-        warnings: list[str] = []
-        for path in existing:
-            try:
-                return get_model(path), warnings
-            except SarcoError as exc:
-                logger.warning(f"skipping model {path}: {exc}")
-                warnings.append(f"{path}: {exc}")
-        raise http_error(500, "no readable body-composition model: " + "; ".join(warnings))
+        model, warnings = first_readable_model(existing, load=get_model)  # get_model caches
+        for message in warnings:
+            logger.warning(f"skipping model {message}")
+        if model is None:
+            raise http_error(500, "no readable body-composition model: " + "; ".join(warnings))
+        return model, warnings
 
     def is_valid(self) -> bool:
         return self.method == "threshold" or self.model_path() is not None

@@ -47,13 +47,13 @@ class BodyCompTrainer(TrainTask):
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
         """The first readable candidate; a damaged retrained checkpoint is skipped (logged)."""
-        from sarco_app.network import first_readable_checkpoint
+        from sarco_app.network import first_readable_model
 
         paths = self._init_paths() if callable(self._init_paths) else self._init_paths
-        path, skipped = first_readable_checkpoint(paths)
+        model, skipped = first_readable_model(paths)
         for message in skipped:
             log(f"bodycomp_unet: skipping unreadable checkpoint {message}")
-        return path
+        return Path(model.path) if model else None
 
     def _train_config(self, request: dict[str, Any]):
         """Request params -> :class:`~sarco_app.train.TrainConfig`, checked before any data is read."""
