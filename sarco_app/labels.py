@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 BACKGROUND = 0
 MUSCLE = 1
 SAT = 2  # subcutaneous adipose tissue
@@ -26,6 +28,30 @@ COLORS: dict[int, tuple[int, int, int]] = {
 #: Published HU ranges used for thresholding and sanity checks (Mitsiopoulos 1998 et al.).
 MUSCLE_HU = (-29.0, 150.0)
 FAT_HU = (-190.0, -30.0)
+
+
+def apply_hu_ranges(label: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """The clinical L3 protocol: compartments from ``label``, tissue from HU (Alberta protocol).
+
+    Inside the muscle compartment (muscle or IMAT pixels) a pixel is muscle at -29..150 HU, IMAT
+    at -190..-30 HU and background otherwise; SAT and VAT pixels outside -190..-30 HU become
+    background. This is how expert L3 labels are made (outline, then threshold) and so how
+    published muscle and fat areas are defined. ``label`` and ``hu`` share one shape; returns a
+    new uint8 label map.
+    """
+    label = np.asarray(label)
+    hu = np.asarray(hu)
+    if label.shape != hu.shape:
+        raise ValueError(f"label shape {label.shape} differs from image shape {hu.shape}")
+    is_fat = (hu >= FAT_HU[0]) & (hu <= FAT_HU[1])
+    is_muscle = (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
+    out = label.astype(np.uint8, copy=True)
+    compartment = (label == MUSCLE) | (label == IMAT)
+    out[compartment] = BACKGROUND
+    out[compartment & is_muscle] = MUSCLE
+    out[compartment & is_fat] = IMAT
+    out[((label == SAT) | (label == VAT)) & ~is_fat] = BACKGROUND
+    return out
 
 
 def tissue_value(name_or_value: str | int) -> int:

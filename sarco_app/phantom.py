@@ -25,9 +25,12 @@ Geometry is drawn in patient millimetres (``u`` toward the patient's left, ``v``
 posterior) and rasterised on the pixel grid through a random rotation and shift. The label map
 comes from that partial-volume-free tissue map; intensities, blur and noise are added on top.
 Pixels coarser than 1.1 mm are rendered on a 2-4x finer grid: the image is the average over
-each output pixel (partial volume of skin, fascia, fat planes) and the label the majority class.
-The muscle attenuation is adjusted after blurring so that the median HU inside the muscle label
-equals ``muscle_hu``; fibrous septa inside the SAT belong to the SAT label.
+each output pixel (partial volume of skin, fascia, fat planes) and the anatomical label the
+majority class. The muscle attenuation is adjusted after blurring so that the median HU inside
+the muscle label equals ``muscle_hu``. The returned ``label`` then follows the clinical protocol
+(outline, then threshold): inside the muscle compartment, muscle is -29..150 HU and IMAT
+-190..-30 HU of the final image; SAT and VAT outside -190..-30 HU (fibrous septa, partial volume
+with skin or organs) are background. ``anatomical_label`` keeps the majority map.
 
 Label values are those of :mod:`sarco_app.labels`: 1 skeletal muscle of the trunk (arms are not
 part of the L3 measurement and stay 0), 2 SAT (fat between skin and the outer fascia of the
@@ -141,13 +144,16 @@ _MUSCLE_GAIN = 1.0 / 0.90
 @dataclass
 class Phantom:
     """One synthetic slice. ``hu`` (float32 HU) and ``label`` (uint8) have shape ``(X, Y)`` in
-    canonical orientation; ``spacing`` is (sx, sy) in mm."""
+    canonical orientation; ``spacing`` is (sx, sy) in mm. ``label`` is the protocol truth
+    (compartments exact, tissue by HU: :func:`sarco_app.labels.apply_hu_ranges`);
+    ``anatomical_label`` the majority tissue of each pixel before that rule."""
 
     hu: np.ndarray
     label: np.ndarray
     spacing: tuple[float, float]
     patient: PatientInfo
     params: dict[str, Any] = field(default_factory=dict)
+    anatomical_label: np.ndarray | None = None
 
     def areas_cm2(self) -> dict[str, float]:
         """Area (cm²) of every tissue of the label map: {'muscle', 'sat', 'vat', 'imat'}."""
@@ -643,6 +649,11 @@ class _Builder:
         label = self.label_out
         if self.params["fov_circle"]:
             label[~_circle_mask(self.out_size)] = labels.BACKGROUND  # nothing outside the field
+        # The truth is what the clinical protocol measures on this image: the exact compartments,
+        # with tissue by HU (a 1-px fat plane blurred into the muscle range is muscle, a muscle
+        # border pixel in the fat range IMAT), as an expert thresholding in SliceOmatic gets.
+        anatomical = label
+        label = labels.apply_hu_ranges(anatomical, hu)
         counts = np.bincount(tissue.ravel(), minlength=len(_TISSUE_NAMES)) * (cv.pixel_mm2 / 100.0)
         self.params["structures_cm2"] = {
             "psoas": round(float(counts[_T.PSOAS]), 2),
@@ -661,7 +672,7 @@ class _Builder:
         self.params.update(smi=round(smi, 2), z_mm=float({"L1": -120.0, "L2": -155.0, "L3": -190.0, "L4": -225.0}[self.level]))
         return Phantom(hu=np.ascontiguousarray(hu.T), label=np.ascontiguousarray(label.T),
                        spacing=(float(spacing[0]), float(spacing[1])), patient=self.patient,
-                       params=self.params)
+                       params=self.params, anatomical_label=np.ascontiguousarray(anatomical.T))
 
     # ------------------------------------------------------------------ SAT
 

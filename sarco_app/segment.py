@@ -159,8 +159,9 @@ def postprocess(
         next most likely class.
     imat_margin_mm : IMAT is kept only within the muscle compartment, i.e. the muscle mask
         closed with a disk of this radius (mm).
-    hu_refine : also apply the clinical HU rule: muscle-region pixels in the fat range become
-        IMAT, other out-of-range muscle pixels background; fat labels outside -190..-30 HU
+    hu_refine : also apply the clinical HU rule (:func:`sarco_app.labels.apply_hu_ranges`):
+        inside the muscle compartment (muscle or IMAT) pixels are muscle at -29..150 HU and IMAT
+        at -190..-30 HU, other out-of-range pixels background; SAT / VAT outside -190..-30 HU
         become background. Before the rule, muscle and VAT borders are refined by HU within
         ``border_mm`` (see :func:`refine_borders`).
     border_mm, border_min_prob : band (mm) and least class probability of the border
@@ -194,12 +195,7 @@ def postprocess(
         label = probs.argmax(0).astype(np.uint8)
     if hu_refine:
         label = refine_borders(label, probs, hu, (sx, sy), border_mm, border_min_prob)
-        is_fat = (hu >= L.FAT_HU[0]) & (hu <= L.FAT_HU[1])
-        is_muscle = (hu >= L.MUSCLE_HU[0]) & (hu <= L.MUSCLE_HU[1])
-        muscle = label == L.MUSCLE
-        label[muscle & is_fat] = L.IMAT
-        label[muscle & ~is_fat & ~is_muscle] = L.BACKGROUND
-        label[np.isin(label, (L.SAT, L.VAT, L.IMAT)) & ~is_fat] = L.BACKGROUND
+        label = L.apply_hu_ranges(label, hu)
     return label
 
 

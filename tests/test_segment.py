@@ -101,6 +101,24 @@ def test_hu_refine_applies_the_clinical_rule():
     assert (label[40:50, 40:50] == L.IMAT).all() and (label[0:40] == L.MUSCLE).all()
 
 
+def test_hu_rule_follows_the_protocol_inside_the_muscle_compartment():
+    n = 60
+    hu = np.full((n, n), 40.0, np.float32)
+    hu[10:20, 10:20] = 200.0  # next to bone: out of the muscle range
+    hu[30:40, :] = -100.0  # fat
+    label = np.full((n, n), L.MUSCLE, np.uint8)
+    label[:, 45:] = L.IMAT  # network IMAT on muscle-range pixels is muscle
+    label[30:40, 50:] = L.SAT  # SAT keeps fat-range pixels
+    label[0:5, 50:] = L.VAT  # VAT on muscle-range pixels is background
+    out = L.apply_hu_ranges(label, hu)
+    assert (out[10:20, 10:20] == L.BACKGROUND).all()
+    assert (out[30:40, :45] == L.IMAT).all() and (out[30:40, 50:] == L.SAT).all()
+    assert (out[45:, 45:50] == L.MUSCLE).all() and (out[0:5, 50:] == L.BACKGROUND).all()
+    assert (label[:, 45:50] == L.IMAT).all()  # the input is not modified
+    with pytest.raises(ValueError, match="differs from image shape"):
+        L.apply_hu_ranges(label, hu[:10])
+
+
 def test_refine_borders_moves_muscle_and_vat_borders_by_hu_within_the_band():
     n = 60
     hu = np.full((n, n), -100.0, np.float32)  # fat
