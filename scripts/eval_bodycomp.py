@@ -93,6 +93,7 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_bas
     methods = ("unet", "unet+hu", "threshold")  # raw network, default output, baseline
     overall = {m: {t: [0, 0] for t in TISSUES} for m in methods}
     anatomical = {m: {t: [0, 0] for t in TISSUES} for m in methods}
+    every_case = {m: {t: [] for t in TISSUES} for m in methods}
     for g, (group, spacing, size) in enumerate(GROUPS):
         pooled = {m: {t: [0, 0] for t in TISSUES} for m in methods}
         cases = {m: {t: [] for t in TISSUES} for m in methods}
@@ -118,6 +119,7 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_bas
                     anatomical[m][t][1] += int((pred == v).sum() + (ph.anatomical_label == v).sum())
                     if dice[t] is not None:
                         cases[m][t].append(dice[t])
+                        every_case[m][t].append(dice[t])
                 rows.append({"set": "phantom", "group": group, "case": f"seed {seed}", "method": m,
                              "spacing_mm": round(ph.spacing[0], 3),
                              **{f"dice_{t}": (round(dice[t], 4) if dice[t] is not None else "") for t in TISSUES}})
@@ -137,6 +139,10 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_bas
         print(f"-- all held-out phantoms (pooled Dice{title})")
         for m in methods:
             print(f"  {m:10s} " + " ".join(f"{t} {fmt(2 * a / b if b else None)}" for t, (a, b) in acc[m].items()))
+    print("-- all held-out phantoms (mean of per-case Dice | worst case)")
+    for m in methods:
+        print(f"  {m:10s} " + " ".join(f"{t} {fmt(np.mean(c) if c else None)}" for t, c in every_case[m].items())
+              + " | " + " ".join(f"{t} {fmt(min(c) if c else None)}" for t, c in every_case[m].items()))
 
 
 def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEED) -> None:
