@@ -79,6 +79,9 @@ class TrainConfig:
     augment: bool = True
     init_from: str | None = None  # checkpoint to fine-tune from (same network config)
     time_limit_s: float | None = None
+    # Decide muscle vs IMAT inside the muscle compartment again by HU after intensity
+    # augmentation, so labels keep following the HU protocol the augmentation moved pixels across.
+    relabel_muscle_by_hu: bool = False
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
@@ -278,6 +281,15 @@ def augment_intensity(hu: torch.Tensor, lab: torch.Tensor, gen: torch.Generator)
     return out
 
 
+def relabel_muscle_by_hu(hu: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+    """Labels ``(N, H, W)`` with the muscle compartment (muscle or IMAT) re-split by the HU
+    protocol on ``hu`` (:func:`sarco_app.labels.apply_hu_ranges`); SAT, VAT and background are
+    kept. Used after intensity augmentation: offsets, blur and noise move pixels across -29 HU."""
+    relabelled = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).to(lab.dtype)
+    compartment = (lab == L.MUSCLE) | (lab == L.IMAT)
+    return torch.where(compartment, relabelled, lab)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -401,6 +413,8 @@ def train(
             lab = torch.stack([c[1] for c in crops])
             if config.augment:
                 hu = augment_intensity(hu, lab, gen)
+                if config.relabel_muscle_by_hu:
+                    lab = relabel_muscle_by_hu(hu, lab)
             x = encode_windows(hu, model.windows)
             loss = loss_fn(model.network(x), lab[:, None])
             opt.zero_grad(set_to_none=True)

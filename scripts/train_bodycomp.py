@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--init", type=Path, default=None, help="checkpoint to continue from")
     parser.add_argument("--features", type=str, default="24,24,48,96,192,24",
                         help="BasicUNet features, comma-separated (the shipped model's by default)")
+    parser.add_argument("--relabel-muscle-by-hu", action="store_true",
+                        help="after intensity augmentation, split the muscle compartment into muscle and "
+                             "IMAT again by HU (-29 HU), as the protocol truth does on the final image")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.time()
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
         max_val=args.val_count,
         init_from=str(args.init) if args.init else None,
         time_limit_s=args.time_limit,
+        relabel_muscle_by_hu=args.relabel_muscle_by_hu,
     )
     if args.features:
         features = [int(f) for f in args.features.split(",")]

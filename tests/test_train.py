@@ -13,7 +13,7 @@ from sarco_app.errors import SarcoError
 from sarco_app.network import load_checkpoint
 from sarco_app.phantom import generate, write_cohort
 from sarco_app.segment import segment_volume
-from sarco_app.train import Sample, augment_intensity, load_studies, sample_crop, to_working
+from sarco_app.train import Sample, augment_intensity, load_studies, relabel_muscle_by_hu, sample_crop, to_working
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,16 @@ def test_augmented_crops_keep_image_and_label_aligned():
     # Without augmentation the crop is a plain window: same values as the source.
     plain_hu, plain_lab = sample_crop(hu, lab, 64, gen, augment=False)
     assert set(np.unique(plain_lab.numpy())) <= set(range(5))
+
+
+def test_relabel_muscle_by_hu_resplits_only_the_muscle_compartment():
+    lab = torch.tensor([[[L.MUSCLE, L.MUSCLE, L.IMAT, L.IMAT, L.SAT, L.VAT, L.BACKGROUND, L.MUSCLE]]])
+    hu = torch.tensor([[[40.0, -45.0, 10.0, -90.0, 20.0, 30.0, -60.0, 400.0]]])
+    out = relabel_muscle_by_hu(hu, lab)
+    # Muscle at fat HU -> IMAT, IMAT at muscle HU -> muscle, bone HU -> background; SAT and VAT
+    # keep their label even off the fat range (only the muscle split follows the augmented HU).
+    assert out.tolist() == [[[L.MUSCLE, L.IMAT, L.MUSCLE, L.IMAT, L.SAT, L.VAT, L.BACKGROUND, L.BACKGROUND]]]
+    assert out.dtype == lab.dtype
 
 
 def test_train_cli_writes_a_checkpoint_inference_loads(studies, tmp_path):
