@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from sarco_app import labels as L
@@ -131,12 +132,14 @@ def run_training(server, params) -> tuple[str, str]:
 def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
     # From scratch: the first epoch is always written (a fine-tune is written only when it beats
     # the model it starts from, tests/test_train.py).
-    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False}
+    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False,
+              "relabel_muscle_by_hu": "true"}
     status, log = run_training(server, params)
     assert status == "DONE", log
     assert "val dice" in log
     checkpoint = model_dir / "bodycomp_unet.pt"
     assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=True)["meta"]["train_config"]["relabel_muscle_by_hu"] is True
     _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
     assert result["model"] == str(checkpoint)
 

@@ -64,9 +64,11 @@ def test_relabel_muscle_by_hu_resplits_only_the_muscle_compartment():
 def test_train_cli_writes_a_checkpoint_inference_loads(studies, tmp_path):
     out = tmp_path / "model.pt"
     code = main(["train", "--data", str(studies), "--out", str(out), "--epochs", "2",
-                 "--iterations-per-epoch", "2", "--batch-size", "2", "--crop", "64", "--threads", "1"])
+                 "--iterations-per-epoch", "2", "--batch-size", "2", "--crop", "64", "--threads", "1",
+                 "--relabel-muscle-by-hu"])
     assert code == 0 and out.is_file()
     ckpt = torch.load(out, weights_only=True)
+    assert ckpt["meta"]["train_config"]["relabel_muscle_by_hu"] is True
     assert ckpt["meta"]["iterations"] >= 2 and set(ckpt["meta"]["val_dice"]) == set(L.LABELS)
     model = load_checkpoint(out)
     ph = generate(9, spacing_mm=2.0, size=200)

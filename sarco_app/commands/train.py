@@ -27,6 +27,9 @@ def add_parser(subparsers):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, default=None, help="checkpoint to fine-tune from")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--relabel-muscle-by-hu", action="store_true",
+                        help="after HU augmentation, split the muscle compartment into muscle (-29..150 HU) and "
+                             "IMAT (-190..-30 HU) again, as the L3 protocol does (the shipped model's recipe)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
 
@@ -43,6 +46,7 @@ def run(args) -> int:
         seed=args.seed,
         init_from=str(args.init) if args.init else None,
         augment=not args.no_augment,
+        relabel_muscle_by_hu=args.relabel_muscle_by_hu,
         threads=args.threads,
     )
     config.check()  # bad settings fail before the studies are read

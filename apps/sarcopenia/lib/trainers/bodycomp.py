@@ -10,7 +10,9 @@ request. By default training fine-tunes the current model (retrained, else shipp
 what makes tens of slices enough on a 2-core CPU.
 
 Request params: ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
-``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none).
+``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none),
+``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
+and IMAT again by HU, as the L3 protocol does).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class BodyCompTrainer(TrainTask):
             "seed": 0,
             "fine_tune": True,
             "time_limit_s": 0,
+            "relabel_muscle_by_hu": False,
         }
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
@@ -83,6 +86,7 @@ class BodyCompTrainer(TrainTask):
             lr=values["lr"],
             seed=values["seed"],
             time_limit_s=values["time_limit_s"] or None,
+            relabel_muscle_by_hu=as_bool(req["relabel_muscle_by_hu"]),
         )
         config.check()
         return config, as_bool(req["fine_tune"])
