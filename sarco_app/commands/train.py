@@ -29,7 +29,7 @@ def add_parser(subparsers):
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--relabel-muscle-by-hu", action="store_true",
                         help="after HU augmentation, split the muscle compartment into muscle (-29..150 HU) and "
-                             "IMAT (-190..-30 HU) again, as the L3 protocol does (the shipped model's recipe)")
+                             "IMAT (-190..-30 HU) again, as the L3 protocol does (see models/MODEL_CARD.md)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
 
