@@ -119,6 +119,14 @@ def preprocess(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], m
 
 
 @torch.no_grad()
+def working_logits(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], model: BodyCompModel) -> torch.Tensor:
+    """Network logits ``(N, K, h, w)`` on the model's working grid (padding removed) for HU
+    slices ``(N, X, Y)`` at pixel ``spacing`` (mm)."""
+    x, crop = preprocess(hu_slices, spacing, model)
+    return model.network(x)[:, :, crop[0], crop[1]]
+
+
+@torch.no_grad()
 def predict_probabilities(
     hu_slices: np.ndarray, spacing: Sequence[float], model: BodyCompModel, batch_size: int = 4
 ) -> np.ndarray:
@@ -129,8 +137,7 @@ def predict_probabilities(
     out = np.empty((hu_slices.shape[0], model.num_classes) + hu_slices.shape[1:], dtype=np.float32)
     model.network.eval()
     for start in range(0, hu_slices.shape[0], batch_size):
-        x, crop = preprocess(hu_slices[start : start + batch_size], spacing, model)
-        logits = model.network(x)[:, :, crop[0], crop[1]]
+        logits = working_logits(hu_slices[start : start + batch_size], spacing, model)
         logits = F.interpolate(logits, size=hu_slices.shape[1:], mode="bilinear", align_corners=False)
         out[start : start + batch_size] = torch.softmax(logits, dim=1).numpy()
     return out

@@ -40,7 +40,7 @@ from sarco_app import labels as L  # noqa: E402
 from sarco_app.ingest import load_image  # noqa: E402
 from sarco_app.network import load_checkpoint  # noqa: E402
 from sarco_app.phantom import generate  # noqa: E402
-from sarco_app.segment import dice_per_tissue, preprocess, resample_hu, segment_volume, working_shape  # noqa: E402
+from sarco_app.segment import dice_per_tissue, resample_hu, segment_volume, working_logits, working_shape  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 TISSUES = ("muscle", "sat", "vat", "imat")
@@ -93,9 +93,8 @@ def working_grid_fractions(model, hu_slices, spacing):
 
     hu_slices = np.asarray(hu_slices, dtype=np.float32)
     hu_slices = hu_slices[None] if hu_slices.ndim == 2 else np.moveaxis(hu_slices, -1, 0)
-    x, crop = preprocess(hu_slices, spacing, model)
-    with torch.no_grad():
-        label = model.network(x)[:, :, crop[0], crop[1]].argmax(1).numpy()
+    model.network.eval()
+    label = working_logits(hu_slices, spacing, model).argmax(1).numpy()
     size = working_shape(hu_slices.shape[1:], spacing, model.spacing_mm)
     return hu_fractions(resample_hu(torch.as_tensor(hu_slices), size).numpy(), label)
 
