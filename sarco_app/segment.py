@@ -8,7 +8,8 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
 3. **Network** (2D MONAI U-Net) -> 5 class logits, resampled *back to the original grid*
    (bilinear on logits, so boundaries stay sub-pixel smooth) and soft-maxed.
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
-   ``min_island_mm2`` handed to the next most likely class, IMAT only inside the muscle
+   ``min_island_mm2`` handed to the next most likely class (muscle with its IMAT is one region),
+   IMAT only inside the muscle
    compartment, and (``hu_refine``, on by default) the clinical HU rule applied to the regions:
    the network finds the compartments, HU decides tissue at the original resolution; muscle and
    VAT borders first move by HU within half a working pixel (:func:`refine_borders`).
@@ -44,6 +45,9 @@ SHIPPED_MODEL_PATH = REPO_ROOT / "models" / "bodycomp_unet.pt"
 MODEL_ENV = "SARCO_BODYCOMP_MODEL"
 
 METHODS = ("unet", "threshold")
+#: Tissue regions whose small islands post-processing removes. Muscle and IMAT form one region
+#: (the muscle compartment): IMAT is speckle inside muscle, not an island to be removed.
+ISLAND_GROUPS = ((L.MUSCLE, L.IMAT), (L.SAT,), (L.VAT,))
 
 
 def default_model_path() -> Path:
@@ -163,7 +167,7 @@ def postprocess(
     probs : (K, X, Y) class probabilities on the slice grid (modified in place).
     hu : (X, Y) HU slice; spacing : (sx, sy) mm.
     min_island_mm2 : connected tissue regions smaller than this area (mm^2) are given to the
-        next most likely class.
+        next most likely class; muscle and IMAT count as one region (``ISLAND_GROUPS``).
     imat_margin_mm : IMAT is kept only within the muscle compartment, i.e. the muscle mask
         closed with a disk of this radius (mm).
     hu_refine : also apply the clinical HU rule (:func:`sarco_app.labels.apply_hu_ranges`):
@@ -186,11 +190,12 @@ def postprocess(
     min_px = int(round(min_island_mm2 / (sx * sy)))
     for _ in range(2):  # a second pass catches islands created by the first re-assignment
         changed = False
-        for value in (L.MUSCLE, L.SAT, L.VAT, L.IMAT):
-            mask = label == value
+        for values in ISLAND_GROUPS:
+            mask = np.isin(label, values)
             small = mask & ~remove_small_components(mask, min_px)
             if small.any():
-                probs[value][small] = 0.0
+                for value in values:
+                    probs[value][small] = 0.0
                 changed = True
         if not changed:
             break
