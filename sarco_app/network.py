@@ -8,9 +8,16 @@ A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can re
      "windows": [[-250.0, 250.0], [-1000.0, 1000.0]],     # HU windows -> input channels
      "class_names": ["background", "muscle", "sat", "vat", "imat"],
      "state_dict": {...},
+     "split_head": {"windows": [...], "hidden": 16,       # optional: the native-grid
+                    "state_dict": {...}},                 # muscle/IMAT split (see below)
      "meta": {...}}                                       # training record, metrics
 
 so a model trained with other settings is rebuilt correctly by :func:`load_checkpoint`.
+
+The backbone works on a 2 mm grid, where resampling averages a fat pixel on a muscle border into
+the muscle range. The optional :class:`CompartmentSplitHead` works on the image's own grid: it
+splits the backbone's muscle-compartment probability (muscle + IMAT) into muscle and IMAT from
+the upsampled class logits and each original pixel's HU. Checkpoints without it still load.
 """
 
 from __future__ import annotations
@@ -73,6 +80,49 @@ def encode_windows(hu: torch.Tensor | np.ndarray, windows=DEFAULT_WINDOWS) -> to
     return torch.stack(channels, dim=-3)
 
 
+#: HU windows the split head reads on the original grid: the two backbone windows and a narrow
+#: one around the -30/-29 HU fat/muscle threshold.
+SPLIT_WINDOWS = ((-250.0, 250.0), (-1000.0, 1000.0), (-60.0, 0.0))
+
+
+class CompartmentSplitHead(torch.nn.Module):
+    """Muscle-vs-IMAT split of the muscle compartment on the image's own grid.
+
+    Input: the backbone's class logits resampled to the original grid ``(N, K, H, W)`` and the HU
+    there ``(N, H, W)``. A 3x3 convolution and two 1x1 layers give one logit per pixel, the
+    probability ``q`` that compartment tissue is muscle; :meth:`probabilities` keeps the
+    backbone's background/SAT/VAT probabilities and its compartment mass ``m = p_muscle +
+    p_imat`` and returns ``p_muscle = m q``, ``p_imat = m (1 - q)``. So the head can move a pixel
+    between muscle and IMAT but never changes how much of it is muscle compartment.
+    """
+
+    def __init__(self, num_classes: int = len(CLASS_NAMES), windows=SPLIT_WINDOWS, hidden: int = 16):
+        super().__init__()
+        self.windows = tuple((float(a), float(b)) for a, b in windows)
+        self.hidden = int(hidden)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(num_classes + len(self.windows), self.hidden, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(self.hidden, self.hidden, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(self.hidden, 1, 1),
+        )
+
+    def forward(self, logits: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+        """Muscle-vs-IMAT logit ``(N, H, W)``."""
+        return self.net(torch.cat([logits, encode_windows(hu, self.windows)], dim=1))[:, 0]
+
+    def probabilities(self, logits: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, K, H, W)``: the backbone's softmax with its compartment
+        mass re-split between muscle and IMAT."""
+        probs = torch.softmax(logits, dim=1)
+        compartment = probs[:, L.MUSCLE] + probs[:, L.IMAT]
+        q = torch.sigmoid(self(logits, hu))
+        probs[:, L.MUSCLE] = compartment * q
+        probs[:, L.IMAT] = compartment * (1.0 - q)
+        return probs
+
+
 @dataclass
 class BodyCompModel:
     """A loaded network with the settings it was trained with."""
@@ -83,6 +133,7 @@ class BodyCompModel:
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NETWORK))
     meta: dict[str, Any] = field(default_factory=dict)
+    split_head: CompartmentSplitHead | None = None
     path: str | None = None
     mtime: float | None = None
 
@@ -105,7 +156,7 @@ def new_model(
 
 def checkpoint_dict(model: BodyCompModel, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint dict of ``model`` (see module docstring)."""
-    return {
+    ckpt = {
         "format": CHECKPOINT_FORMAT,
         "network": model.config,
         "spacing_mm": float(model.spacing_mm),
@@ -114,6 +165,14 @@ def checkpoint_dict(model: BodyCompModel, meta: dict[str, Any] | None = None) ->
         "state_dict": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
         "meta": dict(meta if meta is not None else model.meta),
     }
+    if model.split_head is not None:
+        head = model.split_head
+        ckpt["split_head"] = {
+            "windows": [list(w) for w in head.windows],
+            "hidden": head.hidden,
+            "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        }
+    return ckpt
 
 
 def save_checkpoint(model: BodyCompModel, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -147,6 +206,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
     except RuntimeError as exc:
         raise SarcoError(f"{path.name}: weights do not match the network it names ({exc})") from exc
     net.to(device).eval()
+    split_head = None
+    if ckpt.get("split_head") is not None:
+        spec = ckpt["split_head"]
+        try:
+            split_head = CompartmentSplitHead(len(class_names), spec["windows"], spec["hidden"])
+            split_head.load_state_dict(spec["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise SarcoError(f"{path.name}: the split head's weights do not match ({exc})") from exc
+        split_head.to(device).eval()
     return BodyCompModel(
         network=net,
         spacing_mm=float(ckpt["spacing_mm"]),
@@ -154,6 +222,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
         class_names=class_names,
         config=dict(ckpt["network"]),
         meta=dict(ckpt.get("meta", {})),
+        split_head=split_head,
         path=str(path),
         mtime=path.stat().st_mtime,
     )

@@ -6,7 +6,9 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
    multiple of 16; any matrix size and 0.5-3 mm pixels are accepted.
 2. **Encode** HU as one [0, 1] channel per HU window (soft-tissue and wide windows).
 3. **Network** (2D MONAI U-Net) -> 5 class logits, resampled *back to the original grid*
-   (bilinear on logits, so boundaries stay sub-pixel smooth) and soft-maxed.
+   (bilinear on logits, so boundaries stay sub-pixel smooth) and soft-maxed; when the checkpoint
+   has a split head (:class:`sarco_app.network.CompartmentSplitHead`), it re-splits the muscle
+   compartment into muscle and IMAT there, from each original pixel's HU.
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
    ``min_island_mm2`` handed to the next most likely class (muscle with its IMAT is one region),
    IMAT only inside the muscle
@@ -143,7 +145,11 @@ def predict_probabilities(
     for start in range(0, hu_slices.shape[0], batch_size):
         logits = working_logits(hu_slices[start : start + batch_size], spacing, model)
         logits = F.interpolate(logits, size=hu_slices.shape[1:], mode="bilinear", align_corners=False)
-        out[start : start + batch_size] = torch.softmax(logits, dim=1).numpy()
+        if model.split_head is None:
+            probs = torch.softmax(logits, dim=1)
+        else:
+            probs = model.split_head.probabilities(logits, torch.as_tensor(hu_slices[start : start + batch_size]))
+        out[start : start + batch_size] = probs.numpy()
     return out
 
 

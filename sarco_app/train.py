@@ -17,6 +17,10 @@ SynthSeg-like augmentation so a model trained on phantoms copes with real scanne
 Validation Dice per tissue is computed on held-out slices at the working spacing after every
 epoch; the best checkpoint (mean Dice of muscle, SAT, VAT) is written atomically, so a server
 that reloads on file change picks it up at once.
+
+Optionally (``split_head_iterations``) a second phase trains the split head
+(:class:`sarco_app.network.CompartmentSplitHead`) with the backbone frozen, on the slices' own
+grids: :func:`train_split_head`.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ from sarco_app.network import (
     DEFAULT_SPACING_MM,
     DEFAULT_WINDOWS,
     BodyCompModel,
+    CompartmentSplitHead,
     encode_windows,
     load_checkpoint,
     new_model,
     save_checkpoint,
 )
-from sarco_app.segment import pad_to_multiple, resample_hu, working_shape
+from sarco_app.segment import pad_to_multiple, resample_hu, working_logits, working_shape
 
 AIR = -1024.0
 
@@ -82,6 +87,10 @@ class TrainConfig:
     # Decide muscle vs IMAT inside the muscle compartment again by HU after intensity
     # augmentation, so labels keep following the HU protocol the augmentation moved pixels across.
     relabel_muscle_by_hu: bool = False
+    # Then train the split head (muscle vs IMAT on the original grid) for this many iterations of
+    # two slices, the backbone frozen; 0 keeps the initial checkpoint's head, if it has one.
+    split_head_iterations: int = 0
+    split_head_lr: float = 3e-3
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
@@ -94,7 +103,13 @@ class TrainConfig:
         def finite(value) -> bool:
             return isinstance(value, (int, float)) and math.isfinite(value)
 
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs!r})")
+        need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs!r})")
+        need(isinstance(self.split_head_iterations, int) and self.split_head_iterations >= 0,
+             f"split_head_iterations must be >= 0 (got {self.split_head_iterations!r})")
+        need(finite(self.split_head_lr) and 0 < self.split_head_lr <= 1,
+             f"split_head_lr must be in (0, 1] (got {self.split_head_lr!r})")
+        need(self.epochs != 0 or (bool(self.init_from) and self.split_head_iterations > 0),
+             "epochs 0 (no backbone training) needs init_from and split_head_iterations > 0")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1,
              f"batch_size must be >= 1 (got {self.batch_size!r})")
         need(isinstance(self.crop, int) and self.crop >= 32 and self.crop % 16 == 0,
@@ -383,7 +398,7 @@ def train(
         f"spacing {model.spacing_mm} mm"
     )
     best = {"score": -1.0, "dice": {}, "epoch": 0}
-    if config.init_from:
+    if config.init_from and config.epochs > 0:
         # A fine-tune must beat the model it starts from before it may replace it.
         initial = validate(model, val_data)
         best = {"score": _main_score(initial), "dice": initial, "epoch": 0}
@@ -440,20 +455,132 @@ def train(
         if stop:
             log(f"time limit {config.time_limit_s:.0f} s reached in epoch {epoch}; stopping")
             break
-    seconds = time.time() - t0
-    if best["epoch"] == 0:
-        log(f"done in {seconds:.0f} s; no epoch beat the initial model, so {out_path} was not written")
+    written = best["epoch"] > 0
+    if config.epochs == 0:
+        log(f"no backbone epochs: the network of {config.init_from} is kept")
+    elif not written:
+        log(f"no epoch beat the initial model, so {out_path} was not written")
     else:
-        log(f"done in {seconds:.0f} s; best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
+        log(f"backbone done in {time.time() - t0:.0f} s; best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
+    head = None
+    if config.split_head_iterations > 0 and (written or config.epochs == 0):
+        if written:
+            model = load_checkpoint(out_path)  # the best epoch's backbone, not the last one's
+        meta = dict(model.meta)  # the backbone's training record (this run's, or the initial checkpoint's)
+        head = train_split_head(model, samples, config.split_head_iterations, val_samples=val_samples,
+                                lr=config.split_head_lr, seed=config.seed, augment=config.augment,
+                                max_val=config.max_val, log=log)
+        meta["split_head"] = _jsonable(head)
+        save_checkpoint(model, out_path, meta=meta)
+        written = True
+    seconds = time.time() - t0
+    log(f"done in {seconds:.0f} s" + (f"; wrote {out_path}" if written else ""))
     return {
         "best_dice": best["dice"],
         "best_epoch": best["epoch"],
         "epochs": len(history),
         "iterations": it,
         "seconds": round(seconds, 1),
-        "checkpoint": str(out_path) if best["epoch"] > 0 else None,
+        "checkpoint": str(out_path) if written else None,
+        "split_head": head,
         "history": history,
     }
+
+
+def _native_logits(model: BodyCompModel, hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """The frozen backbone's logits ``(N, K, X, Y)`` resampled to the grid of ``hu`` ``(N, X, Y)``."""
+    with torch.no_grad():
+        logits = working_logits(hu, spacing, model)
+        return F.interpolate(logits, size=tuple(hu.shape[-2:]), mode="bilinear", align_corners=False)
+
+
+def _split_accuracy(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, float | None]:
+    """Share of truth-compartment pixels (muscle or IMAT) whose muscle-vs-IMAT call is right:
+    the backbone's own (P(muscle) vs P(IMAT)) and the split head's, pooled over ``samples``."""
+    right_backbone = right_head = total = 0
+    with torch.no_grad():
+        for sample in samples:
+            hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
+            lab = torch.as_tensor(sample.label).long()
+            compartment = (lab == L.MUSCLE) | (lab == L.IMAT)
+            if not compartment.any():
+                continue
+            logits = _native_logits(model, hu, sample.spacing)
+            is_muscle = (lab == L.MUSCLE)[compartment]
+            backbone = (logits[0, L.MUSCLE] > logits[0, L.IMAT])[compartment]
+            head = (model.split_head(logits, hu)[0] > 0)[compartment]
+            right_backbone += int((backbone == is_muscle).sum())
+            right_head += int((head == is_muscle).sum())
+            total += int(compartment.sum())
+    if not total:
+        return {"backbone": None, "head": None}
+    return {"backbone": right_backbone / total, "head": right_head / total}
+
+
+def train_split_head(
+    model: BodyCompModel,
+    samples: Sequence[Sample],
+    iterations: int,
+    val_samples: Sequence[Sample] = (),
+    lr: float = 3e-3,
+    seed: int = 0,
+    augment: bool = True,
+    max_val: int = 24,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``model.split_head`` (created when absent) with the backbone frozen.
+
+    Each iteration takes two slices on their own grid (any spacing), with the intensity
+    augmentation of the backbone and a left-right flip (``augment``); the labels' muscle
+    compartment is re-split by the augmented HU (:func:`relabel_muscle_by_hu`), and the loss is
+    the binary cross-entropy of the head's muscle-vs-IMAT logit over the compartment's pixels.
+    Learning rate: 5 % warm-up, then cosine decay. Returns the iterations, seconds, the last
+    loss and the muscle-vs-IMAT accuracy inside the truth compartment of ``val_samples`` (backbone
+    and head, :func:`_split_accuracy`).
+    """
+    if model.split_head is None:
+        model.split_head = CompartmentSplitHead(model.num_classes)
+    head = model.split_head
+    head.train()
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, iterations // 20)
+    every = max(1, iterations // 20)
+    log(f"training the split head on {len(samples)} slices (original grids), {iterations} iterations of 2")
+    t0 = time.time()
+    losses: list[float] = []
+    for it in range(iterations):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (it + 1) / warmup) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * it / iterations)))
+        loss = torch.zeros(())
+        for _ in range(2):
+            sample = samples[int(torch.randint(len(samples), (1,), generator=gen))]
+            hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
+            lab = torch.as_tensor(sample.label).long()[None]
+            if augment:
+                if torch.rand(1, generator=gen).item() < 0.5:  # left-right, as in sample_crop
+                    hu, lab = hu.flip(-2), lab.flip(-2)
+                hu = augment_intensity(hu, lab, gen)
+            lab = relabel_muscle_by_hu(hu, lab)
+            compartment = (lab == L.MUSCLE) | (lab == L.IMAT)
+            if not compartment.any():
+                continue
+            logit = head(_native_logits(model, hu, sample.spacing), hu)
+            loss = loss + F.binary_cross_entropy_with_logits(logit[compartment], (lab[compartment] == L.MUSCLE).float()) / 2
+        if loss.requires_grad:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.detach()))
+        if (it + 1) % every == 0 or it + 1 == iterations:
+            log(f"split head iter {it + 1}/{iterations} loss {np.mean(losses[-every:]):.4f} [{time.time() - t0:.0f} s]")
+    head.eval()
+    accuracy = _split_accuracy(model, list(val_samples)[:max_val])
+    if accuracy["head"] is not None:
+        log(f"split head: muscle-vs-IMAT accuracy inside the validation slices' muscle compartment "
+            f"{accuracy['head']:.4f} (backbone alone {accuracy['backbone']:.4f})")
+    return {"iterations": iterations, "lr": lr, "seconds": round(time.time() - t0, 1),
+            "final_loss": float(np.mean(losses[-every:])), "val_split_accuracy": accuracy}
 
 
 def _jsonable(value: Any) -> Any:

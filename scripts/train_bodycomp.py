@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     parser.add_argument("--relabel-muscle-by-hu", action="store_true",
                         help="after intensity augmentation, split the muscle compartment into muscle and "
                              "IMAT again by HU (-29 HU), as the protocol truth does on the final image")
+    parser.add_argument("--split-head-iterations", type=int, default=0,
+                        help="then train the split head (muscle vs IMAT on each phantom's own grid) for this many "
+                             "iterations of 2 phantoms, the backbone frozen; with --epochs 0 only the head is trained")
+    parser.add_argument("--split-head-lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.time()
@@ -102,6 +106,8 @@ def main(argv=None) -> int:
         init_from=str(args.init) if args.init else None,
         time_limit_s=args.time_limit,
         relabel_muscle_by_hu=args.relabel_muscle_by_hu,
+        split_head_iterations=args.split_head_iterations,
+        split_head_lr=args.split_head_lr,
     )
     if args.features:
         features = [int(f) for f in args.features.split(",")]
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
         "iterations": result["iterations"],
         "best_epoch": result["best_epoch"],
         "val_dice": result["best_dice"],
+        "split_head": result["split_head"],
     }
     log("summary " + json.dumps(summary))
     return 0

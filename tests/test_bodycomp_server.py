@@ -133,13 +133,15 @@ def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
     # From scratch: the first epoch is always written (a fine-tune is written only when it beats
     # the model it starts from, tests/test_train.py).
     params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False,
-              "relabel_muscle_by_hu": "true"}
+              "relabel_muscle_by_hu": "true", "split_head_iterations": 2}
     status, log = run_training(server, params)
     assert status == "DONE", log
-    assert "val dice" in log
+    assert "val dice" in log and "split head iter 2/2" in log
     checkpoint = model_dir / "bodycomp_unet.pt"
     assert checkpoint.is_file()
-    assert torch.load(checkpoint, weights_only=True)["meta"]["train_config"]["relabel_muscle_by_hu"] is True
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["meta"]["train_config"]["relabel_muscle_by_hu"] is True
+    assert "split_head" in ckpt and ckpt["meta"]["split_head"]["iterations"] == 2
     _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
     assert result["model"] == str(checkpoint)
 
@@ -165,9 +167,10 @@ def test_train_rejects_bad_params_before_reading_data(server, model_dir):
     status, log = run_training(server, {"epochs": "ten", "crop": 100, "lr": -1})
     assert status == "ERROR"
     assert "epochs must be an integer, not 'ten'" in log
-    status, log = run_training(server, {"epochs": 0, "crop": 100, "lr": -1})
+    status, log = run_training(server, {"epochs": -1, "crop": 100, "lr": -1, "split_head_iterations": -1})
     assert status == "ERROR"
-    for text in ("epochs must be >= 1", "crop must be a multiple of 16", "lr must be in [0, 1]"):
+    for text in ("epochs must be >= 0", "crop must be a multiple of 16", "lr must be in [0, 1]",
+                 "split_head_iterations must be >= 0"):
         assert text in log
     assert "labelled images" not in log  # failed before the datastore's labels were read
     assert sorted(p.name for p in model_dir.iterdir()) == before

@@ -52,6 +52,28 @@ def test_checkpoint_round_trip_is_weights_only(untrained):
     assert model.num_classes == L.NUM_CLASSES and model.meta == {"note": "test"}
 
 
+def test_split_head_round_trip_and_clear_error(tmp_path):
+    from sarco_app.network import CompartmentSplitHead
+
+    torch.manual_seed(1)
+    model = new_model()
+    model.split_head = CompartmentSplitHead()
+    torch.nn.init.normal_(model.split_head.net[-1].weight, std=1.0)
+    path = save_checkpoint(model, tmp_path / "headed.pt")
+    loaded = load_checkpoint(path)
+    assert loaded.split_head is not None and loaded.split_head.windows == model.split_head.windows
+    for key, value in model.split_head.state_dict().items():
+        assert torch.equal(value, loaded.split_head.state_dict()[key])
+    hu = np.random.default_rng(0).normal(0, 100, (90, 80)).astype(np.float32)
+    probs = predict_probabilities(hu, (2.5, 2.5), loaded)
+    assert probs.shape == (1, L.NUM_CLASSES, 90, 80) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["split_head"]["state_dict"].pop("net.0.weight")
+    torch.save(ckpt, tmp_path / "damaged.pt")
+    with pytest.raises(SarcoError, match="split head"):
+        load_checkpoint(tmp_path / "damaged.pt")
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -79,7 +79,7 @@ def test_train_cli_writes_a_checkpoint_inference_loads(studies, tmp_path):
 def test_train_cli_errors(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt")]) != 0
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--epochs", "0"]) != 0
-    assert "epochs must be >= 1" in capsys.readouterr().err
+    assert "epochs 0 (no backbone training) needs init_from and split_head_iterations" in capsys.readouterr().err
     # Settings are checked before the (missing) studies are read: the message names the setting.
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--crop", "100"]) != 0
     assert "crop must be a multiple of 16" in capsys.readouterr().err
@@ -90,10 +90,13 @@ def test_train_config_check_names_every_bad_setting():
 
     TrainConfig().check()  # the defaults are valid
     with pytest.raises(SarcoError) as err:
-        TrainConfig(epochs=0, lr=float("nan"), batch_size=-1, time_limit_s=-5).check()
+        TrainConfig(epochs=-1, lr=float("nan"), batch_size=-1, time_limit_s=-5, split_head_iterations=-2).check()
     text = str(err.value)
-    for setting in ("epochs", "lr", "batch_size", "time_limit_s"):
+    for setting in ("epochs", "lr", "batch_size", "time_limit_s", "split_head_iterations"):
         assert f"{setting} must be" in text
+    with pytest.raises(SarcoError, match="epochs 0"):
+        TrainConfig(epochs=0, split_head_iterations=5).check()  # no checkpoint to keep the backbone of
+    TrainConfig(epochs=0, split_head_iterations=5, init_from="model.pt").check()
     ph = generate(8, spacing_mm=2.0, size=128)
     with pytest.raises(SarcoError, match="iterations_per_epoch"):
         train([Sample(ph.hu, ph.label, ph.spacing)], "unused.pt", TrainConfig(iterations_per_epoch=0))
@@ -112,3 +115,35 @@ def test_fine_tune_that_does_not_improve_keeps_the_model(studies, tmp_path, caps
                  "--lr", "0", "--init", str(shipped)])
     assert code == 0 and not out.exists()
     assert "not written" in capsys.readouterr().out
+
+
+def test_split_head_only_training_keeps_the_backbone(studies, tmp_path, capsys):
+    """``--epochs 0 --split-head-iterations N``: the backbone of --init is kept bit for bit, the
+    checkpoint gains a trained split head and inference uses it."""
+    from sarco_app.segment import predict_probabilities
+
+    init = tmp_path / "init.pt"
+    code = main(["train", "--data", str(studies), "--out", str(init), "--epochs", "1",
+                 "--iterations-per-epoch", "1", "--batch-size", "2", "--crop", "64", "--threads", "1"])
+    assert code == 0 and init.is_file() and "split_head" not in torch.load(init, weights_only=True)
+    out = tmp_path / "with_head.pt"
+    code = main(["train", "--data", str(studies), "--out", str(out), "--epochs", "0", "--init", str(init),
+                 "--split-head-iterations", "3", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.is_file(), printed
+    assert "split head iter 3/3" in printed and "backbone kept from" in printed
+    before, after = torch.load(init, weights_only=True), torch.load(out, weights_only=True)
+    assert before["state_dict"].keys() == after["state_dict"].keys()
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    assert after["meta"]["split_head"]["iterations"] == 3 and after["meta"]["best_epoch"] == 1
+    plain, headed = load_checkpoint(init), load_checkpoint(out)
+    assert plain.split_head is None and headed.split_head is not None
+    ph = generate(9, spacing_mm=2.0, size=200)
+    p0 = predict_probabilities(ph.hu, ph.spacing, plain)[0]
+    p1 = predict_probabilities(ph.hu, ph.spacing, headed)[0]
+    # The head moves compartment pixels between muscle and IMAT and nothing else.
+    for value in (L.BACKGROUND, L.SAT, L.VAT):
+        assert np.allclose(p0[value], p1[value], atol=1e-5)
+    assert np.allclose(p0[L.MUSCLE] + p0[L.IMAT], p1[L.MUSCLE] + p1[L.IMAT], atol=1e-5)
+    assert not np.allclose(p0[L.MUSCLE], p1[L.MUSCLE], atol=1e-3)
+    assert segment_volume(ph.hu, ph.spacing, model=headed).label.shape == ph.hu.shape

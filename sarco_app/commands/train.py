@@ -18,7 +18,8 @@ def add_parser(subparsers):
     )
     parser.add_argument("--data", required=True, type=Path, help="studies folder with labels/final/")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="epochs (default 30; 0 with --init and --split-head-iterations trains only the split head)")
     parser.add_argument("--iterations-per-epoch", type=int, default=None,
                         help="batches per epoch (default: one pass over the slices)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -30,6 +31,9 @@ def add_parser(subparsers):
     parser.add_argument("--relabel-muscle-by-hu", action="store_true",
                         help="after HU augmentation, split the muscle compartment into muscle (-29..150 HU) and "
                              "IMAT (-190..-30 HU) again, as the L3 protocol does (see models/MODEL_CARD.md)")
+    parser.add_argument("--split-head-iterations", type=int, default=0,
+                        help="then train the split head (muscle vs IMAT on each slice's own grid, backbone frozen) "
+                             "for this many iterations of 2 slices (default 0: keep the initial model's head)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
 
@@ -47,6 +51,7 @@ def run(args) -> int:
         init_from=str(args.init) if args.init else None,
         augment=not args.no_augment,
         relabel_muscle_by_hu=args.relabel_muscle_by_hu,
+        split_head_iterations=args.split_head_iterations,
         threads=args.threads,
     )
     config.check()  # bad settings fail before the studies are read
@@ -55,5 +60,13 @@ def run(args) -> int:
     if result["checkpoint"] is None:
         print(f"no epoch beat the initial model ({dice}); {args.out} not written")
         return 0
-    print(f"wrote {result['checkpoint']} (best epoch {result['best_epoch']}: {dice})")
+    head = result.get("split_head")
+    if result["best_epoch"]:
+        print(f"wrote {result['checkpoint']} (best epoch {result['best_epoch']}: {dice})")
+    else:
+        print(f"wrote {result['checkpoint']} (backbone kept from {args.init})")
+    if head and head["val_split_accuracy"]["head"] is not None:
+        acc = head["val_split_accuracy"]
+        print(f"split head: muscle-vs-IMAT accuracy {acc['head']:.4f} inside the validation compartment "
+              f"(backbone alone {acc['backbone']:.4f})")
     return 0

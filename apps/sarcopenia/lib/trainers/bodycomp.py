@@ -12,7 +12,9 @@ what makes tens of slices enough on a 2-core CPU.
 Request params: ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
 ``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none),
 ``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
-and IMAT again by HU, as the L3 protocol does).
+and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then retrain the
+native-grid muscle/IMAT split head for this many iterations of 2 slices; 0 keeps the current
+model's head).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class BodyCompTrainer(TrainTask):
             "fine_tune": True,
             "time_limit_s": 0,
             "relabel_muscle_by_hu": False,
+            "split_head_iterations": 0,
         }
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
@@ -67,7 +70,8 @@ class BodyCompTrainer(TrainTask):
         req.update({k: v for k, v in request.items() if k in req})
         values: dict[str, Any] = {}
         problems = []
-        for key in ("epochs", "iterations_per_epoch", "batch_size", "crop", "seed", "lr", "time_limit_s"):
+        for key in ("epochs", "iterations_per_epoch", "batch_size", "crop", "seed", "lr", "time_limit_s",
+                    "split_head_iterations"):
             kind = float if key in ("lr", "time_limit_s") else int
             try:
                 number = float(req[key])
@@ -87,9 +91,14 @@ class BodyCompTrainer(TrainTask):
             seed=values["seed"],
             time_limit_s=values["time_limit_s"] or None,
             relabel_muscle_by_hu=as_bool(req["relabel_muscle_by_hu"]),
+            split_head_iterations=values["split_head_iterations"],
         )
+        fine_tune = as_bool(req["fine_tune"])
+        # The checkpoint to fine-tune is found when training starts; until then a placeholder
+        # lets check() accept epochs 0 (split head only) for a fine-tune.
+        config.init_from = "the current model" if fine_tune else None
         config.check()
-        return config, as_bool(req["fine_tune"])
+        return config, fine_tune
 
     def stats(self) -> dict[str, Any]:
         if not self.output_path.is_file():
