@@ -11,8 +11,7 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
    compartment into muscle and IMAT there, from each original pixel's HU.
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
    ``min_island_mm2`` handed to the next most likely class (muscle with its IMAT is one region),
-   IMAT only inside the muscle
-   compartment, and (``hu_refine``, on by default) the clinical HU rule applied to the regions:
+   IMAT only inside the muscle compartment (closed muscle mask, or connected to muscle), and (``hu_refine``, on by default) the clinical HU rule applied to the regions:
    the network finds the compartments, HU decides tissue at the original resolution; muscle and
    VAT borders first move by HU within half a working pixel (:func:`refine_borders`).
 
@@ -175,7 +174,7 @@ def postprocess(
     min_island_mm2 : connected tissue regions smaller than this area (mm^2) are given to the
         next most likely class; muscle and IMAT count as one region (``ISLAND_GROUPS``).
     imat_margin_mm : IMAT is kept only within the muscle compartment, i.e. the muscle mask
-        closed with a disk of this radius (mm).
+        closed with a disk of this radius (mm), plus IMAT connected to muscle.
     hu_refine : also apply the clinical HU rule (:func:`sarco_app.labels.apply_hu_ranges`):
         inside the muscle compartment (muscle or IMAT) pixels are muscle at -29..150 HU and IMAT
         at -190..-30 HU, other out-of-range pixels background; SAT / VAT outside -190..-30 HU
@@ -206,7 +205,12 @@ def postprocess(
         if not changed:
             break
         label = probs.argmax(0).astype(np.uint8)
-    compartment = closing(label == L.MUSCLE, imat_margin_mm, (sx, sy))
+    muscle = label == L.MUSCLE
+    # The compartment: muscle closed by the margin, plus IMAT connected to muscle (a fat pixel on
+    # a muscle's border that the split head calls IMAT is outside a closing at 3 mm pixels).
+    regions, _ = ndi.label(muscle | (label == L.IMAT))
+    attached = np.isin(regions, np.unique(regions[muscle])) & (regions > 0)
+    compartment = closing(muscle, imat_margin_mm, (sx, sy)) | attached
     stray_imat = (label == L.IMAT) & ~compartment
     if stray_imat.any():
         probs[L.IMAT][stray_imat] = 0.0

@@ -12,9 +12,10 @@
 2. **Real CT** in ``../shared/data/real`` (no tissue labels): the L3 slice of ``ct_lower.nii.gz``
    (z = 73, 3 mm pixels), the 3 dcmqi slices and the 20-slice DICOM series. Printed: the fraction
    of predicted muscle pixels inside -29..150 HU and of SAT / VAT pixels inside -190..-30 HU for
-   the raw U-Net (target >= 0.95; the default output obeys the HU rule by construction), the
-   same share on the network's working grid (its arg-max against the HU it is given there), and
-   the areas of the default output. Overlay PNGs go to ``--docs``. Before it, phantoms made
+   the raw U-Net (its labels on the scan's grid, split head included, no HU rule; target >=
+   0.95; the default output obeys the HU rule by construction), the same share of the backbone
+   alone on its working grid (its arg-max against the HU it is given there), and the areas of
+   the default output. Overlay PNGs go to ``--docs``. Before it, phantoms made
    like the real L3 slice (3 mm pixels, muscle 18 HU) give the same raw share next to the
    default output's Dice against their truth.
 
@@ -86,8 +87,8 @@ def hu_fractions(hu, label):
 
 
 def working_grid_fractions(model, hu_slices, spacing):
-    """:func:`hu_fractions` of the raw network's arg-max on its own working grid, against the HU
-    it sees there (the input resampled to ``model.spacing_mm``). On the original grid a pixel whose
+    """:func:`hu_fractions` of the backbone's arg-max on its own working grid (no split head,
+    which works on the original grid), against the HU it sees there (the input resampled to ``model.spacing_mm``). On the original grid a pixel whose
     HU the resampling averaged away cannot be told apart by a network at the working spacing."""
     import torch
 
@@ -266,7 +267,8 @@ def main(argv=None) -> int:
     model = load_checkpoint(args.model)
     meta = model.meta
     print(f"model {args.model}: {model.config['name']} {model.config.get('kwargs')}, spacing {model.spacing_mm} mm, "
-          f"windows {model.windows}; trained {meta.get('iterations')} iterations, best epoch {meta.get('best_epoch')}")
+          f"windows {model.windows}; trained {meta.get('iterations')} iterations, best epoch {meta.get('best_epoch')}; "
+          f"split head: {'trained ' + str(meta.get('split_head', {}).get('iterations')) + ' iterations' if model.split_head else 'none'}")
     docs = None if args.no_overlays else args.docs
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,8 @@ def test_probabilities_on_the_original_grid(untrained, shape, spacing):
 
 def test_postprocess_rules():
     """Nothing outside the body, small islands go (IMAT speckle in muscle is part of the muscle
-    compartment, not an island), IMAT only next to muscle."""
+    compartment, not an island), IMAT only inside the muscle compartment (the closed muscle mask
+    and IMAT attached to muscle)."""
     n = 200
     hu = np.full((n, n), -1000.0, np.float32)
     hu[40:160, 40:160] = 40.0  # the body
@@ -105,11 +106,13 @@ def test_postprocess_rules():
     probs[L.SAT, 5:20, 5:20] = 0.99  # outside the body
     probs[L.IMAT, 70:74, 70:74] = 0.95  # inside muscle: kept
     probs[L.IMAT, 80:82, 80:82] = 0.95  # speckle below the island size inside muscle: kept too
+    probs[L.IMAT, 60:100, 100:105] = 0.95  # a fat rim on the muscle's border: attached, kept
     probs[L.IMAT, 130:140, 130:140] = 0.95  # far from muscle: not IMAT
     probs[L.SAT, 120:122, 60:62] = 0.99  # 4-pixel island
     label = postprocess(probs.copy(), hu, (1.0, 1.0), min_island_mm2=10)
     assert not label[:40].any() and not label[:, :40].any()
     assert (label[70:74, 70:74] == L.IMAT).all() and (label[80:82, 80:82] == L.IMAT).all()
+    assert (label[60:100, 100:105] == L.IMAT).all()
     assert not (label[130:140, 130:140] == L.IMAT).any()
     assert not (label == L.SAT).any()
     assert (label[60:100, 60:100][5:-5, 5:-5] != L.VAT).all()
