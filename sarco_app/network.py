@@ -9,15 +9,16 @@ A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can re
      "class_names": ["background", "muscle", "sat", "vat", "imat"],
      "state_dict": {...},
      "split_head": {"windows": [...], "hidden": 16,       # optional: the native-grid
-                    "state_dict": {...}},                 # muscle/IMAT split (see below)
+                    "state_dict": {...}},                 # tissue split (see below)
      "meta": {...}}                                       # training record, metrics
 
 so a model trained with other settings is rebuilt correctly by :func:`load_checkpoint`.
 
 The backbone works on a 2 mm grid, where resampling averages a fat pixel on a muscle border into
-the muscle range. The optional :class:`CompartmentSplitHead` works on the image's own grid: it
-splits the backbone's muscle-compartment probability (muscle + IMAT) into muscle and IMAT from
-the upsampled class logits and each original pixel's HU. Checkpoints without it still load.
+the muscle range. The optional :class:`TissueSplitHead` works on the image's own grid: from the
+upsampled class logits and each original pixel's HU it makes the protocol's tissue decision
+inside the backbone's compartments (muscle compartment -> muscle / IMAT / neither; SAT, VAT ->
+kept / neither). Checkpoints without it still load.
 """
 
 from __future__ import annotations
@@ -85,15 +86,16 @@ def encode_windows(hu: torch.Tensor | np.ndarray, windows=DEFAULT_WINDOWS) -> to
 SPLIT_WINDOWS = ((-250.0, 250.0), (-1000.0, 1000.0), (-60.0, 0.0))
 
 
-class CompartmentSplitHead(torch.nn.Module):
-    """Muscle-vs-IMAT split of the muscle compartment on the image's own grid.
+class TissueSplitHead(torch.nn.Module):
+    """The L3 protocol's tissue decision, learned, on the image's own grid.
 
     Input: the backbone's class logits resampled to the original grid ``(N, K, H, W)`` and the HU
-    there ``(N, H, W)``. A 3x3 convolution and two 1x1 layers give one logit per pixel, the
-    probability ``q`` that compartment tissue is muscle; :meth:`probabilities` keeps the
-    backbone's background/SAT/VAT probabilities and its compartment mass ``m = p_muscle +
-    p_imat`` and returns ``p_muscle = m q``, ``p_imat = m (1 - q)``. So the head can move a pixel
-    between muscle and IMAT but never changes how much of it is muscle compartment.
+    there ``(N, H, W)``. A 3x3 convolution and two 1x1 layers give five logits per pixel: three
+    that share the backbone's muscle-compartment probability ``m = p_muscle + p_imat`` between
+    muscle, IMAT and background, and one each for the share of ``p_sat`` and ``p_vat`` that stays
+    SAT / VAT (the rest is background). So, like the protocol, it can call compartment tissue
+    muscle, IMAT or neither and drop SAT / VAT, but it never moves probability from one tissue
+    to another: the compartments stay the backbone's.
     """
 
     def __init__(self, num_classes: int = len(CLASS_NAMES), windows=SPLIT_WINDOWS, hidden: int = 16):
@@ -105,22 +107,33 @@ class CompartmentSplitHead(torch.nn.Module):
             torch.nn.ReLU(),
             torch.nn.Conv2d(self.hidden, self.hidden, 1),
             torch.nn.ReLU(),
-            torch.nn.Conv2d(self.hidden, 1, 1),
+            torch.nn.Conv2d(self.hidden, 5, 1),
         )
+        # Start from "keep what the backbone says": compartment muscle/IMAT, SAT and VAT kept.
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.copy_(torch.tensor([0.0, 0.0, -3.0, 3.0, 3.0]))
 
     def forward(self, logits: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
-        """Muscle-vs-IMAT logit ``(N, H, W)``."""
-        return self.net(torch.cat([logits, encode_windows(hu, self.windows)], dim=1))[:, 0]
+        """Split logits ``(N, 5, H, W)``: compartment muscle / IMAT / background, SAT kept, VAT kept."""
+        return self.net(torch.cat([logits, encode_windows(hu, self.windows)], dim=1))
 
     def probabilities(self, logits: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(N, K, H, W)``: the backbone's softmax with its compartment
-        mass re-split between muscle and IMAT."""
-        probs = torch.softmax(logits, dim=1)
-        compartment = probs[:, L.MUSCLE] + probs[:, L.IMAT]
-        q = torch.sigmoid(self(logits, hu))
-        probs[:, L.MUSCLE] = compartment * q
-        probs[:, L.IMAT] = compartment * (1.0 - q)
-        return probs
+        """Class probabilities ``(N, K, H, W)``: the backbone's softmax with each tissue's
+        probability split as described above (they still sum to 1)."""
+        p = torch.softmax(logits, dim=1)
+        split = self(logits, hu)
+        share = torch.softmax(split[:, :3], dim=1)
+        keep_sat, keep_vat = torch.sigmoid(split[:, 3]), torch.sigmoid(split[:, 4])
+        compartment = p[:, L.MUSCLE] + p[:, L.IMAT]
+        out = torch.empty_like(p)
+        out[:, L.BACKGROUND] = (p[:, L.BACKGROUND] + compartment * share[:, 2]
+                                + p[:, L.SAT] * (1.0 - keep_sat) + p[:, L.VAT] * (1.0 - keep_vat))
+        out[:, L.MUSCLE] = compartment * share[:, 0]
+        out[:, L.IMAT] = compartment * share[:, 1]
+        out[:, L.SAT] = p[:, L.SAT] * keep_sat
+        out[:, L.VAT] = p[:, L.VAT] * keep_vat
+        return out
 
 
 @dataclass
@@ -133,7 +146,7 @@ class BodyCompModel:
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NETWORK))
     meta: dict[str, Any] = field(default_factory=dict)
-    split_head: CompartmentSplitHead | None = None
+    split_head: TissueSplitHead | None = None
     path: str | None = None
     mtime: float | None = None
 
@@ -210,7 +223,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
     if ckpt.get("split_head") is not None:
         spec = ckpt["split_head"]
         try:
-            split_head = CompartmentSplitHead(len(class_names), spec["windows"], spec["hidden"])
+            split_head = TissueSplitHead(len(class_names), spec["windows"], spec["hidden"])
             split_head.load_state_dict(spec["state_dict"])
         except (KeyError, TypeError, RuntimeError) as exc:
             raise SarcoError(f"{path.name}: the split head's weights do not match ({exc})") from exc

@@ -7,12 +7,12 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
 2. **Encode** HU as one [0, 1] channel per HU window (soft-tissue and wide windows).
 3. **Network** (2D MONAI U-Net) -> 5 class logits, resampled *back to the original grid*
    (bilinear on logits, so boundaries stay sub-pixel smooth) and soft-maxed; when the checkpoint
-   has a split head (:class:`sarco_app.network.CompartmentSplitHead`), it re-splits the muscle
-   compartment into muscle and IMAT there, from each original pixel's HU.
+   has a split head (:class:`sarco_app.network.TissueSplitHead`), it decides tissue inside the
+   compartments there from each original pixel's HU (muscle / IMAT / neither; SAT, VAT kept or not).
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
    ``min_island_mm2`` handed to the next most likely class (muscle with its IMAT is one region),
-   IMAT only inside the muscle compartment (closed muscle mask, or connected to muscle), and (``hu_refine``, on by default) the clinical HU rule applied to the regions:
-   the network finds the compartments, HU decides tissue at the original resolution; muscle and
+   IMAT only inside the muscle compartment (closed muscle mask, or connected to muscle), and
+   (``hu_refine``, on by default) the clinical HU rule applied to the regions: the network finds the compartments, HU decides tissue at the original resolution; muscle and
    VAT borders first move by HU within half a working pixel (:func:`refine_borders`).
 
 :func:`segment_volume` / :func:`segment_image` run it on a 2D image, one slice of a volume or all

@@ -19,7 +19,7 @@ epoch; the best checkpoint (mean Dice of muscle, SAT, VAT) is written atomically
 that reloads on file change picks it up at once.
 
 Optionally (``split_head_iterations``) a second phase trains the split head
-(:class:`sarco_app.network.CompartmentSplitHead`) with the backbone frozen, on the slices' own
+(:class:`sarco_app.network.TissueSplitHead`) with the backbone frozen, on the slices' own
 grids: :func:`train_split_head`.
 """
 
@@ -43,7 +43,7 @@ from sarco_app.network import (
     DEFAULT_SPACING_MM,
     DEFAULT_WINDOWS,
     BodyCompModel,
-    CompartmentSplitHead,
+    TissueSplitHead,
     encode_windows,
     load_checkpoint,
     new_model,
@@ -87,8 +87,8 @@ class TrainConfig:
     # Decide muscle vs IMAT inside the muscle compartment again by HU after intensity
     # augmentation, so labels keep following the HU protocol the augmentation moved pixels across.
     relabel_muscle_by_hu: bool = False
-    # Then train the split head (muscle vs IMAT on the original grid) for this many iterations of
-    # two slices, the backbone frozen; 0 keeps the initial checkpoint's head, if it has one.
+    # Then train the split head (the protocol's tissue decision on the original grid) for this
+    # many iterations of two slices, the backbone frozen; 0 keeps the initial checkpoint's head.
     split_head_iterations: int = 0
     split_head_lr: float = 3e-3
 
@@ -494,27 +494,22 @@ def _native_logits(model: BodyCompModel, hu: torch.Tensor, spacing: Sequence[flo
         return F.interpolate(logits, size=tuple(hu.shape[-2:]), mode="bilinear", align_corners=False)
 
 
-def _split_accuracy(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, float | None]:
-    """Share of truth-compartment pixels (muscle or IMAT) whose muscle-vs-IMAT call is right:
-    the backbone's own (P(muscle) vs P(IMAT)) and the split head's, pooled over ``samples``."""
-    right_backbone = right_head = total = 0
+def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, dict]:
+    """Pooled Dice per tissue of the raw arg-max on the samples' own grids, for the backbone
+    alone (softmax of its resampled logits) and with the split head."""
+    counts = {key: {v: [0, 0] for v in L.NAMES} for key in ("backbone", "head")}
     with torch.no_grad():
         for sample in samples:
             hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
-            lab = torch.as_tensor(sample.label).long()
-            compartment = (lab == L.MUSCLE) | (lab == L.IMAT)
-            if not compartment.any():
-                continue
+            truth = torch.as_tensor(sample.label).long()
             logits = _native_logits(model, hu, sample.spacing)
-            is_muscle = (lab == L.MUSCLE)[compartment]
-            backbone = (logits[0, L.MUSCLE] > logits[0, L.IMAT])[compartment]
-            head = (model.split_head(logits, hu)[0] > 0)[compartment]
-            right_backbone += int((backbone == is_muscle).sum())
-            right_head += int((head == is_muscle).sum())
-            total += int(compartment.sum())
-    if not total:
-        return {"backbone": None, "head": None}
-    return {"backbone": right_backbone / total, "head": right_head / total}
+            preds = {"backbone": logits[0].argmax(0), "head": model.split_head.probabilities(logits, hu)[0].argmax(0)}
+            for key, pred in preds.items():
+                for v in L.NAMES:
+                    p, t = pred == v, truth == v
+                    counts[key][v][0] += 2 * int((p & t).sum())
+                    counts[key][v][1] += int(p.sum()) + int(t.sum())
+    return {key: {L.NAMES[v]: (c[0] / c[1] if c[1] else None) for v, c in per.items()} for key, per in counts.items()}
 
 
 def train_split_head(
@@ -531,15 +526,16 @@ def train_split_head(
     """Train ``model.split_head`` (created when absent) with the backbone frozen.
 
     Each iteration takes two slices on their own grid (any spacing), with the intensity
-    augmentation of the backbone and a left-right flip (``augment``); the labels' muscle
-    compartment is re-split by the augmented HU (:func:`relabel_muscle_by_hu`), and the loss is
-    the binary cross-entropy of the head's muscle-vs-IMAT logit over the compartment's pixels.
-    Learning rate: 5 % warm-up, then cosine decay. Returns the iterations, seconds, the last
-    loss and the muscle-vs-IMAT accuracy inside the truth compartment of ``val_samples`` (backbone
-    and head, :func:`_split_accuracy`).
+    augmentation of the backbone and a left-right flip (``augment``); the labels follow the
+    augmented HU by the protocol (:func:`sarco_app.labels.apply_hu_ranges`), and the loss is the
+    negative log-likelihood of those labels under the head's probabilities
+    (:meth:`~sarco_app.network.TissueSplitHead.probabilities`). Learning rate: 5 % warm-up, then
+    cosine decay. Returns the iterations, seconds, the last loss and the raw Dice per tissue on
+    ``val_samples``' own grids, backbone alone and with the head
+    (:func:`_raw_dice_with_and_without_head`).
     """
     if model.split_head is None:
-        model.split_head = CompartmentSplitHead(model.num_classes)
+        model.split_head = TissueSplitHead(model.num_classes)
     head = model.split_head
     head.train()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -561,26 +557,23 @@ def train_split_head(
                 if torch.rand(1, generator=gen).item() < 0.5:  # left-right, as in sample_crop
                     hu, lab = hu.flip(-2), lab.flip(-2)
                 hu = augment_intensity(hu, lab, gen)
-            lab = relabel_muscle_by_hu(hu, lab)
-            compartment = (lab == L.MUSCLE) | (lab == L.IMAT)
-            if not compartment.any():
-                continue
-            logit = head(_native_logits(model, hu, sample.spacing), hu)
-            loss = loss + F.binary_cross_entropy_with_logits(logit[compartment], (lab[compartment] == L.MUSCLE).float()) / 2
-        if loss.requires_grad:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long()
+            probs = head.probabilities(_native_logits(model, hu, sample.spacing), hu)
+            loss = loss - torch.log(probs.gather(1, lab[:, None]).clamp_min(1e-6)).mean() / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         losses.append(float(loss.detach()))
         if (it + 1) % every == 0 or it + 1 == iterations:
             log(f"split head iter {it + 1}/{iterations} loss {np.mean(losses[-every:]):.4f} [{time.time() - t0:.0f} s]")
     head.eval()
-    accuracy = _split_accuracy(model, list(val_samples)[:max_val])
-    if accuracy["head"] is not None:
-        log(f"split head: muscle-vs-IMAT accuracy inside the validation slices' muscle compartment "
-            f"{accuracy['head']:.4f} (backbone alone {accuracy['backbone']:.4f})")
+    dice = _raw_dice_with_and_without_head(model, list(val_samples)[:max_val])
+    if val_samples:
+        log("split head: raw Dice on the validation slices' own grids, with the head "
+            + " ".join(f"{k} {v:.4f}" for k, v in dice["head"].items() if v is not None)
+            + "; backbone alone " + " ".join(f"{k} {v:.4f}" for k, v in dice["backbone"].items() if v is not None))
     return {"iterations": iterations, "lr": lr, "seconds": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-every:])), "val_split_accuracy": accuracy}
+            "final_loss": float(np.mean(losses[-every:])), "val_raw_dice": dice}
 
 
 def _jsonable(value: Any) -> Any:

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                         help="after intensity augmentation, split the muscle compartment into muscle and "
                              "IMAT again by HU (-29 HU), as the protocol truth does on the final image")
     parser.add_argument("--split-head-iterations", type=int, default=0,
-                        help="then train the split head (muscle vs IMAT on each phantom's own grid) for this many "
+                        help="then train the split head (tissue by HU on each phantom's own grid) for this many "
                              "iterations of 2 phantoms, the backbone frozen; with --epochs 0 only the head is trained")
     parser.add_argument("--split-head-lr", type=float, default=3e-3)
     args = parser.parse_args(argv)

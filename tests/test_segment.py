@@ -53,11 +53,11 @@ def test_checkpoint_round_trip_is_weights_only(untrained):
 
 
 def test_split_head_round_trip_and_clear_error(tmp_path):
-    from sarco_app.network import CompartmentSplitHead
+    from sarco_app.network import TissueSplitHead
 
     torch.manual_seed(1)
     model = new_model()
-    model.split_head = CompartmentSplitHead()
+    model.split_head = TissueSplitHead()
     torch.nn.init.normal_(model.split_head.net[-1].weight, std=1.0)
     path = save_checkpoint(model, tmp_path / "headed.pt")
     loaded = load_checkpoint(path)

@@ -32,7 +32,7 @@ def add_parser(subparsers):
                         help="after HU augmentation, split the muscle compartment into muscle (-29..150 HU) and "
                              "IMAT (-190..-30 HU) again, as the L3 protocol does (see models/MODEL_CARD.md)")
     parser.add_argument("--split-head-iterations", type=int, default=0,
-                        help="then train the split head (muscle vs IMAT on each slice's own grid, backbone frozen) "
+                        help="then train the split head (tissue by HU on each slice's own grid, backbone frozen) "
                              "for this many iterations of 2 slices (default 0: keep the initial model's head)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
@@ -65,8 +65,8 @@ def run(args) -> int:
         print(f"wrote {result['checkpoint']} (best epoch {result['best_epoch']}: {dice})")
     else:
         print(f"wrote {result['checkpoint']} (backbone kept from {args.init})")
-    if head and head["val_split_accuracy"]["head"] is not None:
-        acc = head["val_split_accuracy"]
-        print(f"split head: muscle-vs-IMAT accuracy {acc['head']:.4f} inside the validation compartment "
-              f"(backbone alone {acc['backbone']:.4f})")
+    if head:
+        dice = head["val_raw_dice"]
+        print("split head: validation raw Dice " + " ".join(f"{k} {v:.4f}" for k, v in dice["head"].items() if v is not None)
+              + " (backbone alone " + " ".join(f"{k} {v:.4f}" for k, v in dice["backbone"].items() if v is not None) + ")")
     return 0

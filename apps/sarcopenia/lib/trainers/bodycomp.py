@@ -13,7 +13,7 @@ Request params: ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slic
 ``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none),
 ``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
 and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then retrain the
-native-grid muscle/IMAT split head for this many iterations of 2 slices; 0 keeps the current
+native-grid tissue split head for this many iterations of 2 slices; 0 keeps the current
 model's head).
 """
 
