@@ -7,8 +7,9 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
 2. **Encode** HU as one [0, 1] channel per HU window (soft-tissue and wide windows).
 3. **Network** (2D MONAI U-Net) -> 5 class logits, resampled *back to the original grid*
    (bilinear on logits, so boundaries stay sub-pixel smooth) and soft-maxed; when the checkpoint
-   has a split head (:class:`sarco_app.network.TissueSplitHead`), it decides tissue inside the
-   compartments there from each original pixel's HU (muscle / IMAT / neither; SAT, VAT kept or not).
+   has a split head (:class:`sarco_app.network.TissueSplitHead`) and the HU rule is off, the
+   head decides tissue inside the compartments there from each original pixel's HU (muscle /
+   IMAT / neither; SAT, VAT kept or not): the network's own labels.
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
    ``min_island_mm2`` handed to the next most likely class (muscle with its IMAT is one region),
    IMAT only inside the muscle compartment (closed muscle mask, or connected to muscle), and
@@ -133,9 +134,12 @@ def working_logits(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float
 
 @torch.no_grad()
 def predict_probabilities(
-    hu_slices: np.ndarray, spacing: Sequence[float], model: BodyCompModel, batch_size: int = 4
+    hu_slices: np.ndarray, spacing: Sequence[float], model: BodyCompModel, batch_size: int = 4,
+    split_head: bool = True,
 ) -> np.ndarray:
-    """Class probabilities ``(N, K, X, Y)`` on the original grid for HU slices ``(N, X, Y)``."""
+    """Class probabilities ``(N, K, X, Y)`` on the original grid for HU slices ``(N, X, Y)``;
+    with ``split_head`` (and a model that has one) after the split head's tissue decision, else
+    the backbone's softmax."""
     hu_slices = np.asarray(hu_slices, dtype=np.float32)
     if hu_slices.ndim == 2:
         hu_slices = hu_slices[None]
@@ -144,7 +148,7 @@ def predict_probabilities(
     for start in range(0, hu_slices.shape[0], batch_size):
         logits = working_logits(hu_slices[start : start + batch_size], spacing, model)
         logits = F.interpolate(logits, size=hu_slices.shape[1:], mode="bilinear", align_corners=False)
-        if model.split_head is None:
+        if model.split_head is None or not split_head:
             probs = torch.softmax(logits, dim=1)
         else:
             probs = model.split_head.probabilities(logits, torch.as_tensor(hu_slices[start : start + batch_size]))
@@ -328,7 +332,9 @@ def segment_volume(
     method : ``"unet"`` (network) or ``"threshold"`` (rule-based baseline).
     model : a loaded model, a checkpoint path, or ``None`` for :func:`default_model_path`.
     hu_refine : apply the HU rule after the network (see :func:`postprocess`); on by default
-        because it raises held-out Dice of every tissue (models/MODEL_CARD.md).
+        because it raises held-out Dice of every tissue (models/MODEL_CARD.md). It then works on
+        the backbone's probabilities; without it the model's split head, if any, decides tissue
+        (the raw network labels).
     threads : torch CPU threads for the network while this call runs (``None``: unchanged).
         One thread is the robust choice on a busy 2-core machine (``scripts/bench_infer.py``).
 
@@ -363,7 +369,10 @@ def segment_volume(
             for start in range(0, len(chosen), batch_size):
                 batch = chosen[start : start + batch_size]
                 stack = np.moveaxis(volume[:, :, batch], 2, 0)
-                probs = predict_probabilities(stack, spacing, model, batch_size=batch_size)
+                # The HU rule and the split head make the same decision (tissue by HU inside the
+                # compartments); with the rule on, the exact rule decides on the backbone's
+                # compartments, so a head's mistake cannot remove tissue the rule would keep.
+                probs = predict_probabilities(stack, spacing, model, batch_size=batch_size, split_head=not hu_refine)
                 for i, k in enumerate(batch):
                     lab = postprocess(probs[i], stack[i], spacing, hu_refine=hu_refine,
                                       border_mm=model.spacing_mm / 2)

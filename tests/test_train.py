@@ -150,4 +150,9 @@ def test_split_head_only_training_keeps_the_backbone(studies, tmp_path, capsys):
     assert (p1[L.MUSCLE] + p1[L.IMAT] <= p0[L.MUSCLE] + p0[L.IMAT] + eps).all()
     assert (p1[L.BACKGROUND] >= p0[L.BACKGROUND] - eps).all()
     assert not np.allclose(p0[L.MUSCLE], p1[L.MUSCLE], atol=1e-3)
-    assert segment_volume(ph.hu, ph.spacing, model=headed).label.shape == ph.hu.shape
+    # The default output (HU rule) decides on the backbone's compartments: the head does not
+    # change it; the raw labels are the head's.
+    default = segment_volume(ph.hu, ph.spacing, model=headed).label
+    assert np.array_equal(default, segment_volume(ph.hu, ph.spacing, model=plain).label)
+    raw_headed = segment_volume(ph.hu, ph.spacing, model=headed, hu_refine=False).label
+    assert not np.array_equal(raw_headed, segment_volume(ph.hu, ph.spacing, model=plain, hu_refine=False).label)

@@ -24,8 +24,8 @@ def add_parser(subparsers):
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint (.pt); default: the app's retrained model, else models/bodycomp_unet.pt")
     parser.add_argument("--no-hu-refine", action="store_true",
-                        help="raw network labels: skip the HU rule (muscle -29..150, fat -190..-30) "
-                        "that is applied to the network's regions by default")
+                        help="raw network labels (the model's split head decides tissue, if it has one): skip "
+                        "the HU rule (muscle -29..150, fat -190..-30) that is applied to the network's regions by default")
     parser.add_argument("--series", default=None, help="DICOM series UID or index when a folder holds several")
     return parser
 

@@ -11,7 +11,7 @@ Request params (all optional):
   default: L3 found by :func:`sarco_app.l3.locate_l3`, else the middle slice;
 * ``all_slices`` - label every slice (bool);
 * ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only; default
-  true, false gives the raw network labels).
+  true, false gives the raw network labels: the backbone with its split head, if it has one).
 
 The JSON has ``slices`` (canonical), ``file_slices``, ``confidence`` (mean probability per
 tissue, ``bodycomp_unet`` only), ``model`` (checkpoint path), ``method`` and ``slice_source``.
