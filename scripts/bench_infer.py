@@ -9,7 +9,7 @@ call, and prints median / min / max wall time of the HTTP round trip (request, N
 resampling, network, post-processing, writing and transferring the label), then the median time
 of the bare network forward on the same slice's network input in this process.
 
-    .venv/bin/python scripts/bench_infer.py [--model models/bodycomp_unet.pt] [--repeats 10]
+    .venv/bin/python scripts/bench_infer.py [--model models/bodycomp_unet.pt] [--repeats 10] [--no-hu-refine]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "bodycomp_unet.pt")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-hu-refine", action="store_true",
+                        help="time the raw labels (hu_refine false: the split head instead of the HU rule)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the infer task and the bare forward (default 1, as served)")
     args = parser.parse_args(argv)
 
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         def call():
             t = time.perf_counter()
             r = requests.post(f"{url}/infer/bodycomp_unet", params={"image": "bench"},
-                              data={"params": json.dumps({})}, timeout=120)
+                              data={"params": json.dumps({"hu_refine": False} if args.no_hu_refine else {})}, timeout=120)
             r.raise_for_status()
             return time.perf_counter() - t, r
 
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
                 forward.append(time.perf_counter() - t)
         print(f"slice 512x512 at {ph.spacing[0]:.2f} mm -> network input {tuple(x.shape)}; "
               f"torch threads {args.threads}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
-        print(f"HTTP end to end (POST /infer/bodycomp_unet, label returned): median {statistics.median(times):.3f} s, "
+        print(f"HTTP end to end (POST /infer/bodycomp_unet{', hu_refine false' if args.no_hu_refine else ''}, label returned): median {statistics.median(times):.3f} s, "
               f"min {min(times):.3f} s, max {max(times):.3f} s over {len(times)} calls")
         print(f"bare network forward (same run): median {statistics.median(forward):.3f} s, min {min(forward):.3f} s")
         if model.split_head is not None:

@@ -9,12 +9,15 @@ randomness all derive from it. Phantoms are drawn like this (see :func:`phantom_
   real NIfTI has 3 mm pixels);
 * levels L3 (70 %) and L1/L2/L4 (30 %) so that labelling all slices of a volume behaves.
 
-The shipped model is two runs (recorded in models/MODEL_CARD.md): the defaults (stage 1, 80 min),
-then a fine-tune on another seed's phantoms with larger crops (stage 2, 45 min)::
+The shipped model is three runs (recorded in models/MODEL_CARD.md): the defaults (stage 1, 80 min),
+a fine-tune on another seed's phantoms with larger crops (stage 2, 45 min), and the split head
+with the backbone frozen (stage 3, 14 min)::
 
     .venv/bin/python scripts/train_bodycomp.py --out runs/stage1.pt
     .venv/bin/python scripts/train_bodycomp.py --seed 7 --init runs/stage1.pt --lr 6e-4 --epochs 90 \
         --crop 192 --batch-size 4 --time-limit 2700 --out models/bodycomp_unet.pt
+    .venv/bin/python scripts/train_bodycomp.py --seed 21 --init models/bodycomp_unet.pt --epochs 0 \
+        --count 300 --split-head-iterations 1500 --threads 1 --out models/bodycomp_unet.pt
 """
 
 from __future__ import annotations

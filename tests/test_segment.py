@@ -245,3 +245,20 @@ def test_segment_cli_on_real_samples_keeps_the_grid(tmp_path, relpath, slices):
     # Muscle is where muscle HU is, most of the time (plausibility on real anatomy).
     muscle_hu = image.hu[data == L.MUSCLE]
     assert muscle_hu.size > 0 and np.mean((muscle_hu >= -29) & (muscle_hu <= 150)) > 0.8
+
+
+@pytest.mark.parametrize("relpath,slices", REAL_SAMPLES)
+def test_raw_network_labels_follow_hu_on_real_samples(tmp_path, relpath, slices):
+    """The issue's real-CT target through the CLI: without the HU rule, >= 95 % of the network's
+    muscle pixels lie in -29..150 HU and of its SAT / VAT pixels in -190..-30 HU."""
+    source = SHARED_REAL / relpath
+    if not source.exists():
+        pytest.skip(f"{source} is not present")
+    out = tmp_path / "raw.nii.gz"
+    assert main(["segment", str(source), "--out", str(out), "--slice", slices, "--no-hu-refine"]) == 0
+    image = load_image(source)
+    data = image.from_original(np.asarray(nib.load(str(out)).dataobj))
+    for value, (lo, hi) in ((L.MUSCLE, L.MUSCLE_HU), (L.SAT, L.FAT_HU), (L.VAT, L.FAT_HU)):
+        values = image.hu[data == value]
+        share = float(np.mean((values >= lo) & (values <= hi)))
+        assert values.size > 100 and share >= 0.95, (L.NAMES[value], share)
