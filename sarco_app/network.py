@@ -109,7 +109,8 @@ class TissueSplitHead(torch.nn.Module):
             torch.nn.ReLU(),
             torch.nn.Conv2d(self.hidden, 5, 1),
         )
-        # Start from "keep what the backbone says": compartment muscle/IMAT, SAT and VAT kept.
+        # Start with SAT and VAT kept and little of the compartment sent to background; the
+        # muscle/IMAT share starts even (whatever the backbone says) and is learned.
         with torch.no_grad():
             self.net[-1].weight.zero_()
             self.net[-1].bias.copy_(torch.tensor([0.0, 0.0, -3.0, 3.0, 3.0]))
@@ -225,7 +226,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
         try:
             split_head = TissueSplitHead(len(class_names), spec["windows"], spec["hidden"])
             split_head.load_state_dict(spec["state_dict"])
-        except (KeyError, TypeError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise SarcoError(f"{path.name}: the split head's weights do not match ({exc})") from exc
         split_head.to(device).eval()
     return BodyCompModel(

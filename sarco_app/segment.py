@@ -178,7 +178,8 @@ def postprocess(
     min_island_mm2 : connected tissue regions smaller than this area (mm^2) are given to the
         next most likely class; muscle and IMAT count as one region (``ISLAND_GROUPS``).
     imat_margin_mm : IMAT is kept only within the muscle compartment, i.e. the muscle mask
-        closed with a disk of this radius (mm), plus IMAT connected to muscle.
+        closed with a disk of this radius (mm), plus IMAT connected to muscle and within this
+        distance of it.
     hu_refine : also apply the clinical HU rule (:func:`sarco_app.labels.apply_hu_ranges`):
         inside the muscle compartment (muscle or IMAT) pixels are muscle at -29..150 HU and IMAT
         at -190..-30 HU, other out-of-range pixels background; SAT / VAT outside -190..-30 HU
@@ -210,10 +211,13 @@ def postprocess(
             break
         label = probs.argmax(0).astype(np.uint8)
     muscle = label == L.MUSCLE
-    # The compartment: muscle closed by the margin, plus IMAT connected to muscle (a fat pixel on
-    # a muscle's border that the split head calls IMAT is outside a closing at 3 mm pixels).
+    # The compartment: muscle closed by the margin, plus IMAT connected to muscle within the
+    # margin of it (a fat pixel on a muscle's border that the split head calls IMAT is outside a
+    # closing at 3 mm pixels; the margin keeps a mislabelled fat region from joining).
     regions, _ = ndi.label(muscle | (label == L.IMAT))
     attached = np.isin(regions, np.unique(regions[muscle])) & (regions > 0)
+    if muscle.any():
+        attached &= ndi.distance_transform_edt(~muscle, sampling=(sx, sy)) <= imat_margin_mm
     compartment = closing(muscle, imat_margin_mm, (sx, sy)) | attached
     stray_imat = (label == L.IMAT) & ~compartment
     if stray_imat.any():

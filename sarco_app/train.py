@@ -25,6 +25,7 @@ grids: :func:`train_split_head`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -88,7 +89,8 @@ class TrainConfig:
     # augmentation, so labels keep following the HU protocol the augmentation moved pixels across.
     relabel_muscle_by_hu: bool = False
     # Then train the split head (the protocol's tissue decision on the original grid) for this
-    # many iterations of two slices, the backbone frozen; 0 keeps the initial checkpoint's head.
+    # many iterations of two slices, the backbone frozen (not bounded by time_limit_s). With 0, a
+    # head-only run is impossible and an initial checkpoint's head is dropped if the backbone trains.
     split_head_iterations: int = 0
     split_head_lr: float = 3e-3
 
@@ -109,7 +111,8 @@ class TrainConfig:
         need(finite(self.split_head_lr) and 0 < self.split_head_lr <= 1,
              f"split_head_lr must be in (0, 1] (got {self.split_head_lr!r})")
         need(self.epochs != 0 or (bool(self.init_from) and self.split_head_iterations > 0),
-             "epochs 0 (no backbone training) needs init_from and split_head_iterations > 0")
+             "epochs 0 trains only the split head: it needs a model to start from (init_from, --init or "
+             "fine_tune) and split_head_iterations > 0")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1,
              f"batch_size must be >= 1 (got {self.batch_size!r})")
         need(isinstance(self.crop, int) and self.crop >= 32 and self.crop % 16 == 0,
@@ -361,7 +364,14 @@ def train(
     Returns
     -------
     dict with ``best_dice`` (per tissue), ``best_epoch``, ``epochs``, ``iterations``,
-    ``seconds`` and ``checkpoint``.
+    ``seconds``, ``checkpoint`` (None when nothing was written) and ``split_head`` (the head
+    phase's record, see :func:`train_split_head`, or None).
+
+    With ``config.split_head_iterations`` the split head is trained after the backbone (on the
+    best epoch's backbone; with ``epochs`` 0 on the initial one) and the checkpoint written
+    again with it. An initial model's head is not saved with a retrained backbone unless it is
+    retrained too; a head-only run replaces an existing head only when its raw validation Dice
+    (mean of muscle, SAT, VAT) is higher.
     """
     config = config or TrainConfig()
     config.check()
@@ -383,8 +393,16 @@ def train(
         model = load_checkpoint(config.init_from)
     else:
         model = new_model(config.network, config.spacing_mm, config.windows)
-    train_data = [to_working(s, model.spacing_mm) for s in samples]
-    val_data = [to_working(s, model.spacing_mm) for s in list(val_samples)[: config.max_val]]
+    old_head = None
+    if config.epochs > 0 and model.split_head is not None:
+        # The head reads the backbone's logits: once the backbone changes, it no longer fits it.
+        old_head, model.split_head = model.split_head, None
+        log("the initial model's split head is set aside while the backbone trains; "
+            + ("it is retrained afterwards" if config.split_head_iterations
+               else "it is not saved with the new backbone (split_head_iterations > 0 retrains one)"))
+    working = config.epochs > 0  # head-only runs never use the working-grid copies
+    train_data = [to_working(s, model.spacing_mm) for s in samples] if working else []
+    val_data = [to_working(s, model.spacing_mm) for s in list(val_samples)[: config.max_val]] if working else []
     model.network.train()
     from monai.losses import DiceCELoss
 
@@ -392,11 +410,12 @@ def train(
     opt = torch.optim.AdamW(model.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = config.iterations_per_epoch or max(1, math.ceil(len(train_data) / config.batch_size))
     total_iters = per_epoch * config.epochs
-    log(
-        f"training {model.config['name']} on {len(train_data)} slices, validating on {len(val_data)}; "
-        f"{config.epochs} epochs x {per_epoch} iterations, batch {config.batch_size}, crop {config.crop}, "
-        f"spacing {model.spacing_mm} mm"
-    )
+    if working:
+        log(
+            f"training {model.config['name']} on {len(train_data)} slices, validating on {len(val_data)}; "
+            f"{config.epochs} epochs x {per_epoch} iterations, batch {config.batch_size}, crop {config.crop}, "
+            f"spacing {model.spacing_mm} mm"
+        )
     best = {"score": -1.0, "dice": {}, "epoch": 0}
     if config.init_from and config.epochs > 0:
         # A fine-tune must beat the model it starts from before it may replace it.
@@ -463,16 +482,29 @@ def train(
     else:
         log(f"backbone done in {time.time() - t0:.0f} s; best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
     head = None
-    if config.split_head_iterations > 0 and (written or config.epochs == 0):
+    if config.split_head_iterations > 0 and config.epochs > 0 and not written:
+        log("split head not trained: no new backbone was written")
+    elif config.split_head_iterations > 0:
         if written:
             model = load_checkpoint(out_path)  # the best epoch's backbone, not the last one's
+            model.split_head = old_head  # warm start from the previous head, if there was one
         meta = dict(model.meta)  # the backbone's training record (this run's, or the initial checkpoint's)
+        current = None
+        if config.epochs == 0 and model.split_head is not None:
+            # Like a fine-tune, a retrained head must beat the head it replaces.
+            current = _raw_dice_with_and_without_head(model, list(val_samples)[: config.max_val])["head"]
+            previous = copy.deepcopy(model.split_head)
         head = train_split_head(model, samples, config.split_head_iterations, val_samples=val_samples,
                                 lr=config.split_head_lr, seed=config.seed, augment=config.augment,
                                 max_val=config.max_val, log=log)
-        meta["split_head"] = _jsonable(head)
-        save_checkpoint(model, out_path, meta=meta)
-        written = True
+        if current is not None and _main_score(head["val_raw_dice"]["head"]) <= _main_score(current):
+            model.split_head = previous
+            log(f"the new split head does not beat the current one (raw Dice {_main_score(head['val_raw_dice']['head']):.4f} "
+                f"against {_main_score(current):.4f}), so {out_path} was not written")
+        else:
+            meta["split_head"] = _jsonable(head)
+            save_checkpoint(model, out_path, meta=meta)
+            written = True
     seconds = time.time() - t0
     log(f"done in {seconds:.0f} s" + (f"; wrote {out_path}" if written else ""))
     return {
@@ -530,13 +562,15 @@ def train_split_head(
     augmented HU by the protocol (:func:`sarco_app.labels.apply_hu_ranges`), and the loss is the
     negative log-likelihood of those labels under the head's probabilities
     (:meth:`~sarco_app.network.TissueSplitHead.probabilities`). Learning rate: 5 % warm-up, then
-    cosine decay. Returns the iterations, seconds, the last loss and the raw Dice per tissue on
+    cosine decay. Returns the iterations, seconds, the first and last loss (means over a
+    twentieth of the run) and the raw Dice per tissue on
     ``val_samples``' own grids, backbone alone and with the head
     (:func:`_raw_dice_with_and_without_head`).
     """
     if model.split_head is None:
         model.split_head = TissueSplitHead(model.num_classes)
     head = model.split_head
+    model.network.eval()  # frozen: no dropout noise, no normalisation statistics updated
     head.train()
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
@@ -557,7 +591,8 @@ def train_split_head(
                 if torch.rand(1, generator=gen).item() < 0.5:  # left-right, as in sample_crop
                     hu, lab = hu.flip(-2), lab.flip(-2)
                 hu = augment_intensity(hu, lab, gen)
-                lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long()
+            # The head learns the protocol: labels follow the (augmented) HU.
+            lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long()
             probs = head.probabilities(_native_logits(model, hu, sample.spacing), hu)
             loss = loss - torch.log(probs.gather(1, lab[:, None]).clamp_min(1e-6)).mean() / 2
         opt.zero_grad(set_to_none=True)
@@ -573,7 +608,8 @@ def train_split_head(
             + " ".join(f"{k} {v:.4f}" for k, v in dice["head"].items() if v is not None)
             + "; backbone alone " + " ".join(f"{k} {v:.4f}" for k, v in dice["backbone"].items() if v is not None))
     return {"iterations": iterations, "lr": lr, "seconds": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-every:])), "val_raw_dice": dice}
+            "first_loss": float(np.mean(losses[:every])), "final_loss": float(np.mean(losses[-every:])),
+            "val_raw_dice": dice}
 
 
 def _jsonable(value: Any) -> Any:

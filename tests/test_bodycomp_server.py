@@ -173,6 +173,8 @@ def test_train_rejects_bad_params_before_reading_data(server, model_dir):
                  "split_head_iterations must be >= 0"):
         assert text in log
     assert "labelled images" not in log  # failed before the datastore's labels were read
+    status, log = run_training(server, {"epochs": 0, "fine_tune": False, "split_head_iterations": 3})
+    assert status == "ERROR" and "epochs 0 trains only the split head" in log
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 

@@ -106,13 +106,13 @@ def test_postprocess_rules():
     probs[L.SAT, 5:20, 5:20] = 0.99  # outside the body
     probs[L.IMAT, 70:74, 70:74] = 0.95  # inside muscle: kept
     probs[L.IMAT, 80:82, 80:82] = 0.95  # speckle below the island size inside muscle: kept too
-    probs[L.IMAT, 60:100, 100:105] = 0.95  # a fat rim on the muscle's border: attached, kept
+    probs[L.IMAT, 60:100, 100:108] = 0.95  # a fat rim on the muscle's border: kept within 3 mm
     probs[L.IMAT, 130:140, 130:140] = 0.95  # far from muscle: not IMAT
     probs[L.SAT, 120:122, 60:62] = 0.99  # 4-pixel island
     label = postprocess(probs.copy(), hu, (1.0, 1.0), min_island_mm2=10)
     assert not label[:40].any() and not label[:, :40].any()
     assert (label[70:74, 70:74] == L.IMAT).all() and (label[80:82, 80:82] == L.IMAT).all()
-    assert (label[60:100, 100:105] == L.IMAT).all()
+    assert (label[60:100, 100:103] == L.IMAT).all() and not (label[60:100, 104:108] == L.IMAT).any()
     assert not (label[130:140, 130:140] == L.IMAT).any()
     assert not (label == L.SAT).any()
     assert (label[60:100, 60:100][5:-5, 5:-5] != L.VAT).all()

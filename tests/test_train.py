@@ -79,7 +79,7 @@ def test_train_cli_writes_a_checkpoint_inference_loads(studies, tmp_path):
 def test_train_cli_errors(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt")]) != 0
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--epochs", "0"]) != 0
-    assert "epochs 0 (no backbone training) needs init_from and split_head_iterations" in capsys.readouterr().err
+    assert "epochs 0 trains only the split head: it needs a model to start from" in capsys.readouterr().err
     # Settings are checked before the (missing) studies are read: the message names the setting.
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--crop", "100"]) != 0
     assert "crop must be a multiple of 16" in capsys.readouterr().err
@@ -156,3 +156,54 @@ def test_split_head_only_training_keeps_the_backbone(studies, tmp_path, capsys):
     assert np.array_equal(default, segment_volume(ph.hu, ph.spacing, model=plain).label)
     raw_headed = segment_volume(ph.hu, ph.spacing, model=headed, hu_refine=False).label
     assert not np.array_equal(raw_headed, segment_volume(ph.hu, ph.spacing, model=plain, hu_refine=False).label)
+    # A head-only run replaces an existing head only when its raw validation Dice is higher.
+    from sarco_app.train import TrainConfig, load_studies, train
+
+    lines = []
+    again = train(load_studies(studies), tmp_path / "again.pt",
+                  TrainConfig(epochs=0, init_from=str(out), split_head_iterations=2, split_head_lr=1e-12, threads=1),
+                  log=lines.append)
+    assert again["checkpoint"] is None and not (tmp_path / "again.pt").exists()
+    assert any("does not beat the current one" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def phantom_samples():
+    return [Sample(ph.hu, ph.label, ph.spacing) for ph in (generate(s, spacing_mm=2.0, size=200) for s in (31, 32, 33))]
+
+
+def test_train_split_head_learns(phantom_samples):
+    """The head's loss falls and the backbone's weights stay as they were."""
+    from pathlib import Path
+
+    from sarco_app.train import train_split_head
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
+    if not shipped.is_file():
+        pytest.skip("no shipped model")
+    model = load_checkpoint(shipped)
+    model.split_head = None  # a new head
+    backbone = {k: v.clone() for k, v in model.network.state_dict().items()}
+    result = train_split_head(model, phantom_samples[:2], 40, val_samples=phantom_samples[2:], log=lambda line: None)
+    assert result["final_loss"] < 0.75 * result["first_loss"], result
+    assert set(result["val_raw_dice"]) == {"backbone", "head"}
+    assert all(torch.equal(v, model.network.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_retraining_the_backbone_drops_a_head_that_no_longer_fits(phantom_samples, tmp_path):
+    from sarco_app.network import TissueSplitHead, new_model, save_checkpoint
+    from sarco_app.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    init = new_model()
+    torch.nn.init.zeros_(init.network.final_conv.weight)  # predicts background everywhere:
+    torch.nn.init.zeros_(init.network.final_conv.bias)  # any trained epoch beats it
+    init.split_head = TissueSplitHead()
+    save_checkpoint(init, tmp_path / "init.pt")
+    lines = []
+    config = TrainConfig(epochs=2, iterations_per_epoch=4, batch_size=2, crop=64, lr=1e-2, threads=1,
+                         init_from=str(tmp_path / "init.pt"))
+    result = train(phantom_samples[:2], tmp_path / "out.pt", config, val_samples=phantom_samples[2:], log=lines.append)
+    assert result["checkpoint"] is not None, lines
+    assert any("split head is set aside" in line for line in lines)
+    assert load_checkpoint(tmp_path / "out.pt").split_head is None

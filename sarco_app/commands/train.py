@@ -33,7 +33,7 @@ def add_parser(subparsers):
                              "IMAT (-190..-30 HU) again, as the L3 protocol does (see models/MODEL_CARD.md)")
     parser.add_argument("--split-head-iterations", type=int, default=0,
                         help="then train the split head (tissue by HU on each slice's own grid, backbone frozen) "
-                             "for this many iterations of 2 slices (default 0: keep the initial model's head)")
+                             "for this many iterations of 2 slices (default 0: none; a retrained backbone then drops an old head)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
 
@@ -58,7 +58,7 @@ def run(args) -> int:
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result["best_dice"].items() if v is not None)
     if result["checkpoint"] is None:
-        print(f"no epoch beat the initial model ({dice}); {args.out} not written")
+        print(f"nothing beat the initial model{f' ({dice})' if dice else ''}; {args.out} not written")
         return 0
     head = result.get("split_head")
     if result["best_epoch"]:

@@ -12,9 +12,11 @@ what makes tens of slices enough on a 2-core CPU.
 Request params: ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
 ``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none),
 ``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
-and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then retrain the
-native-grid tissue split head for this many iterations of 2 slices; 0 keeps the current
-model's head).
+and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then train the
+native-grid tissue split head for this many iterations of 2 slices, the backbone frozen; not
+bounded by ``time_limit_s``. With 0, a retrained backbone is saved without the current model's
+head, which would no longer fit it; ``epochs`` 0 retrains only the head, which replaces the
+current one only if its raw validation Dice is higher).
 """
 
 from __future__ import annotations
@@ -110,9 +112,11 @@ class BodyCompTrainer(TrainTask):
         except Exception as exc:  # a damaged file must not break /info/
             return {"error": str(exc)}
         return {"checkpoint": str(self.output_path), "best_epoch": meta.get("best_epoch"),
-                "val_dice": meta.get("val_dice"), "seconds": meta.get("seconds")}
+                "val_dice": meta.get("val_dice"), "seconds": meta.get("seconds"),
+                "split_head_iterations": (meta.get("split_head") or {}).get("iterations")}
 
     def __call__(self, request, datastore):
+        from sarco_app.errors import SarcoError
         from sarco_app.train import load_pairs, train
 
         def log(line: str) -> None:
@@ -129,6 +133,11 @@ class BodyCompTrainer(TrainTask):
         samples = load_pairs(pairs)
         init = self._init_checkpoint(log) if fine_tune else None
         config.init_from = str(init) if init else None
+        if config.epochs == 0 and init is None:
+            message = ("epochs 0 trains only the split head of the current model, but "
+                       + ("fine_tune is off" if not fine_tune else "no readable model exists"))
+            log(f"bodycomp_unet: {message}")
+            raise SarcoError(message)
         log(f"bodycomp_unet: {len(pairs)} labelled images, {len(samples)} slices; "
             f"{'fine-tuning ' + str(init) if init else 'training from scratch'} -> {self.output_path}")
         result = train(samples, self.output_path, config, log=log)
