@@ -13,7 +13,8 @@ The pipeline for one axial slice (``(X, Y)`` HU, pixel ``spacing`` in mm):
 4. **Post-process** (:func:`postprocess`): nothing outside the body, tissue islands below
    ``min_island_mm2`` handed to the next most likely class (muscle with its IMAT is one region),
    IMAT only inside the muscle compartment (closed muscle mask, or connected to muscle), and
-   (``hu_refine``, on by default) the clinical HU rule applied to the regions: the network finds the compartments, HU decides tissue at the original resolution; muscle and
+   (``hu_refine``, on by default) the clinical HU rule applied to the regions: the network
+   finds the compartments, HU decides tissue at the original resolution; muscle and
    VAT borders first move by HU within half a working pixel (:func:`refine_borders`).
 
 :func:`segment_volume` / :func:`segment_image` run it on a 2D image, one slice of a volume or all
@@ -133,6 +134,14 @@ def working_logits(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float
 
 
 @torch.no_grad()
+def original_grid_logits(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], model: BodyCompModel) -> torch.Tensor:
+    """Network logits ``(N, K, X, Y)`` resampled (bilinear) back to the grid of HU slices
+    ``(N, X, Y)`` at pixel ``spacing`` (mm)."""
+    logits = working_logits(hu_slices, spacing, model)
+    return F.interpolate(logits, size=tuple(hu_slices.shape[-2:]), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
 def predict_probabilities(
     hu_slices: np.ndarray, spacing: Sequence[float], model: BodyCompModel, batch_size: int = 4,
     split_head: bool = True,
@@ -146,8 +155,7 @@ def predict_probabilities(
     out = np.empty((hu_slices.shape[0], model.num_classes) + hu_slices.shape[1:], dtype=np.float32)
     model.network.eval()
     for start in range(0, hu_slices.shape[0], batch_size):
-        logits = working_logits(hu_slices[start : start + batch_size], spacing, model)
-        logits = F.interpolate(logits, size=hu_slices.shape[1:], mode="bilinear", align_corners=False)
+        logits = original_grid_logits(hu_slices[start : start + batch_size], spacing, model)
         if model.split_head is None or not split_head:
             probs = torch.softmax(logits, dim=1)
         else:

@@ -50,7 +50,7 @@ from sarco_app.network import (
     new_model,
     save_checkpoint,
 )
-from sarco_app.segment import pad_to_multiple, resample_hu, working_logits, working_shape
+from sarco_app.segment import original_grid_logits, pad_to_multiple, resample_hu, working_shape
 
 AIR = -1024.0
 
@@ -519,13 +519,6 @@ def train(
     }
 
 
-def _native_logits(model: BodyCompModel, hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
-    """The frozen backbone's logits ``(N, K, X, Y)`` resampled to the grid of ``hu`` ``(N, X, Y)``."""
-    with torch.no_grad():
-        logits = working_logits(hu, spacing, model)
-        return F.interpolate(logits, size=tuple(hu.shape[-2:]), mode="bilinear", align_corners=False)
-
-
 def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, dict]:
     """Pooled Dice per tissue of the raw arg-max on the samples' own grids, for the backbone
     alone (softmax of its resampled logits) and with the split head."""
@@ -534,7 +527,7 @@ def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Samp
         for sample in samples:
             hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
             truth = torch.as_tensor(sample.label).long()
-            logits = _native_logits(model, hu, sample.spacing)
+            logits = original_grid_logits(hu, sample.spacing, model)
             preds = {"backbone": logits[0].argmax(0), "head": model.split_head.probabilities(logits, hu)[0].argmax(0)}
             for key, pred in preds.items():
                 for v in L.NAMES:
@@ -593,7 +586,7 @@ def train_split_head(
                 hu = augment_intensity(hu, lab, gen)
             # The head learns the protocol: labels follow the (augmented) HU.
             lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long()
-            probs = head.probabilities(_native_logits(model, hu, sample.spacing), hu)
+            probs = head.probabilities(original_grid_logits(hu, sample.spacing, model), hu)
             loss = loss - torch.log(probs.gather(1, lab[:, None]).clamp_min(1e-6)).mean() / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()

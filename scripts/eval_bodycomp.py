@@ -88,8 +88,9 @@ def hu_fractions(hu, label):
 
 def working_grid_fractions(model, hu_slices, spacing):
     """:func:`hu_fractions` of the backbone's arg-max on its own working grid (no split head,
-    which works on the original grid), against the HU it sees there (the input resampled to ``model.spacing_mm``). On the original grid a pixel whose
-    HU the resampling averaged away cannot be told apart by a network at the working spacing."""
+    which works on the original grid), against the HU it sees there (the input resampled to
+    ``model.spacing_mm``). On the original grid a pixel whose HU the resampling averaged away
+    cannot be told apart by a network at the working spacing."""
     import torch
 
     hu_slices = np.asarray(hu_slices, dtype=np.float32)
