@@ -17,6 +17,12 @@ NAMES: dict[int, str] = {v: k for k, v in LABELS.items()}
 #: Number of output classes of a segmentation network (background included).
 NUM_CLASSES = len(LABELS) + 1
 
+#: Structures the phantoms know beside the tissues, used as extra training classes (value =
+#: position + 1; 0 is none). Teaching the network what an organ is keeps organs pressed against
+#: the muscle wall out of the muscle label; served labels never hold these values: an organ is
+#: background in the 5-value schema.
+ORGAN_NAMES: tuple[str, ...] = ("liver", "spleen", "kidney", "bowel", "bone", "diaphragm", "other_organ")
+
 #: Display colours (RGB, 0-255) for overlays; muscle red, SAT yellow, VAT cyan, IMAT green.
 COLORS: dict[int, tuple[int, int, int]] = {
     MUSCLE: (220, 50, 47),

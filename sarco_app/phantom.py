@@ -112,6 +112,17 @@ _LABEL_OF[_T.SAT_FAT] = labels.SAT
 _LABEL_OF[_T.SAT_SEPTUM] = labels.SAT  # thin septa are part of the fat compartment
 _LABEL_OF[_T.VAT_FAT] = labels.VAT
 _LABEL_OF[_T.IMAT_FAT] = labels.IMAT
+#: Tissue id -> organ class (position in ``labels.ORGAN_NAMES`` + 1; 0 none).
+_ORGAN_OF = np.zeros(len(_TISSUE_NAMES), dtype=np.uint8)
+for _names, _organ in (
+    (("liver", "gallbladder"), "liver"),
+    (("spleen",), "spleen"),
+    (("kidney_cortex", "kidney_medulla", "urine"), "kidney"),
+    (("bowel_wall", "bowel_fluid", "bowel_air", "bowel_contrast", "feces", "stomach_wall"), "bowel"),
+    (("bone_cortex", "bone_marrow", "cartilage", "csf", "epidural_fat"), "bone"),
+    (("pancreas", "artery", "vein", "calcification", "thrombus"), "other_organ"),
+):
+    _ORGAN_OF[[_TISSUE_NAMES.index(n) for n in _names]] = labels.ORGAN_NAMES.index(_organ) + 1
 
 # Per level: relative sizes / probabilities of the structures that change along the spine.
 _LEVEL_ANATOMY: dict[str, dict[str, float]] = {
@@ -154,6 +165,9 @@ class Phantom:
     patient: PatientInfo
     params: dict[str, Any] = field(default_factory=dict)
     anatomical_label: np.ndarray | None = None
+    #: Organ classes (``labels.ORGAN_NAMES`` position + 1, 0 none) of the majority tissue of each
+    #: pixel, wherever ``label`` is background: the extra training classes.
+    organ_label: np.ndarray | None = None
 
     def areas_cm2(self) -> dict[str, float]:
         """Area (cm²) of every tissue of the label map: {'muscle', 'sat', 'vat', 'imat'}."""
@@ -654,6 +668,10 @@ class _Builder:
         # border pixel in the fat range IMAT), as an expert thresholding in SliceOmatic gets.
         anatomical = label
         label = labels.apply_hu_ranges(anatomical, hu)
+        organs = _block_mode(_ORGAN_OF[tissue], self.f, len(labels.ORGAN_NAMES) + 1)
+        organs[label != labels.BACKGROUND] = 0
+        if self.params["fov_circle"]:
+            organs[~_circle_mask(self.out_size)] = 0
         counts = np.bincount(tissue.ravel(), minlength=len(_TISSUE_NAMES)) * (cv.pixel_mm2 / 100.0)
         self.params["structures_cm2"] = {
             "psoas": round(float(counts[_T.PSOAS]), 2),
@@ -672,7 +690,8 @@ class _Builder:
         self.params.update(smi=round(smi, 2), z_mm=float({"L1": -120.0, "L2": -155.0, "L3": -190.0, "L4": -225.0}[self.level]))
         return Phantom(hu=np.ascontiguousarray(hu.T), label=np.ascontiguousarray(label.T),
                        spacing=(float(spacing[0]), float(spacing[1])), patient=self.patient,
-                       params=self.params, anatomical_label=np.ascontiguousarray(anatomical.T))
+                       params=self.params, anatomical_label=np.ascontiguousarray(anatomical.T),
+                       organ_label=np.ascontiguousarray(organs.T))
 
     # ------------------------------------------------------------------ SAT
 
