@@ -6,7 +6,7 @@ A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can re
      "network": {"name": "BasicUNet", "kwargs": {...}},   # enough to rebuild the module
      "spacing_mm": 2.0,                                   # in-plane working spacing
      "windows": [[-250.0, 250.0], [-1000.0, 1000.0]],     # HU windows -> input channels
-     "class_names": ["background", "muscle", "sat", "vat", "imat"],
+     "class_names": ["background", "muscle", "sat", "vat", "imat"],  # + organ classes, optional
      "state_dict": {...},
      "split_head": {"windows": [...], "hidden": 16,       # optional: the native-grid
                     "state_dict": {...}},                 # tissue split (see below)
@@ -19,6 +19,12 @@ the muscle range. The optional :class:`TissueSplitHead` works on the image's own
 upsampled class logits and each original pixel's HU it makes the protocol's tissue decision
 inside the backbone's compartments (muscle compartment -> muscle / IMAT / neither; SAT, VAT ->
 kept / neither). Checkpoints without it still load.
+
+A network may predict organ classes beside the five tissue classes (``class_names`` then goes on
+with :data:`sarco_app.labels.ORGAN_NAMES`): trained on the phantoms' organ maps, it learns what a
+liver or a spleen pressed against the muscle wall is. Every consumer sees only the five served
+classes: :func:`tissue_logits` folds the organ classes into background (log-sum-exp, so the softmax
+is that of the full network with organ probabilities added to background).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from sarco_app.errors import SarcoError
 
 CHECKPOINT_FORMAT = "sarco-bodycomp/1"
 CLASS_NAMES = ["background"] + [L.NAMES[v] for v in sorted(L.NAMES)]
+#: Class names of a network that also predicts the phantoms' organ classes.
+ORGAN_CLASS_NAMES = CLASS_NAMES + list(L.ORGAN_NAMES)
 
 #: Default in-plane working spacing (mm): clinical 0.6-1.0 mm pixels are downsampled to it,
 #: 3 mm pixels upsampled. 2 mm keeps training on a shared 2-core CPU feasible; fine boundaries
@@ -98,7 +106,7 @@ class TissueSplitHead(torch.nn.Module):
     to another: the compartments stay the backbone's.
     """
 
-    def __init__(self, num_classes: int = len(CLASS_NAMES), windows=SPLIT_WINDOWS, hidden: int = 16):
+    def __init__(self, num_classes: int = L.NUM_CLASSES, windows=SPLIT_WINDOWS, hidden: int = 16):
         super().__init__()
         self.windows = tuple((float(a), float(b)) for a, b in windows)
         self.hidden = int(hidden)
@@ -153,19 +161,60 @@ class BodyCompModel:
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        """Classes the model serves (the five tissue classes), whatever the network predicts."""
+        return L.NUM_CLASSES
+
+    @property
+    def organ_classes(self) -> list[str]:
+        """Organ classes the network predicts beside the tissue classes (empty for most models)."""
+        return list(self.class_names[L.NUM_CLASSES:])
+
+
+def tissue_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, K, ...)`` of a network -> the five served classes ``(N, 5, ...)``: organ
+    classes (channels 5 and up) join background by log-sum-exp, so softmax gives background the
+    sum of their probabilities. Five-class logits come back as they are."""
+    if logits.shape[1] == L.NUM_CLASSES:
+        return logits
+    background = torch.logsumexp(torch.cat([logits[:, :1], logits[:, L.NUM_CLASSES:]], dim=1), dim=1, keepdim=True)
+    return torch.cat([background, logits[:, 1 : L.NUM_CLASSES]], dim=1)
+
+
+def add_organ_classes(model: BodyCompModel) -> BodyCompModel:
+    """Give a five-class model the organ output classes (:data:`ORGAN_CLASS_NAMES`) in place, for
+    fine-tuning with organ maps. The new channels start as copies of background with their bias
+    lowered by 10, so the served output is unchanged (to float rounding) before training."""
+    if model.organ_classes:
+        return model
+    final = getattr(model.network, "final_conv", None)
+    if not isinstance(final, torch.nn.Conv2d) or final.out_channels != L.NUM_CLASSES:
+        raise SarcoError(f"cannot add organ classes to a {model.config.get('name')} network "
+                         "(only BasicUNet's final 1x1 convolution is supported)")
+    extra = len(ORGAN_CLASS_NAMES) - L.NUM_CLASSES
+    new = torch.nn.Conv2d(final.in_channels, final.out_channels + extra, final.kernel_size)
+    with torch.no_grad():
+        new.weight[: L.NUM_CLASSES] = final.weight
+        new.bias[: L.NUM_CLASSES] = final.bias
+        new.weight[L.NUM_CLASSES :] = final.weight[:1]
+        new.bias[L.NUM_CLASSES :] = final.bias[:1] - 10.0
+    model.network.final_conv = new.to(final.weight.device)
+    model.class_names = list(ORGAN_CLASS_NAMES)
+    return model
 
 
 def new_model(
     config: dict[str, Any] | None = None,
     spacing_mm: float = DEFAULT_SPACING_MM,
     windows=DEFAULT_WINDOWS,
+    organ_classes: bool = False,
 ) -> BodyCompModel:
-    """An untrained :class:`BodyCompModel` with the given (or default) network."""
+    """An untrained :class:`BodyCompModel` with the given (or default) network; with
+    ``organ_classes`` it also predicts :data:`sarco_app.labels.ORGAN_NAMES`."""
     config = dict(config or DEFAULT_NETWORK)
     windows = tuple((float(a), float(b)) for a, b in windows)
-    net = build_network(config, in_channels=len(windows), out_channels=len(CLASS_NAMES))
-    return BodyCompModel(net, float(spacing_mm), windows, list(CLASS_NAMES), config)
+    names = ORGAN_CLASS_NAMES if organ_classes else CLASS_NAMES
+    net = build_network(config, in_channels=len(windows), out_channels=len(names))
+    return BodyCompModel(net, float(spacing_mm), windows, list(names), config)
 
 
 def checkpoint_dict(model: BodyCompModel, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -224,7 +273,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Bod
     if ckpt.get("split_head") is not None:
         spec = ckpt["split_head"]
         try:
-            split_head = TissueSplitHead(len(class_names), spec["windows"], spec["hidden"])
+            split_head = TissueSplitHead(L.NUM_CLASSES, spec["windows"], spec["hidden"])
             split_head.load_state_dict(spec["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise SarcoError(f"{path.name}: the split head's weights do not match ({exc})") from exc

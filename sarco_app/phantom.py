@@ -59,7 +59,9 @@ from sarco_app import labels
 from sarco_app.errors import SarcoError
 from sarco_app.ingest import CTImage, PatientInfo, make_image, save_image, save_label
 
-LEVELS = ("L1", "L2", "L3", "L4")
+LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
+#: The lumbar levels (``write_cohort``'s ``mixed`` draws from these).
+LUMBAR_LEVELS = ("L1", "L2", "L3", "L4")
 FORMATS = ("nifti", "dicom")
 #: Tissue names in label order (the keys of :meth:`Phantom.areas_cm2`).
 TISSUES = tuple(labels.NAMES[v] for v in sorted(labels.NAMES))
@@ -93,6 +95,7 @@ _TISSUE_NAMES = (
     "bowel_wall", "bowel_fluid", "bowel_air", "bowel_contrast", "feces", "stomach_wall",
     "table_shell", "table_core", "pad",
     "arm_skin", "arm_fat", "arm_muscle",
+    "diaphragm", "lung",
 )
 
 
@@ -120,29 +123,46 @@ for _names, _organ in (
     (("kidney_cortex", "kidney_medulla", "urine"), "kidney"),
     (("bowel_wall", "bowel_fluid", "bowel_air", "bowel_contrast", "feces", "stomach_wall"), "bowel"),
     (("bone_cortex", "bone_marrow", "cartilage", "csf", "epidural_fat"), "bone"),
-    (("pancreas", "artery", "vein", "calcification", "thrombus"), "other_organ"),
+    (("diaphragm",), "diaphragm"),
+    (("pancreas", "artery", "vein", "calcification", "thrombus", "lung"), "other_organ"),
 ):
     _ORGAN_OF[[_TISSUE_NAMES.index(n) for n in _names]] = labels.ORGAN_NAMES.index(_organ) + 1
 
 # Per level: relative sizes / probabilities of the structures that change along the spine.
-_LEVEL_ANATOMY: dict[str, dict[str, float]] = {
+_LEVEL_ANATOMY: dict[str, dict[str, Any]] = {
     #        share of the skeletal muscle area          vertebra half width/depth (mm)
+    # T11/T12: the liver and spleen fill the cavity and lie on the diaphragm against the ribs and
+    # intercostal muscles; lung bases behind the diaphragm; hardly any psoas yet.
+    "T11": dict(es=0.52, psoas=0.004, ql=0.01, rectus=0.07, wall=0.40, vb_w=17.5, vb_d=13.5,
+                tp=0.35, kidney=0.45, kidney_p=0.25, hilum_p=0.0, liver=1.3, spleen_p=0.95,
+                stomach_p=0.9, pancreas_p=0.1, gallbladder_p=0.3, duodenum_p=0.0, ribs=5,
+                latissimus_p=1.0, cavity=1.35, iliac_p=0.0, sma_p=0.1,
+                dia=1.0, crus=1.0, lung=0.85, rib_arc=(0.12, 0.92)),
+    "T12": dict(es=0.47, psoas=0.012, ql=0.025, rectus=0.075, wall=0.42, vb_w=18.5, vb_d=14.0,
+                tp=0.4, kidney=0.7, kidney_p=0.7, hilum_p=0.15, liver=1.2, spleen_p=0.95,
+                stomach_p=0.9, pancreas_p=0.45, gallbladder_p=0.35, duodenum_p=0.05, ribs=4.5,
+                latissimus_p=1.0, cavity=1.28, iliac_p=0.0, sma_p=0.5,
+                dia=0.95, crus=1.0, lung=0.5, rib_arc=(0.15, 0.9)),
     "L1": dict(es=0.38, psoas=0.035, ql=0.045, rectus=0.08, wall=0.46, vb_w=20.0, vb_d=14.5,
                tp=0.45, kidney=1.0, kidney_p=0.97, hilum_p=0.55, liver=1.0, spleen_p=0.9,
                stomach_p=0.85, pancreas_p=0.75, gallbladder_p=0.3, duodenum_p=0.2, ribs=4,
-               latissimus_p=1.0, cavity=1.18, iliac_p=0.0, sma_p=0.9),
+               latissimus_p=1.0, cavity=1.18, iliac_p=0.0, sma_p=0.9,
+               dia=0.7, crus=0.9, lung=0.0, rib_arc=(0.3, 0.85)),
     "L2": dict(es=0.34, psoas=0.075, ql=0.06, rectus=0.08, wall=0.445, vb_w=21.5, vb_d=15.5,
                tp=0.8, kidney=0.95, kidney_p=0.95, hilum_p=0.7, liver=0.55, spleen_p=0.35,
                stomach_p=0.3, pancreas_p=0.55, gallbladder_p=0.25, duodenum_p=0.45, ribs=1.5,
-               latissimus_p=0.8, cavity=1.07, iliac_p=0.0, sma_p=0.85),
+               latissimus_p=0.8, cavity=1.07, iliac_p=0.0, sma_p=0.85,
+               dia=0.3, crus=0.6, lung=0.0, rib_arc=(0.3, 0.85)),
     "L3": dict(es=0.30, psoas=0.125, ql=0.045, rectus=0.09, wall=0.44, vb_w=23.0, vb_d=16.5,
                tp=1.0, kidney=0.8, kidney_p=0.75, hilum_p=0.2, liver=0.25, spleen_p=0.06,
                stomach_p=0.0, pancreas_p=0.0, gallbladder_p=0.05, duodenum_p=0.5, ribs=0.2,
-               latissimus_p=0.45, cavity=1.0, iliac_p=0.0, sma_p=0.7),
+               latissimus_p=0.45, cavity=1.0, iliac_p=0.0, sma_p=0.7,
+               dia=0.0, crus=0.0, lung=0.0, rib_arc=(0.3, 0.85)),
     "L4": dict(es=0.27, psoas=0.18, ql=0.05, rectus=0.08, wall=0.42, vb_w=24.0, vb_d=17.0,
                tp=0.85, kidney=0.35, kidney_p=0.2, hilum_p=0.0, liver=0.0, spleen_p=0.0,
                stomach_p=0.0, pancreas_p=0.0, gallbladder_p=0.0, duodenum_p=0.15, ribs=0.0,
-               latissimus_p=0.1, cavity=0.95, iliac_p=0.6, sma_p=0.3),
+               latissimus_p=0.1, cavity=0.95, iliac_p=0.6, sma_p=0.3,
+               dia=0.0, crus=0.0, lung=0.0, rib_arc=(0.3, 0.85)),
 }
 
 
@@ -408,6 +428,9 @@ class _Builder:
     def __init__(self, rng, seed, size, level, spacing, sex, age, height_cm, weight_kg,
                  sarcopenic, muscle_hu, gain=1.0):
         self.rng = rng
+        # The upper-abdomen structures (diaphragm, crura, lung bases, intercostal muscles) draw
+        # from their own stream, so adding them left the lumbar phantoms' random stream as it was.
+        self.rng_upper = np.random.default_rng([int(seed), 0x7112])
         self.gain = gain
         self.seed = seed
         self.size = size
@@ -465,7 +488,7 @@ class _Builder:
         else:
             smi = cut * rng.uniform(1.06, 1.30) * (1 + 0.004 * max(0.0, self.bmi - 25))
         # Level: the muscles at L1 are fewer than at L3 (psoas), so the index shifts.
-        smi_level = smi * {"L1": 0.95, "L2": 0.97, "L3": 1.0, "L4": 1.02}[self.level]
+        smi_level = smi * {"T11": 0.86, "T12": 0.9, "L1": 0.95, "L2": 0.97, "L3": 1.0, "L4": 1.02}[self.level]
         sma_mm2 = smi_level * h_m * h_m * 100.0  # cm² -> mm²
         # IMAT share grows with age, BMI and low muscle HU (myosteatosis).
         imat_frac = np.clip(0.02 + 0.0008 * (self.age - 40) + 0.002 * (self.bmi - 25)
@@ -647,7 +670,9 @@ class _Builder:
         self._psoas_ql()
         self._spine()
         self._ribs(env)
+        self._diaphragm_and_lungs()
         self._vessels()
+        self._crura()
         self._organs()
         self._bowel()
         self._small_vessels()
@@ -687,7 +712,7 @@ class _Builder:
         areas = {name: float((label == value).sum() * spacing[0] * spacing[1] / 100.0)
                  for name, value in labels.LABELS.items()}
         smi = areas["muscle"] / (self.height_cm / 100.0) ** 2
-        self.params.update(smi=round(smi, 2), z_mm=float({"L1": -120.0, "L2": -155.0, "L3": -190.0, "L4": -225.0}[self.level]))
+        self.params.update(smi=round(smi, 2), z_mm=float({"T11": -50.0, "T12": -85.0, "L1": -120.0, "L2": -155.0, "L3": -190.0, "L4": -225.0}[self.level]))
         return Phantom(hu=np.ascontiguousarray(hu.T), label=np.ascontiguousarray(label.T),
                        spacing=(float(spacing[0]), float(spacing[1])), patient=self.patient,
                        params=self.params, anatomical_label=np.ascontiguousarray(anatomical.T),
@@ -891,7 +916,7 @@ class _Builder:
             thick = {k: rel[k] * shapes[k] * scale * _profile(rng, grid, 0.08, 4, half) for k in shapes}
             if self.lv["latissimus_p"] > rng.random():
                 ld = (_ramp(grid, end - rng.uniform(60, 110), 25) * (1 - _ramp(grid, end + 15, 20))
-                      * rng.uniform(1.5, 6.0) * (1.6 if self.level == "L1" else 1.0))
+                      * rng.uniform(1.5, 6.0) * (1.6 if self.level in ("T11", "T12", "L1") else 1.0))
             else:
                 ld = np.zeros_like(grid)
             gap_w = rng.uniform(0.3, 1.4)
@@ -1056,7 +1081,7 @@ class _Builder:
         for side in (-1, 1):
             count = rng.poisson(n_ribs)
             for _ in range(int(min(count, 6))):
-                arc = side * rng.uniform(0.3, 0.85) * half
+                arc = side * rng.uniform(*self.lv["rib_arc"]) * half
                 p, normal = self._env_point_at_arc(arc)
                 depth = rng.uniform(4, 14)
                 centre = p + normal * depth
@@ -1068,6 +1093,71 @@ class _Builder:
                 cartilage = arc * side < 0.4 * half and rng.random() < 0.6
                 tissue[outer & where] = _T.CARTILAGE if cartilage else _T.BONE_CORTEX
                 tissue[inner & where] = _T.CARTILAGE if cartilage else _T.BONE_MARROW
+        if n_ribs >= 3:
+            self._intercostals()
+
+    def _intercostals(self):
+        """Intercostal muscles at T11-T12: a muscle band at the ribs' depth joining them along
+        the lateral and posterior wall (skeletal muscle of the trunk, label muscle)."""
+        rng, tissue = self.rng_upper, self.tissue
+        ribs = np.isin(tissue, (_T.BONE_CORTEX, _T.BONE_MARROW, _T.CARTILAGE)) & self.env_mask & (self.d_in < 30)
+        if not ribs.any():
+            return
+        depth = self.d_in[ribs]
+        lo, hi = np.percentile(depth, 15), np.percentile(depth, 85)
+        a = np.abs(self.arc[ribs])
+        half = self.perimeter / 2
+        band = (self.env_mask & (tissue == _T.VAT_FAT) & (self.d_in >= lo - rng.uniform(0.5, 2.5))
+                & (self.d_in <= hi + rng.uniform(0.5, 2.5)) & (np.abs(self.arc) >= a.min() - 10)
+                & (np.abs(self.arc) <= min(a.max() + 10, half - 15)))
+        tissue[band] = _T.WALL_MUSCLE
+
+    def _diaphragm_and_lungs(self):
+        """Upper abdomen (T11-L2): lung bases (posterior costophrenic recesses) inside the ribs,
+        then the diaphragm, a 2-7 mm muscle-dense band that is not trunk muscle (label
+        background), lining the wall and back muscles from inside over the lateral and posterior
+        arc; the liver and spleen drawn next lie against it."""
+        lv, cv, tissue = self.lv, self.cv, self.tissue
+        rng = self.rng_upper
+        self.params["diaphragm"] = bool(rng.random() < lv["dia"])
+        if not self.params["diaphragm"]:
+            return
+        half = self.perimeter / 2
+        a = np.abs(self.arc)
+        near_wall = self.d_in < rng.uniform(35, 60)
+        if rng.random() < lv["lung"]:
+            free = self._free()
+            dist = cv.distance_inside(free)
+            reach = rng.uniform(0.45, 0.7) * half  # arc beyond which the recess lies
+            depth = rng.uniform(4, 22) * np.clip((a - reach) / 40.0, 0, 1)
+            lung = free & near_wall & (dist < depth)
+            tissue[lung] = _T.LUNG
+            self.params["lung_cm2"] = round(float(lung.sum() * cv.pixel_mm2 / 100.0), 2)
+        free = self._free()
+        dist = cv.distance_inside(free)
+        gap = 0.0 if rng.random() < 0.6 else rng.uniform(1.0, 4.0)  # extraperitoneal fat
+        thick = rng.uniform(2.0, 7.0)
+        start = {"T11": 0.05, "T12": 0.15, "L1": 0.4, "L2": 0.6}.get(self.level, 0.7) * half
+        start *= rng.uniform(0.8, 1.2)
+        band = free & near_wall & (dist >= gap) & (dist < gap + thick) & (a > start)
+        tissue[band] = _T.DIAPHRAGM
+
+    def _crura(self):
+        """Diaphragm crura: muscle-dense bands (label background) from the front of the
+        vertebral body up around the aorta, the right one longer (T11-L2)."""
+        rng, cv, tissue = self.rng_upper, self.cv, self.tissue
+        if rng.random() >= self.lv["crus"]:
+            return
+        cx, cy = self.vb_c
+        ax, ay = self.aorta_c
+        for side in (-1, 1):
+            width = rng.uniform(3.0, 8.0) * (1.25 if side < 0 else 1.0)
+            start = (cx + side * self.vb_w * rng.uniform(0.5, 0.85), cy - self.vb_d * rng.uniform(0.2, 0.6))
+            mid = (ax + side * (self.r_ao + width * 0.5 + rng.uniform(0.5, 3)), ay + rng.uniform(-3, 3))
+            end = (ax + side * rng.uniform(0, 0.6) * self.r_ao,
+                   ay - self.r_ao - rng.uniform(3, 15) * (1.5 if side < 0 else 1.0))
+            pts = _smooth_polyline(np.array([start, mid, end]), 24)
+            tissue[cv.line(pts, width) & self._free()] = _T.DIAPHRAGM
 
     # ------------------------------------------------------------------ retroperitoneum
 
@@ -1181,7 +1271,7 @@ class _Builder:
                 gb = cv.poly(_blob(rng, gc, rng.uniform(12, 22), rng.uniform(10, 18), rng.normal(0, 0.5)))
                 tissue[gb & (self._free() | liver)] = _T.GALLBLADDER
         if rng.random() < lv["spleen_p"]:
-            size = rng.uniform(0.6, 1.1) * (1.0 if self.level == "L1" else 0.6)
+            size = rng.uniform(0.6, 1.1) * {"T11": 1.25, "T12": 1.15, "L1": 1.0}.get(self.level, 0.6)
             centre = (a_f * rng.uniform(0.55, 0.8), self.b_post * rng.uniform(0.0, 0.5))
             sp = cv.poly(_blob(rng, centre, a_f * 0.3 * size, b * 0.45 * size, rng.uniform(-0.9, -0.3), wobble=0.06)) & self._free()
             tissue[sp] = _T.SPLEEN
@@ -1610,6 +1700,14 @@ class _Builder:
         tex[[_T.BOWEL_FLUID, _T.BOWEL_WALL, _T.FECES]] = rng.uniform(3, 10)
         tex[_T.PANCREAS] = 6
         mean[_T.ARM_SKIN] = mean[_T.SKIN]
+        # Upper-abdomen structures (own stream, see __init__): the diaphragm is as dense as the
+        # trunk muscles; lung bases are aerated; liver and spleen get a fine mottle.
+        up = self.rng_upper
+        mean[_T.DIAPHRAGM] = mhu + up.normal(3, 6)
+        tex[_T.DIAPHRAGM] = tex[_T.WALL_MUSCLE]
+        mean[_T.LUNG] = up.uniform(-900, -760)
+        fine[_T.LUNG] = up.uniform(15, 45)
+        fine[[_T.LIVER, _T.SPLEEN]] = up.uniform(2, 9)
         mean[_T.TABLE_SHELL] = rng.uniform(100, 500)
         mean[_T.TABLE_CORE] = rng.uniform(-950, -700)
         mean[_T.PAD] = rng.uniform(-960, -820)
@@ -1718,14 +1816,17 @@ def _uid(seed: int, case_id: str, what: str) -> str:
     return generate_uid(entropy_srcs=["sarco-phantom", str(seed), case_id, what])
 
 
-def write_phantom(phantom: Phantom, out_dir: str | Path, case_id: str, format: str = "nifti") -> Path:
+def write_phantom(phantom: Phantom, out_dir: str | Path, case_id: str, format: str = "nifti",
+                  organs: bool = False) -> Path:
     """Write a phantom into a studies folder; returns the image path.
 
     ``nifti``: ``<out>/<id>.nii.gz`` (int16 HU) with the patient sidecar ``<out>/<id>.json``.
     ``dicom``: a folder ``<out>/<id>/`` holding one CT Image Storage file (int16 with rescale
     slope/intercept, patient sex/age/size/weight, axial geometry, UIDs derived from the seed).
     Either way the label goes to ``<out>/labels/final/<id>.nii.gz`` on the grid that
-    :func:`sarco_app.ingest.load_image` gives for the image.
+    :func:`sarco_app.ingest.load_image` gives for the image. With ``organs`` the organ map
+    (``phantom.organ_label``) goes to ``<out>/labels/organs/<id>.nii.gz`` the same way: the extra
+    training classes of ``python -m sarco_app train --organ-classes``.
     """
     fmt = str(format).strip().lower()
     if fmt not in FORMATS:
@@ -1738,10 +1839,13 @@ def write_phantom(phantom: Phantom, out_dir: str | Path, case_id: str, format: s
         raise SarcoError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     label_path = out / "labels" / "final" / f"{case_id}.nii.gz"
+    organ_path = out / "labels" / "organs" / f"{case_id}.nii.gz"
     if fmt == "nifti":
         image = phantom.to_image()
         path = save_image(image, out / f"{case_id}.nii.gz")
         save_label(phantom.label, image, label_path)
+        if organs:
+            save_label(phantom.organ_label, image, organ_path)
         return path
     from sarco_app.ingest import load_image
 
@@ -1751,8 +1855,9 @@ def write_phantom(phantom: Phantom, out_dir: str | Path, case_id: str, format: s
     image = load_image(folder)
     if image.hu.shape[:2] != phantom.hu.shape:
         raise SarcoError(f"{folder}: DICOM read back with shape {image.hu.shape}")
-    label = phantom.label if image.hu.ndim == 2 else phantom.label[:, :, None]
-    save_label(label.reshape(image.hu.shape), image, label_path)
+    save_label(phantom.label.reshape(image.hu.shape), image, label_path)
+    if organs:
+        save_label(phantom.organ_label.reshape(image.hu.shape), image, organ_path)
     return folder
 
 
@@ -1828,13 +1933,14 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
 
 
 def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nifti", *,
-                 size: int = 512, level: str = "L3") -> Path:
+                 size: int = 512, level: str = "L3", organs: bool = False) -> Path:
     """Write ``count`` phantoms (alternating sex, a third sarcopenic, random BMI) and
     ``manifest.csv`` into ``out_dir``; returns the manifest path.
 
     ``level`` is one of :data:`LEVELS` or ``"mixed"`` (random level per phantom, mostly L3).
     The manifest has one row per phantom with the columns :data:`MANIFEST_COLUMNS`; the areas
-    are those of the written label maps.
+    are those of the written label maps. ``organs`` also writes the organ maps
+    (:func:`write_phantom`).
     """
     try:
         count = int(count)
@@ -1858,10 +1964,10 @@ def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nift
         child = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         lev = level
         if mixed:
-            lev = LEVELS[int(np.random.default_rng(child).choice(4, p=[0.15, 0.2, 0.45, 0.2]))]
+            lev = LUMBAR_LEVELS[int(np.random.default_rng(child).choice(4, p=[0.15, 0.2, 0.45, 0.2]))]
         ph = generate(child, sex="M" if i % 2 == 0 else "F", sarcopenic=(i % 3 == 2), size=size, level=lev)
         case_id = f"phantom_{i:04d}"
-        write_phantom(ph, out, case_id, fmt)
+        write_phantom(ph, out, case_id, fmt, organs=organs)
         areas = ph.areas_cm2()
         p = ph.patient
         rows.append({

@@ -54,7 +54,7 @@ INDEX_KEYS = (
 # --------------------------------------------------------------------------- label loading
 
 
-def load_label(path: str | Path, image: CTImage) -> np.ndarray:
+def load_label(path: str | Path, image: CTImage, max_value: int | None = None) -> np.ndarray:
     """A label NIfTI stored on ``image``'s own grid, as a canonical ``uint8`` array.
 
     Parameters
@@ -70,7 +70,7 @@ def load_label(path: str | Path, image: CTImage) -> np.ndarray:
     ndarray of uint8, shape ``image.hu.shape``, values 0-4 (see :mod:`sarco_app.labels`).
 
     Raises :class:`SarcoError` when the file cannot be read, its shape differs from the image,
-    or it holds values other than 0-4.
+    or it holds values other than 0-4 (0..``max_value`` when given: organ maps).
     """
     import nibabel as nib
 
@@ -88,7 +88,12 @@ def load_label(path: str | Path, image: CTImage) -> np.ndarray:
         raise SarcoError(
             f"label {path.name} has shape {tuple(data.shape)} but the image has shape {expected}"
         )
-    return check_label(image.from_original(np.rint(data).astype(np.int16)), where=f"label {path.name}")
+    data = image.from_original(np.rint(data).astype(np.int16))
+    if max_value is not None:
+        if data.size and (data.min() < 0 or data.max() > max_value):
+            raise SarcoError(f"label {path.name} holds values outside 0-{max_value}")
+        return data.astype(np.uint8)
+    return check_label(data, where=f"label {path.name}")
 
 
 def check_label(label: np.ndarray, where: str = "label") -> np.ndarray:

@@ -36,7 +36,7 @@ from scipy import ndimage as ndi
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
-from sarco_app.network import SIZE_MULTIPLE, BodyCompModel, encode_windows, load_checkpoint
+from sarco_app.network import SIZE_MULTIPLE, BodyCompModel, encode_windows, load_checkpoint, tissue_logits
 from sarco_app.threshold import body_mask, closing, remove_small_components, threshold_segment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -127,10 +127,11 @@ def preprocess(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], m
 
 @torch.no_grad()
 def working_logits(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], model: BodyCompModel) -> torch.Tensor:
-    """Network logits ``(N, K, h, w)`` on the model's working grid (padding removed) for HU
+    """Logits ``(N, 5, h, w)`` of the served classes on the model's working grid (padding
+    removed; a network's organ classes folded into background, :func:`tissue_logits`) for HU
     slices ``(N, X, Y)`` at pixel ``spacing`` (mm)."""
     x, crop = preprocess(hu_slices, spacing, model)
-    return model.network(x)[:, :, crop[0], crop[1]]
+    return tissue_logits(model.network(x)[:, :, crop[0], crop[1]])
 
 
 @torch.no_grad()

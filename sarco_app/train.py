@@ -14,6 +14,13 @@ SynthSeg-like augmentation so a model trained on phantoms copes with real scanne
   myosteatosis), global HU shift and contrast, a smooth bias field, blur, lower resolution
   (3 mm pixels), white and correlated noise.
 
+With ``organ_classes`` the network also learns the organ classes of
+:data:`sarco_app.labels.ORGAN_NAMES` where a sample has an organ map (the phantoms' ``organ_label``,
+or ``labels/organs/`` in a studies folder); each organ gets its own random HU offset, so organ HU
+overlaps muscle as in non-contrast and portal-venous scans and shape and context must tell them
+apart. Samples without an organ map are scored on the served five classes only (organs folded
+into background), so user labels train such a network too.
+
 Validation Dice per tissue is computed on held-out slices at the working spacing after every
 epoch; the best checkpoint (mean Dice of muscle, SAT, VAT) is written atomically, so a server
 that reloads on file change picks it up at once.
@@ -45,10 +52,12 @@ from sarco_app.network import (
     DEFAULT_WINDOWS,
     BodyCompModel,
     TissueSplitHead,
+    add_organ_classes,
     encode_windows,
     load_checkpoint,
     new_model,
     save_checkpoint,
+    tissue_logits,
 )
 from sarco_app.segment import original_grid_logits, pad_to_multiple, resample_hu, working_shape
 
@@ -63,6 +72,7 @@ class Sample:
     label: np.ndarray  # (X, Y) uint8, sarco_app.labels values
     spacing: tuple[float, float]  # mm
     name: str = ""
+    organs: np.ndarray | None = None  # (X, Y) uint8 organ classes (ORGAN_NAMES position + 1), optional
 
 
 @dataclass
@@ -93,6 +103,9 @@ class TrainConfig:
     # head-only run is impossible and an initial checkpoint's head is dropped if the backbone trains.
     split_head_iterations: int = 0
     split_head_lr: float = 3e-3
+    # Predict the organ classes too (labels.ORGAN_NAMES), learned where samples have organ maps; a
+    # five-class initial model gets the extra output channels (network.add_organ_classes).
+    organ_classes: bool = False
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
@@ -150,52 +163,81 @@ def load_studies(data_dir: str | Path, tag: str = "final") -> list[Sample]:
         raise SarcoError(f"{data_dir}: no such folder")
     if not label_dir.is_dir():
         raise SarcoError(f"{data_dir}: no labels/{tag}/ folder with training labels")
-    pairs = []
+    pairs, organ_maps = [], []
     for image_path in sorted(p for p in data_dir.iterdir() if p.is_file() and is_nifti(p)):
         stem = image_path.name[: -len(".nii.gz")] if image_path.name.endswith(".nii.gz") else image_path.stem
         for suffix in (".nii.gz", ".nii"):
             if (label_dir / (stem + suffix)).is_file():
                 pairs.append((image_path, label_dir / (stem + suffix)))
+                organ_maps.append(organ_map_for(label_dir / (stem + suffix)))
                 break
     if not pairs:
         raise SarcoError(f"{data_dir}: no image has a label in labels/{tag}/")
-    return load_pairs(pairs)
+    return load_pairs(pairs, organ_maps)
 
 
-def load_pairs(pairs: Sequence[tuple[str | Path, str | Path]]) -> list[Sample]:
+#: Label tag of the phantoms' organ maps in a studies folder (``labels/organs/<id>.nii.gz``).
+ORGANS_TAG = "organs"
+
+
+def organ_map_for(label_path: str | Path) -> Path | None:
+    """The organ map stored beside a label of a studies folder (``labels/<tag>/<name>`` ->
+    ``labels/organs/<name>``), or None when there is none."""
+    label_path = Path(label_path)
+    organs = label_path.parent.parent / ORGANS_TAG / label_path.name
+    return organs if organs.is_file() else None
+
+
+def load_pairs(pairs: Sequence[tuple[str | Path, str | Path]],
+               organ_maps: Sequence[str | Path | None] | None = None) -> list[Sample]:
     """Labelled slices from ``(image, label)`` file pairs (NIfTI or DICOM image, NIfTI label on
-    the image's grid); from a 3D label every slice with a labelled tissue is used."""
+    the image's grid); from a 3D label every slice with a labelled tissue is used. ``organ_maps``
+    (one path or None per pair) adds each slice's organ classes."""
     from sarco_app.ingest import load_image
     from sarco_app.quantify import load_label
 
     samples: list[Sample] = []
-    for image_path, label_path in pairs:
+    for (image_path, label_path), organ_path in zip(pairs, organ_maps or [None] * len(pairs)):
         image_path, label_path = Path(image_path), Path(label_path)
         image = load_image(image_path)
         # Labels live on the image file's grid: map them with the image's own orientation.
         lab = load_label(label_path, image)
+        organs = None if organ_path is None else load_label(organ_path, image, max_value=len(L.ORGAN_NAMES))
         stem = image_path.name.split(".")[0]
         spacing = image.pixel_spacing
         if image.hu.ndim == 2:
             if lab.any():
-                samples.append(Sample(image.hu, lab, spacing, stem))
+                samples.append(Sample(image.hu, lab, spacing, stem, organs))
         else:
             for k in range(image.hu.shape[2]):
                 if lab[:, :, k].any():
-                    samples.append(Sample(image.hu[:, :, k], lab[:, :, k], spacing, f"{stem}[{k}]"))
+                    samples.append(Sample(image.hu[:, :, k], lab[:, :, k], spacing, f"{stem}[{k}]",
+                                          None if organs is None else organs[:, :, k]))
     if not samples:
         raise SarcoError("no labelled slices: every label is empty")
     return samples
 
 
-def to_working(sample: Sample, spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """HU ``(H, W)`` and label ``(H, W)`` of a sample resampled to ``spacing_mm``.
+def training_label(sample: Sample, organ_classes: bool) -> np.ndarray:
+    """The sample's label over the network's classes: tissue values 0-4, and with
+    ``organ_classes`` a background pixel of organ ``k`` (``sample.organs``) is class ``4 + k``."""
+    label = np.asarray(sample.label, dtype=np.uint8)
+    if not organ_classes or sample.organs is None:
+        return label
+    organs = np.asarray(sample.organs)
+    return np.where((label == L.BACKGROUND) & (organs > 0), organs.astype(np.uint8) + (L.NUM_CLASSES - 1), label)
+
+
+def to_working(sample: Sample, spacing_mm: float, organ_classes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """HU ``(H, W)`` and label ``(H, W)`` (:func:`training_label`) of a sample resampled to
+    ``spacing_mm``.
 
     Labels are resampled as antialiased one-hot maps then arg-maxed (area-weighted majority).
     """
     size = working_shape(sample.hu.shape, sample.spacing, spacing_mm)
     hu = resample_hu(torch.as_tensor(sample.hu, dtype=torch.float32)[None], size)[0]
-    onehot = F.one_hot(torch.as_tensor(sample.label, dtype=torch.long), L.NUM_CLASSES)
+    n_classes = L.NUM_CLASSES + (len(L.ORGAN_NAMES) if organ_classes else 0)
+    onehot = F.one_hot(torch.as_tensor(training_label(sample, organ_classes), dtype=torch.long), n_classes)
     onehot = onehot.permute(2, 0, 1).float()
     lab = resample_hu(onehot, size).argmax(0).to(torch.uint8)
     return hu, lab
@@ -271,11 +313,16 @@ def augment_intensity(hu: torch.Tensor, lab: torch.Tensor, gen: torch.Generator)
         x = out[i]
         body = x > -500
         # Per-tissue HU offsets (muscle density varies most: myosteatosis, contrast phase).
-        offsets = torch.zeros(L.NUM_CLASSES)
+        offsets = torch.zeros(L.NUM_CLASSES + len(L.ORGAN_NAMES))
         offsets[L.MUSCLE] = (rnd() * 2 - 1) * 25
         offsets[L.SAT] = (rnd() * 2 - 1) * 15
         offsets[L.VAT] = (rnd() * 2 - 1) * 15
         offsets[L.IMAT] = (rnd() * 2 - 1) * 20
+        if int(lab[i].max()) >= L.NUM_CLASSES:
+            # Organ classes (training with organ maps): every organ its own shift, so liver,
+            # spleen and bowel wall cross the muscle range as they do between contrast phases.
+            for k in range(L.NUM_CLASSES, len(offsets)):
+                offsets[k] = (rnd() * 2 - 1) * 35
         offset_map = _gauss_blur(offsets[lab[i]][None, None], 0.7)[0, 0]
         x = x + offset_map * body
         # Global contrast around water and HU shift (calibration, kernel differences).
@@ -330,7 +377,7 @@ def validate(model: BodyCompModel, val: list[tuple[torch.Tensor, torch.Tensor]])
     total = {v: 0 for v in L.NAMES}
     for hu, lab in val:
         x, crop = pad_to_multiple(encode_windows(hu[None], model.windows))
-        pred = model.network(x)[0, :, crop[0], crop[1]].argmax(0)
+        pred = tissue_logits(model.network(x))[0, :, crop[0], crop[1]].argmax(0)
         for v in L.NAMES:
             p, t = pred == v, lab == v
             inter[v] += int((p & t).sum())
@@ -391,8 +438,11 @@ def train(
     if config.init_from:
         # Fine-tuning keeps the network, working spacing and windows of the initial checkpoint.
         model = load_checkpoint(config.init_from)
+        if config.organ_classes and config.epochs > 0 and not model.organ_classes:
+            add_organ_classes(model)
+            log(f"organ output classes added to {config.init_from}: " + ", ".join(model.organ_classes))
     else:
-        model = new_model(config.network, config.spacing_mm, config.windows)
+        model = new_model(config.network, config.spacing_mm, config.windows, organ_classes=config.organ_classes)
     old_head = None
     if config.epochs > 0 and model.split_head is not None:
         # The head reads the backbone's logits: once the backbone changes, it no longer fits it.
@@ -401,8 +451,14 @@ def train(
             + ("it is retrained afterwards" if config.split_head_iterations
                else "it is not saved with the new backbone (split_head_iterations > 0 retrains one)"))
     working = config.epochs > 0  # head-only runs never use the working-grid copies
-    train_data = [to_working(s, model.spacing_mm) for s in samples] if working else []
+    organs = bool(model.organ_classes)
+    train_data = [to_working(s, model.spacing_mm, organs) for s in samples] if working else []
     val_data = [to_working(s, model.spacing_mm) for s in list(val_samples)[: config.max_val]] if working else []
+    # Slices without an organ map are scored on the served classes only (organs = background).
+    has_organs = torch.tensor([s.organs is not None and organs for s in samples]) if working else None
+    if working and organs:
+        log(f"organ classes {', '.join(model.organ_classes)}: {int(has_organs.sum())} of {len(samples)} "
+            "training slices have organ maps")
     model.network.train()
     from monai.losses import DiceCELoss
 
@@ -450,7 +506,13 @@ def train(
                 if config.relabel_muscle_by_hu:
                     lab = relabel_muscle_by_hu(hu, lab)
             x = encode_windows(hu, model.windows)
-            loss = loss_fn(model.network(x), lab[:, None])
+            logits = model.network(x)
+            with_organs = has_organs[idx] if organs else torch.zeros(len(idx), dtype=torch.bool)
+            loss = torch.zeros(())
+            if with_organs.any():
+                loss = loss + loss_fn(logits[with_organs], lab[with_organs, None]) * with_organs.float().mean()
+            if not with_organs.all():
+                loss = loss + loss_fn(tissue_logits(logits[~with_organs]), lab[~with_organs, None]) * (~with_organs).float().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

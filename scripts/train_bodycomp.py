@@ -37,13 +37,30 @@ from sarco_app.network import DEFAULT_NETWORK  # noqa: E402
 from sarco_app.train import Sample, TrainConfig, train  # noqa: E402
 
 
-def phantom_plan(count: int, seed: int, coarse_fraction: float = 0.35) -> list[dict]:
-    """Arguments of :func:`sarco_app.phantom.generate` for ``count`` phantoms from ``seed``."""
+def parse_levels(text: str | None) -> dict[str, float] | None:
+    """``"L3:0.4,T12:0.2,..."`` -> {level: weight} (normalised); None stays None."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        level, _, weight = part.partition(":")
+        weights[level.strip().upper()] = float(weight or 1.0)
+    total = sum(weights.values())
+    return {k: v / total for k, v in weights.items()}
+
+
+def phantom_plan(count: int, seed: int, coarse_fraction: float = 0.35,
+                 levels: dict[str, float] | None = None) -> list[dict]:
+    """Arguments of :func:`sarco_app.phantom.generate` for ``count`` phantoms from ``seed``.
+    ``levels`` weights the vertebral levels (default: L3 70 %, L1/L2/L4 10 % each)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB0D1]))
     plan = []
     for _ in range(count):
         kwargs = {"seed": int(rng.integers(0, 2**31 - 1))}
-        kwargs["level"] = "L3" if rng.random() < 0.7 else str(rng.choice(["L1", "L2", "L4"]))
+        if levels is None:
+            kwargs["level"] = "L3" if rng.random() < 0.7 else str(rng.choice(["L1", "L2", "L4"]))
+        else:
+            kwargs["level"] = str(rng.choice(list(levels), p=list(levels.values())))
         if rng.random() < coarse_fraction:
             spacing = float(rng.uniform(1.0, 3.0))
             kwargs["spacing_mm"] = spacing
@@ -58,7 +75,8 @@ def make_samples(plan: list[dict], log=print) -> list[Sample]:
     for i, kwargs in enumerate(plan):
         args = dict(kwargs)
         ph = generate(args.pop("seed"), **args)
-        samples.append(Sample(ph.hu, ph.label, ph.spacing, f"phantom seed {kwargs['seed']}"))
+        samples.append(Sample(ph.hu, ph.label, ph.spacing, f"phantom seed {kwargs['seed']} {ph.params['level']}",
+                              ph.organ_label))
         if (i + 1) % 50 == 0:
             log(f"  {i + 1}/{len(plan)} phantoms [{time.time() - t0:.0f} s]")
     return samples
@@ -88,13 +106,20 @@ def main(argv=None) -> int:
                         help="then train the split head (tissue by HU on each phantom's own grid) for this many "
                              "iterations of 2 phantoms, the backbone frozen; with --epochs 0 only the head is trained")
     parser.add_argument("--split-head-lr", type=float, default=3e-3)
+    parser.add_argument("--organ-classes", action="store_true",
+                        help="also learn the phantoms' organ classes (liver, spleen, kidney, bowel, bone, diaphragm, "
+                             "other); a five-class --init model gets the extra outputs")
+    parser.add_argument("--levels", type=str, default=None,
+                        help="level weights, e.g. 'L3:0.4,L1:0.15,L2:0.1,L4:0.1,T12:0.13,T11:0.12' "
+                             "(default: L3 70 %%, L1/L2/L4 10 %% each)")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.time()
     log(f"generating {args.count} training + {args.val_count} validation phantoms (seed {args.seed})")
     # Validation phantoms use a different seed stream than training ones.
-    train_samples = make_samples(phantom_plan(args.count, args.seed), log)
-    val_samples = make_samples(phantom_plan(args.val_count, args.seed + 7919), log)
+    levels = parse_levels(args.levels)
+    train_samples = make_samples(phantom_plan(args.count, args.seed, levels=levels), log)
+    val_samples = make_samples(phantom_plan(args.val_count, args.seed + 7919, levels=levels), log)
     t_data = time.time() - t0
     log(f"phantoms ready in {t_data:.0f} s")
     config = TrainConfig(
@@ -111,6 +136,7 @@ def main(argv=None) -> int:
         relabel_muscle_by_hu=args.relabel_muscle_by_hu,
         split_head_iterations=args.split_head_iterations,
         split_head_lr=args.split_head_lr,
+        organ_classes=args.organ_classes,
     )
     if args.features:
         features = [int(f) for f in args.features.split(",")]

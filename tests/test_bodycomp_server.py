@@ -24,7 +24,7 @@ from sarco_app.segment import SHIPPED_MODEL_PATH, dice_per_tissue
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("bodycomp_studies")
-    write_phantom(generate(515151, spacing_mm=1.2, size=320), root, "ph_a")
+    write_phantom(generate(515151, spacing_mm=1.2, size=320), root, "ph_a", organs=True)
     write_phantom(generate(515152, spacing_mm=2.5, size=160), root, "ph_b")
     # A 3D image without label: three different phantom slices.
     slices = [generate(515160 + k, spacing_mm=2.0, size=200).hu for k in range(3)]
@@ -193,3 +193,20 @@ def test_fine_tune_skips_a_damaged_retrained_checkpoint(server, model_dir):
             checkpoint.unlink(missing_ok=True)
         else:
             checkpoint.write_bytes(backup)
+
+
+def test_train_with_organ_classes_serves_only_tissue_values(server, model_dir):
+    # ph_a has an organ map (labels/organs/), ph_b none: one is trained on all classes, the other
+    # on the served ones.
+    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False,
+              "organ_classes": "true"}
+    status, log = run_training(server, params)
+    assert status == "DONE", log
+    assert "1 of 2 training slices have organ maps" in log
+    ckpt = torch.load(model_dir / "bodycomp_unet.pt", weights_only=True)
+    assert ckpt["class_names"][L.NUM_CLASSES:] == list(L.ORGAN_NAMES)
+    assert ckpt["meta"]["train_config"]["organ_classes"] is True
+    for params in ({}, {"hu_refine": False}):
+        data, _, result = decode(infer(server, "bodycomp_unet", "ph_a", params))
+        assert result["model"] == str(model_dir / "bodycomp_unet.pt")
+        assert set(np.unique(data)) <= set(range(L.NUM_CLASSES))

@@ -207,3 +207,59 @@ def test_retraining_the_backbone_drops_a_head_that_no_longer_fits(phantom_sample
     assert result["checkpoint"] is not None, lines
     assert any("split head is set aside" in line for line in lines)
     assert load_checkpoint(tmp_path / "out.pt").split_head is None
+
+
+def test_add_organ_classes_keeps_the_served_output():
+    from sarco_app.network import ORGAN_CLASS_NAMES, add_organ_classes, tissue_logits
+    from sarco_app.segment import SHIPPED_MODEL_PATH
+
+    model = load_checkpoint(SHIPPED_MODEL_PATH)
+    x = torch.rand(1, len(model.windows), 64, 64)
+    before = torch.softmax(model.network(x), 1)
+    add_organ_classes(model)
+    logits = model.network(x)
+    assert logits.shape[1] == len(ORGAN_CLASS_NAMES) and model.num_classes == L.NUM_CLASSES
+    assert torch.allclose(torch.softmax(tissue_logits(logits), 1), before, atol=1e-3)
+    # Folding organ classes into background is the sum of their probabilities.
+    p = torch.softmax(logits, 1)
+    merged = torch.softmax(tissue_logits(logits), 1)
+    assert torch.allclose(merged[:, 0], p[:, 0] + p[:, L.NUM_CLASSES:].sum(1), atol=1e-5)
+
+
+def test_training_label_puts_organs_on_background_only():
+    from sarco_app.train import training_label
+
+    ph = generate(12, size=96, level="T12")
+    sample = Sample(ph.hu, ph.label, ph.spacing, organs=ph.organ_label)
+    lab = training_label(sample, organ_classes=True)
+    tissue = ph.label > 0
+    assert np.array_equal(lab[tissue], ph.label[tissue])
+    assert np.array_equal(lab[~tissue & (ph.organ_label > 0)], ph.organ_label[~tissue & (ph.organ_label > 0)] + 4)
+    assert lab.max() > L.IMAT and np.array_equal(training_label(sample, organ_classes=False), ph.label)
+
+
+def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys):
+    from sarco_app.network import ORGAN_CLASS_NAMES
+    from sarco_app.segment import SHIPPED_MODEL_PATH
+
+    data = tmp_path / "studies"
+    assert main(["phantom", "--count", "3", "--seed", "6", "--size", "128", "--level", "T12", "--organs",
+                 "--out", str(data)]) == 0
+    out = tmp_path / "organs.pt"
+    # From scratch the first epoch is always written.
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--iterations-per-epoch", "2",
+                 "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes"]) == 0
+    assert "3 of 3 training slices have organ maps" in capsys.readouterr().out
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["class_names"] == ORGAN_CLASS_NAMES and ckpt["meta"]["train_config"]["organ_classes"] is True
+    model = load_checkpoint(out)
+    ph = generate(13, size=128, level="T12")
+    result = segment_volume(ph.hu, ph.spacing, model=model)
+    assert set(np.unique(result.label)) <= set(range(L.NUM_CLASSES))
+    raw = segment_volume(ph.hu, ph.spacing, model=model, hu_refine=False)
+    assert set(np.unique(raw.label)) <= set(range(L.NUM_CLASSES))
+    # A five-class model to fine-tune gets the organ outputs.
+    main(["train", "--data", str(data), "--out", str(tmp_path / "tuned.pt"), "--epochs", "1",
+          "--iterations-per-epoch", "1", "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes",
+          "--init", str(SHIPPED_MODEL_PATH)])
+    assert "organ output classes added" in capsys.readouterr().out

@@ -25,6 +25,9 @@ def add_parser(subparsers):
     parser.add_argument("--size", type=int, default=512, help="matrix size in pixels (default 512)")
     parser.add_argument("--level", default="L3",
                         help="vertebral level L1, L2, L3 (default) or L4, or 'mixed' for a random level each")
+    parser.add_argument("--organs", action="store_true",
+                        help="also write each phantom's organ map (liver, spleen, kidney, bowel, bone, diaphragm, "
+                             "other) to OUT/labels/organs/<id>.nii.gz, for `train --organ-classes`")
     return parser
 
 
@@ -45,7 +48,7 @@ def run(args) -> int:
     if not lo <= args.size <= hi:
         raise SarcoError(f"--size must be {lo}-{hi} pixels, got {args.size}")
     manifest = phantom.write_cohort(args.out, args.count, args.seed, fmt, size=args.size,
-                                    level=level if level.lower() == "mixed" else level.upper())
+                                    level=level if level.lower() == "mixed" else level.upper(), organs=args.organs)
     print(f"wrote {args.count} phantom(s) ({fmt}, {args.size}x{args.size}, level {level}) to {args.out}")
     print(f"manifest: {manifest}")
     return 0

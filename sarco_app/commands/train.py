@@ -34,6 +34,9 @@ def add_parser(subparsers):
     parser.add_argument("--split-head-iterations", type=int, default=0,
                         help="then train the split head (tissue by HU on each slice's own grid, backbone frozen) "
                              "for this many iterations of 2 slices (default 0: none; a retrained backbone then drops an old head)")
+    parser.add_argument("--organ-classes", action="store_true",
+                        help="also learn the organ classes of labels/organs/ (written by `phantom --organs`); the "
+                             "served label keeps the five values, organs are background")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
 
@@ -53,6 +56,7 @@ def run(args) -> int:
         relabel_muscle_by_hu=args.relabel_muscle_by_hu,
         split_head_iterations=args.split_head_iterations,
         threads=args.threads,
+        organ_classes=args.organ_classes,
     )
     config.check()  # bad settings fail before the studies are read
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))

@@ -16,7 +16,8 @@ and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then 
 native-grid tissue split head for this many iterations of 2 slices, the backbone frozen; not
 bounded by ``time_limit_s``. With 0, a retrained backbone is saved without the current model's
 head, which would no longer fit it; ``epochs`` 0 retrains only the head, which replaces the
-current one only if its raw validation Dice is higher).
+current one only if its raw validation Dice is higher), ``organ_classes`` (bool: also learn the
+organ classes of ``labels/organs/`` where an image has one; the served label keeps values 0-4).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class BodyCompTrainer(TrainTask):
             "time_limit_s": 0,
             "relabel_muscle_by_hu": False,
             "split_head_iterations": 0,
+            "organ_classes": False,
         }
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
@@ -94,6 +96,7 @@ class BodyCompTrainer(TrainTask):
             time_limit_s=values["time_limit_s"] or None,
             relabel_muscle_by_hu=as_bool(req["relabel_muscle_by_hu"]),
             split_head_iterations=values["split_head_iterations"],
+            organ_classes=as_bool(req["organ_classes"]),
         )
         fine_tune = as_bool(req["fine_tune"])
         # The checkpoint to fine-tune is found when training starts; until then a placeholder
@@ -117,7 +120,7 @@ class BodyCompTrainer(TrainTask):
 
     def __call__(self, request, datastore):
         from sarco_app.errors import SarcoError
-        from sarco_app.train import load_pairs, train
+        from sarco_app.train import load_pairs, organ_map_for, train
 
         def log(line: str) -> None:
             print(line, flush=True)  # MONAI Label collects the process's stdout as the train log
@@ -130,7 +133,8 @@ class BodyCompTrainer(TrainTask):
         pairs = [(d["image"], d["label"]) for d in datastore.datalist()]
         if not pairs:
             raise ValueError("no final labels in the datastore: save some labels before training")
-        samples = load_pairs(pairs)
+        organ_maps = [organ_map_for(label) for _, label in pairs] if config.organ_classes else None
+        samples = load_pairs(pairs, organ_maps)
         init = self._init_checkpoint(log) if fine_tune else None
         config.init_from = str(init) if init else None
         if config.epochs == 0 and init is None:
