@@ -200,7 +200,8 @@ def draw_plan(rng: np.random.Generator, seed: int, size: int, level: str,
     params: dict[str, Any] = {"seed": seed, "level": level, "size": size}
     patient = _draw_patient(rng, params, sex, age, height_cm, weight_kg, sarcopenic, muscle_hu)
     lv = LEVEL_ANATOMY[level]
-    sizes = _draw_sizes(rng, params, lv, level, gain, **patient)
+    sizes = _draw_sizes(rng, params, lv, level, gain, patient["sex"], patient["age"],
+                        patient["height_cm"], patient["bmi"], patient["muscle_hu"], patient["sarcopenic"])
     params["slice_thickness_mm"] = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
     env = _envelope_polygon(rng, sizes["a_f"], sizes["b_ant"], sizes["b_post"], sizes["n_ant"], sizes["n_post"])
     # SAT thickness around the body: thicker at the flanks and back, random modes, pannus.
@@ -266,8 +267,8 @@ def _draw_patient(rng, params, sex, age, height_cm, weight_kg, sarcopenic, muscl
                 bmi=bmi, sarcopenic=sarcopenic, muscle_hu=float(muscle_hu))
 
 
-def _draw_sizes(rng, params, lv, level, gain, *, sex, age, height_cm, bmi, muscle_hu, sarcopenic,
-                **_patient) -> dict[str, float]:
+def _draw_sizes(rng, params, lv, level, gain, sex, age, height_cm, bmi, muscle_hu,
+                sarcopenic) -> dict[str, float]:
     """Sizes of everything, in mm, before any pixel exists."""
     male = sex == "M"
     h_m = height_cm / 100.0
