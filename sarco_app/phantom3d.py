@@ -31,10 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from sarco_app.ingest import CTImage, PatientInfo, make_image
+from sarco_app.ingest import CTImage, PatientInfo, make_image, save_nifti, sidecar_path
 
 #: Vertebra names from top to bottom used by the phantoms ("S" is the fused sacrum).
 THORACIC = [f"T{i}" for i in range(4, 13)]
@@ -703,20 +702,13 @@ def save_volume(image: CTImage, path: str | Path, flip_z: bool = False, truth: V
     as many scanners write feet-first series); readers that honour the affine see the same
     anatomy.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     hu = np.clip(np.round(image.hu), -32768, 32767).astype(np.int16)
     affine = image.affine.copy()
     if flip_z:
         hu = hu[:, :, ::-1]
         affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * (image.hu.shape[2] - 1)
         affine[:3, 2] = -affine[:3, 2]
-    img = nib.Nifti1Image(np.ascontiguousarray(hu), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    from sarco_app.ingest import sidecar_path
-
+    path = save_nifti(np.ascontiguousarray(hu), affine, path)
     sidecar = {"patient": image.patient.to_dict()}
     if truth is not None:
         sidecar["phantom_truth"] = truth.to_dict()

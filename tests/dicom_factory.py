@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+from sarco_app.phantom.writing import new_ct_dataset, save_dataset, set_int16_pixels
 
 
 def write_ct_slice(path: Path, raw: np.ndarray, position, orientation=(1, 0, 0, 0, 1, 0),
@@ -16,15 +15,7 @@ def write_ct_slice(path: Path, raw: np.ndarray, position, orientation=(1, 0, 0, 
                    slope: float = 1.0, intercept: float = -1024.0, pixel_data: bool = True,
                    **tags) -> Path:
     """Write one slice. ``raw`` is (rows, columns) stored values (int16)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.is_little_endian = True
-    ds.is_implicit_VR = False
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = new_ct_dataset(path, generate_uid())
     ds.Modality = modality
     ds.SeriesInstanceUID = series_uid or ""
     ds.StudyInstanceUID = "1.2.3"
@@ -38,17 +29,8 @@ def write_ct_slice(path: Path, raw: np.ndarray, position, orientation=(1, 0, 0, 
     for key, value in tags.items():
         setattr(ds, key, value)
     if pixel_data:
-        raw = np.asarray(raw, dtype=np.int16)
-        ds.Rows, ds.Columns = raw.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.PixelData = raw.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), write_like_original=False)
+        set_int16_pixels(ds, raw)
+    save_dataset(ds, path)
     return path
 
 
