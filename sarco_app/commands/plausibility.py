@@ -74,7 +74,6 @@ def _table(rows) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from sarco_app.errors import SarcoError
     from sarco_app.ingest import load_image
     from sarco_app.plausibility import volume_measures
     from sarco_app.quantify import clean_json, load_label
@@ -82,8 +81,6 @@ def run(args) -> int:
     image = load_image(args.image, series=args.series)
     depth = 1 if image.hu.ndim == 2 else image.hu.shape[2]
     slices = parse_slices(args.slices, depth)
-    if image.hu.ndim == 2 and slices not in (None, [0]):
-        raise SarcoError("--slices: the image is 2D (slice 0 only)")
     source = {}
     if args.label is not None:
         label = load_label(args.label, image)
