@@ -85,8 +85,10 @@ BACK_HALF_WIDTH_MM = 80.0
 #: Organ blobs: local HU SD over a disk of this radius (mm) at most this (HU), thick enough
 #: to hold a disk of ``BLOB_RADIUS_MM``.
 BLOB_SD_RADIUS_MM = 4.0
-BLOB_SD_MAX_HU = 25.0
-BLOB_RADIUS_MM = 12.0
+BLOB_SD_MAX_HU = 20.0
+#: Gaussian smoothing (mm) before the local SD: pixel noise should not decide homogeneity.
+BLOB_SMOOTH_MM = 1.0
+BLOB_RADIUS_MM = 10.0
 #: Highest local mean HU of an organ blob (enhanced liver, spleen and kidney; not bone).
 BLOB_MAX_HU = 250.0
 
@@ -252,11 +254,18 @@ def cavity_mask(hu: np.ndarray, spacing: Sequence[float], body: np.ndarray | Non
     return erosion(inside, margin_mm, spacing) if margin_mm > 0 and inside.any() else inside
 
 
-def local_mean_sd(hu: np.ndarray, spacing: Sequence[float],
-                  radius_mm: float = BLOB_SD_RADIUS_MM) -> tuple[np.ndarray, np.ndarray]:
-    """HU mean and standard deviation over a disk of ``radius_mm`` around each pixel (HU), with
-    HU clipped to -200..300 first so air and bone read as strong edges, not as huge numbers."""
+def local_mean_sd(hu: np.ndarray, spacing: Sequence[float], radius_mm: float = BLOB_SD_RADIUS_MM,
+                  smooth_mm: float = BLOB_SMOOTH_MM) -> tuple[np.ndarray, np.ndarray]:
+    """HU mean and standard deviation over a disk of ``radius_mm`` around each pixel (HU).
+
+    HU are clipped to -200..300 first (air and bone read as strong edges, not as huge numbers)
+    and smoothed by a Gaussian of ``smooth_mm`` (mm), so pixel noise, which differs a lot
+    between scanners and slice thicknesses, does not decide; tissue texture (fat streaks in
+    muscle) and borders between tissues do.
+    """
     hu = np.clip(np.asarray(hu, dtype=np.float32), -200.0, 300.0)
+    if smooth_mm > 0:
+        hu = ndi.gaussian_filter(hu, [smooth_mm / float(s) for s in spacing[:2]])
     kernel = ellipse_kernel(radius_mm, spacing).astype(np.float32)
     kernel /= kernel.sum()
     mean = cv2.filter2D(hu, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT)
