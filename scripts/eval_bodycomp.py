@@ -24,7 +24,9 @@
    ``vertebrae_lower.nii.gz``), on slices 0, 5, 10, 15 and 19 of the DICOM series (T11-T12) and on
    the 3 dcmqi slices: muscle share of the body, muscle components, muscle inside the abdominal
    cavity and inside organ-like blobs, printed, written to ``<docs>/real/plausibility_real.csv``
-   and drawn as overlays (cavity and organ blobs outlined) in ``<docs>/real/``.
+   and drawn as overlays (cavity and organ blobs outlined) in ``<docs>/real/``. The dcmqi slices
+   are measured once more with their liver (the sample's DICOM SEG) labelled muscle: the issue's
+   failure made on purpose, to show what the measures read when it happens.
    ``--real-only`` runs this part alone (about a minute).
 
 Everything else printed is also written as CSV to ``--out``.
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sarco_app import labels as L  # noqa: E402
-from sarco_app.ingest import load_image  # noqa: E402
+from sarco_app.ingest import load_dicom_seg, load_image  # noqa: E402
 from sarco_app.network import load_checkpoint  # noqa: E402
 from sarco_app.overlay import overlay_png  # noqa: E402
 from sarco_app.phantom import generate  # noqa: E402
@@ -292,7 +294,7 @@ def real_levels():
         cases.append(("dicom_series", series, [("T11-T12", k) for k in SERIES_SLICES]))
     dcmqi = REAL / "dcmqi-ct-3slice"
     if dcmqi.is_dir():
-        cases.append(("dcmqi", dcmqi, [("liver", k) for k in range(3)]))
+        cases.append(("dcmqi", dcmqi, [("liver-level", k) for k in range(3)]))
     return cases
 
 
@@ -311,16 +313,25 @@ def eval_real_levels(model, docs: Path | None, csv_path: Path | None) -> list[di
             continue
         ks = [k for _, k in levels if 0 <= k < image.hu.shape[2]]
         label = segment_volume(image.hu, image.spacing, ks, method="unet", model=model).label
-        for level, k in levels:
-            if k not in ks:
-                continue
-            hu_k, lab_k = image.hu[:, :, k], label[:, :, k]
+        cases = [(level, k, label[:, :, k]) for level, k in levels if k in ks]
+        liver_seg = path / "liver_seg.dcm" if path.is_dir() else None
+        if liver_seg is not None and liver_seg.is_file():
+            # The failure made on purpose: the liver (dcmqi's SEG) labelled muscle where
+            # its HU lie in the muscle range, as the default output's HU rule would keep it.
+            liver = load_dicom_seg(liver_seg, image)
+            for level, k in levels:
+                wrong = label[:, :, k].copy()
+                hu_k = image.hu[:, :, k]
+                wrong[liver[:, :, k] & (hu_k >= L.MUSCLE_HU[0]) & (hu_k <= L.MUSCLE_HU[1])] = L.MUSCLE
+                cases.append((f"{level}+liver-as-muscle", k, wrong))
+        for level, k, lab_k in cases:
+            hu_k = image.hu[:, :, k]
             masks: dict = {}
             m = slice_measures(hu_k, lab_k, image.pixel_spacing, k, masks=masks)
             area = areas_cm2(lab_k, image.pixel_spacing)
             png = ""
-            if docs is not None:
-                png = f"{sample}_{level}_z{k}.png".replace("-", "_")
+            if docs is not None and not (level.endswith("liver-as-muscle") and k != 1):  # one such overlay
+                png = f"{sample}_{level}_z{k}.png".replace("-", "_").replace("+", "_")
                 title = (f"{sample} {level}, slice {k}: muscle/body {m.muscle_body_share:.2f}, "
                          f"cavity muscle {m.cavity_muscle_share:.2f} ({m.cavity_components} inside), "
                          f"organ-blob muscle {m.organ_blob_muscle_share:.2f}")

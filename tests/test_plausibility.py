@@ -152,13 +152,16 @@ def test_cli_json_with_label_matches_the_library(phantom_files, capsys):
             assert out["slices"][0]["cavity_muscle_share"] > 0.1
 
 
-def test_cli_segments_without_a_label_and_prints_a_table(phantom_files, capsys):
-    ph, img_path, _, _ = phantom_files
-    assert main(["plausibility", str(img_path), "--model", str(ROOT / "models" / "bodycomp_unet.pt")]) == 0
+def test_cli_prints_a_table(phantom_files, capsys):
+    # (Without --label the CLI segments first: test_cli_on_real_ct_keeps_the_issue_bounds.)
+    ph, img_path, truth_path, _ = phantom_files
+    assert main(["plausibility", str(img_path), "--label", str(truth_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "segmented with" in lines[0] and lines[1].startswith("slice\t")
+    assert str(truth_path) in lines[0] and lines[1].startswith("slice\t")
     row = lines[2].split("\t")
-    assert row[0] == "0" and 0.1 < float(row[3]) < 0.5  # muscle / body of the network's label
+    expected = slice_measures(load_image(img_path).hu, ph.label, ph.spacing)
+    assert row[0] == "0" and float(row[3]) == pytest.approx(expected.muscle_body_share, abs=1e-3)
+    assert len(lines) == 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -213,3 +216,34 @@ def test_cli_on_real_ct_keeps_the_issue_bounds(real_data, tmp_path):
                 violations.append(f"{where}: {r['cavity_components']} muscle component(s) inside the cavity "
                                   f"({r['cavity_components_cm2']} cm2)")
     assert not violations, "; ".join(violations)
+
+
+def test_liver_labelled_muscle_on_real_ct_is_flagged(real_data, tmp_path, capsys):
+    """The issue's failure on a real slice: the dcmqi sample's liver (its DICOM SEG) labelled muscle."""
+    from sarco_app.ingest import IngestError, load_dicom_seg
+    from sarco_app.segment import segment_volume
+
+    folder = real_data / "dcmqi-ct-3slice"
+    image = load_image(folder)
+    liver = load_dicom_seg(folder / "liver_seg.dcm", image)
+    k = 1
+    hu = image.hu[:, :, k]
+    xs, _ = np.nonzero(liver[:, :, k])
+    assert 150 < liver[:, :, k].sum() * np.prod(image.pixel_spacing) / 100 < 400  # cm², one slice
+    assert 30 < np.median(hu[liver[:, :, k]]) < 80 and xs.mean() < hu.shape[0] / 2  # liver HU, patient right
+    with pytest.raises(IngestError, match="not a DICOM Segmentation"):
+        load_dicom_seg(folder / "01.dcm", image)
+
+    # Any sound label as the baseline; the HU-threshold one needs no network (fast).
+    label = segment_volume(image.hu, image.spacing, [k], method="threshold").label
+    wrong = label.copy()
+    wrong[:, :, k][liver[:, :, k] & (hu >= L.MUSCLE_HU[0]) & (hu <= L.MUSCLE_HU[1])] = L.MUSCLE
+    path = save_label(wrong, image, tmp_path / "liver_as_muscle.nii.gz")
+    assert main(["plausibility", str(folder), "--label", str(path), "--json"]) == 0
+    (bad,) = json.loads(capsys.readouterr().out)["slices"]  # the one labelled slice
+    sound = slice_measures(hu, label[:, :, k], image.pixel_spacing, k)
+    assert bad["slice_index"] == k
+    assert bad["muscle_body_share"] > MAX_MUSCLE_BODY_SHARE - 0.05 > sound.muscle_body_share + 0.15
+    assert bad["cavity_muscle_share"] > sound.cavity_muscle_share + 0.4
+    assert bad["organ_blob_muscle_share"] > sound.organ_blob_muscle_share + 0.4
+    assert bad["cavity_components_cm2"] > sound.cavity_components_cm2 + 150
