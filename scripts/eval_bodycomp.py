@@ -26,7 +26,10 @@
    cavity and inside organ-like blobs, printed, written to ``<docs>/real/plausibility_real.csv``
    and drawn as overlays (cavity and organ blobs outlined) in ``<docs>/real/``. The dcmqi slices
    are measured once more with their liver (the sample's DICOM SEG) labelled muscle: the issue's
-   failure made on purpose, to show what the measures read when it happens.
+   failure made on purpose, to show what the measures read when it happens. Before them,
+   ``--plausibility-phantoms`` L1/L2 phantoms give the same measures where the truth is known:
+   the true label, and the liver, spleen or kidney labelled muscle
+   (``<docs>/real/plausibility_phantoms.csv``).
    ``--real-only`` runs this part alone (about a minute).
 
 Everything else printed is also written as CSV to ``--out``.
@@ -62,6 +65,10 @@ TISSUES = ("muscle", "sat", "vat", "imat")
 GROUPS = (("clinical 0.6-1.0 mm", None, 512), ("1.5 mm", 1.5, 280), ("2.0 mm", 2.0, 210), ("3.0 mm", 3.0, 140))
 HELD_OUT_SEED = 777_000  # the training script draws seeds from SeedSequence([seed, 0xB0D1])
 LIKE_REAL_SEED = 555_000
+PLAUSIBILITY_SEED = 444_000
+#: A reading guide for the phantom summary: a slice whose cavity or organ-blob muscle share is
+#: above this is flagged (no true label of these phantoms goes above 0.015).
+FLAG_SHARE = 0.03
 
 
 def overlay(hu, label, spacing, path, title, areas=None):
@@ -360,6 +367,46 @@ def eval_real_levels(model, docs: Path | None, csv_path: Path | None) -> list[di
     return rows
 
 
+def eval_plausibility_phantoms(count: int, csv_path: Path | None, seed_base: int = PLAUSIBILITY_SEED) -> None:
+    """The plausibility measures where the truth is known: L1/L2 phantoms (256 matrix) with their
+    true label, and with their liver, spleen or kidney (``Phantom.organ_label``, organs of at least
+    10 cm²) labelled muscle, the issue's failure. Per case and as min / median / max."""
+    if count <= 0:
+        return
+    print(f"\n== plausibility measures on {count} L1/L2 phantoms (seeds from {seed_base}): truth vs organ labelled muscle ==")
+    keys = ("muscle_body_share", "cavity_muscle_share", "cavity_components", "organ_blob_muscle_share")
+    rows = []
+    for i in range(count):
+        seed = seed_base + i
+        ph = generate(seed, level=("L1", "L2")[i % 2], size=256)
+        cases = [("truth", ph.label)]
+        for name in ("liver", "spleen", "kidney"):
+            organ = ph.organ_label == L.ORGAN_NAMES.index(name) + 1
+            if organ.sum() * ph.spacing[0] * ph.spacing[1] / 100 >= 10:
+                wrong = ph.label.copy()
+                wrong[organ] = L.MUSCLE
+                cases.append((f"{name} as muscle", wrong))
+        for case, label in cases:
+            m = slice_measures(ph.hu, label, ph.spacing).to_dict()
+            rows.append({"seed": seed, "level": ph.params["level"], "truncated": ph.params.get("truncated"),
+                         "case": case, **{k: m[k] for k in keys}})
+    for case in ("truth", "liver as muscle", "spleen as muscle", "kidney as muscle"):
+        sel = [r for r in rows if r["case"] == case]
+        if sel:
+            print(f"  {case:17s} n={len(sel):2d} " + "; ".join(
+                f"{k} {min(r[k] for r in sel):.3f} / {float(np.median([r[k] for r in sel])):.3f} / {max(r[k] for r in sel):.3f}"
+                for k in keys) + "  (min / median / max)")
+            flagged = sum(max(r["cavity_muscle_share"], r["organ_blob_muscle_share"]) > FLAG_SHARE for r in sel)
+            print(f"  {'':17s} flagged (cavity or organ-blob muscle share > {FLAG_SHARE:g}): {flagged} of {len(sel)}")
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"  wrote {csv_path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "bodycomp_unet.pt")
@@ -371,6 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED,
                         help="first held-out seed (another stream, e.g. 888000, checks choices made on the default)")
     parser.add_argument("--like-real", type=int, default=6, help="phantoms made like the real L3 slice")
+    parser.add_argument("--plausibility-phantoms", type=int, default=24,
+                        help="L1/L2 phantoms for the plausibility measures against known truth (part 3)")
     parser.add_argument("--real-only", action="store_true",
                         help="only part 3: real CT at every level, overlays and plausibility measures (~1 min)")
     args = parser.parse_args(argv)
@@ -387,7 +436,9 @@ def main(argv=None) -> int:
         docs.mkdir(parents=True, exist_ok=True)
     real_docs = None if docs is None else docs / "real"
     real_csv = (real_docs or args.out.parent) / "plausibility_real.csv"
+    phantom_csv = (real_docs or args.out.parent) / "plausibility_phantoms.csv"
     if args.real_only:
+        eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
         eval_real_levels(model, real_docs, real_csv)
         return 0
     rows: list[dict] = []
@@ -395,6 +446,7 @@ def main(argv=None) -> int:
         eval_phantoms(model, args.per_group, docs, rows, args.seed_base)
         eval_like_real(model, args.like_real, rows)
     eval_real(model, docs, rows)
+    eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
     eval_real_levels(model, real_docs, real_csv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("set", "group", "case", "method"), k))
