@@ -14,22 +14,23 @@ abdominal wall labelled muscle). They flag; they do not score. Per slice
   components that lie inside it (at least ``inside_share`` of their area). The cavity
   (:func:`cavity_mask`) is derived from the image, not from any label: the region inside the
   inner border of the muscle wall that :func:`sarco_app.threshold.wall_contours` finds by ray
-  casting, minus the *spine zone* (:func:`spine_zone`: behind the front of the vertebra and
-  within a lateral reach of it, where psoas, quadratus lumborum, the crura and the back muscles
-  legitimately lie), eroded by ``margin_mm`` so that the wall's own border is outside.
-  Organs (liver, spleen, bowel, kidneys away from the spine) fill the cavity.
+  casting in the trunk (arms lying against it left out), minus the *spine zone*
+  (:func:`spine_zone`: around and behind the vertebral body, where psoas, quadratus lumborum,
+  the crura and the back muscles legitimately lie), eroded by ``margin_mm`` so that the wall's
+  own border is outside. Organs (liver, spleen, bowel, kidneys away from the spine) fill it.
 - **Organ-blob muscle**: the share of muscle pixels inside organ-like blobs (:func:`organ_blobs`):
-  body pixels in the muscle HU range (-29..150) that are locally homogeneous (HU SD over a disk
-  of ``sd_radius_mm`` at most ``sd_max_hu``) and lie in a region thick enough to hold a disk of
-  radius ``blob_radius_mm`` (a morphological opening: liver, spleen and kidney are thick and
-  round, the abdominal-wall muscles are bands), outside the spine zone (the thick back muscles
-  and psoas lie there).
+  soft tissue (local mean -29..250 HU) that is locally homogeneous (HU SD over a disk of
+  ``BLOB_SD_RADIUS_MM`` at most ``BLOB_SD_MAX_HU``, after light smoothing) and lies in a region
+  thick enough to hold a disk of radius ``blob_radius_mm`` (a morphological opening: liver,
+  spleen and kidney are thick and round, the wall muscles are bands and carry fat streaks),
+  inside the wall and outside the spine zone.
 
 Limits (see ``docs/plausibility.md``): the wall contour follows HU, so where an organ touches the
-wall without a fat plane the contour's inner border sinks up to ``wall_mm`` into the organ and
-that part of the organ counts as wall, not cavity; the spine zone is a box, so a kidney or a
-spleen tip beside the spine is not cavity; and below L4 the iliacus (inside the iliac wing) and
-the thick gluteal muscles look like cavity muscle and organ blobs.
+wall without a fat plane the contour's inner border sinks up to ``WALL_MM`` into the organ and
+that part of the organ counts as wall, not cavity; the spine zone is a box, so a kidney or the
+crura beside the spine are not cavity; at rib levels muscle medial to the ribs (costal
+diaphragm, but also transversus abdominis) counts as cavity; below L4 the iliacus inside the
+iliac wing does too.
 
 All functions take an ``(X, Y)`` HU slice and label in canonical orientation (axis 0 toward
 the patient's left, axis 1 toward posterior) with ``spacing = (sx, sy)`` in mm, and work on
