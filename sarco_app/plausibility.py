@@ -96,13 +96,14 @@ BLOB_MAX_HU = 250.0
 
 @dataclass
 class SlicePlausibility:
-    """The measures of one slice; areas in cm², shares in 0..1 (0 when the denominator is 0)."""
+    """The measures of one slice; areas in cm², shares of the muscle area in 0..1 (0 when there
+    is no muscle)."""
 
     slice_index: int
     pixel_spacing_mm: tuple[float, float]
     body_cm2: float
     muscle_cm2: float
-    #: muscle area / body area
+    #: muscle area / body area (0 without a body; above 1 only for a label that covers air)
     muscle_body_share: float
     #: muscle components of at least ``min_component_cm2``, and the areas of the largest few
     muscle_components: int
