@@ -677,3 +677,59 @@ def load_image(path: str | Path | Sequence[str | Path], series: str | int | None
     if path.is_file() and is_nifti(path):
         return load_nifti(path)
     return load_dicom(path, series=series)
+
+
+#: SOP Class UID of a DICOM Segmentation object.
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def load_dicom_seg(path: str | Path, image: CTImage, segment: int | None = None) -> np.ndarray:
+    """A binary DICOM SEG (e.g. dcmqi's) as a boolean mask on ``image``'s canonical grid.
+
+    Every set pixel of every frame (of segment number ``segment``, or of any segment) is placed
+    by its frame's position and orientation (patient coordinates, mm) in the voxel of ``image``
+    that holds it; pixels outside the image are dropped. Raises :class:`IngestError` for a file
+    that is not a DICOM SEG or lacks the geometry.
+    """
+    import pydicom
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:  # pydicom raises many types for a file that is not DICOM
+        raise IngestError(f"{path.name}: not a DICOM file ({exc})") from exc
+    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_SOP_CLASS:
+        raise IngestError(f"{path.name}: not a DICOM Segmentation (SOP class {ds.get('SOPClassUID', '?')})")
+    frames = np.asarray(ds.pixel_array)
+    frames = frames[None] if frames.ndim == 2 else frames
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames.shape[0]:
+        raise IngestError(f"{path.name}: {frames.shape[0]} frames but {len(per_frame)} per-frame geometries")
+
+    def item(group, name):
+        for source in (group, shared):
+            if source is not None and name in source:
+                return source[name][0]
+        raise IngestError(f"{path.name}: no {name} for a frame")
+
+    to_voxel = np.linalg.inv(np.asarray(image.affine, dtype=float))
+    mask = np.zeros(image.hu.shape, dtype=bool)
+    for frame, group in zip(frames, per_frame):
+        if segment is not None and int(item(group, "SegmentIdentificationSequence").ReferencedSegmentNumber) != segment:
+            continue
+        rows, cols = np.nonzero(frame)
+        if rows.size == 0:
+            continue
+        position = np.array(item(group, "PlanePositionSequence").ImagePositionPatient, dtype=float)
+        cosines = np.array(item(group, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float)
+        row_mm, col_mm = (float(v) for v in item(group, "PixelMeasuresSequence").PixelSpacing)
+        # DICOM: column index runs along the first cosine, row index along the second (LPS, mm).
+        lps = position + np.outer(cols * col_mm, cosines[:3]) + np.outer(rows * row_mm, cosines[3:])
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        voxel = np.rint(ras @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        if image.hu.ndim == 2:
+            voxel = voxel[:, :2]
+        inside = np.all((voxel >= 0) & (voxel < np.array(image.hu.shape)), axis=1)
+        mask[tuple(voxel[inside].T)] = True
+    return mask

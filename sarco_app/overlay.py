@@ -13,6 +13,8 @@ WINDOW = (400.0, 40.0)
 #: Opacity of the label colours over the grey image.
 LABEL_ALPHA = 0.4
 DISPLAY_NAMES = {L.MUSCLE: "Muscle", L.SAT: "SAT", L.VAT: "VAT", L.IMAT: "IMAT"}
+#: Line colours of ``overlay_png``'s outlines, in order (white, magenta, orange, blue).
+OUTLINE_COLORS = ("#ffffff", "#ff00ff", "#ff9900", "#3399ff")
 
 
 def label_rgba(label_yx: np.ndarray, alpha: float = LABEL_ALPHA) -> np.ndarray:
@@ -34,6 +36,7 @@ def overlay_png(
     areas: dict[str, float] | None = None,
     window: tuple[float, float] = WINDOW,
     dpi: int = 100,
+    outlines: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a PNG of an axial slice with coloured labels and a legend.
 
@@ -54,6 +57,9 @@ def overlay_png(
         Tissue name ('muscle', 'sat', 'vat', 'imat') -> area in cm², shown in the legend.
     window : (float, float)
         Display window (width, level) in HU; W400/L40 by default.
+    outlines : dict, optional
+        Legend text -> boolean ``(X, Y)`` mask whose border is drawn as a line (e.g. the
+        regions :mod:`sarco_app.plausibility` derives), in ``OUTLINE_COLORS`` order.
 
     Returns
     -------
@@ -63,6 +69,7 @@ def overlay_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     hu_xy = np.asarray(hu_xy)
@@ -98,6 +105,18 @@ def overlay_png(
             if areas and areas.get(tissue) is not None:
                 text += f": {areas[tissue]:.1f} cm²"
             handles.append(Patch(facecolor=np.asarray(L.COLORS[value]) / 255.0, edgecolor="none", label=text))
+    for (text, mask), colour in zip((outlines or {}).items(), OUTLINE_COLORS):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != hu_xy.shape:
+            raise ValueError(f"outline {text!r} shape {mask.shape} differs from slice {hu_xy.shape}")
+        if mask.any():
+            # Pixel centres in mm, so the line sits on the image drawn with ``extent``.
+            xs = (np.arange(nx) + 0.5) * sx
+            ys = (np.arange(ny) + 0.5) * sy
+            ax.contour(xs, ys, mask.T.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.9)
+        handles.append(Line2D([0], [0], color=colour, lw=1.2, label=text))
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
     if handles:
         ax.legend(
             handles=handles,

@@ -19,9 +19,23 @@
    like the real L3 slice (3 mm pixels, muscle 18 HU) give the same raw share next to the
    default output's Dice against their truth.
 
-Everything printed is also written as CSV to ``--out``.
+3. **Real CT at every level, label-free plausibility** (:mod:`sarco_app.plausibility`): the
+   default output on the middle slice of each vertebra of ``ct_lower.nii.gz`` (L2..S1 from
+   ``vertebrae_lower.nii.gz``), on slices 0, 5, 10, 15 and 19 of the DICOM series (T11-T12) and on
+   the 3 dcmqi slices: muscle share of the body, muscle components, muscle inside the abdominal
+   cavity and inside organ-like blobs, printed, written to ``<docs>/real/plausibility_real.csv``
+   and drawn as overlays (cavity and organ blobs outlined) in ``<docs>/real/``. The dcmqi slices
+   are measured once more with their liver (the sample's DICOM SEG) labelled muscle: the issue's
+   failure made on purpose, to show what the measures read when it happens. Before them,
+   ``--plausibility-phantoms`` L1/L2 phantoms give the same measures where the truth is known:
+   the true label, and the liver, spleen or kidney labelled muscle
+   (``<docs>/real/plausibility_phantoms.csv``).
+   ``--real-only`` runs this part alone (about a minute).
+
+Everything else printed is also written as CSV to ``--out``.
 
     .venv/bin/python scripts/eval_bodycomp.py --model models/bodycomp_unet.pt
+    .venv/bin/python scripts/eval_bodycomp.py --real-only
 """
 
 from __future__ import annotations
@@ -38,9 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sarco_app import labels as L  # noqa: E402
-from sarco_app.ingest import load_image  # noqa: E402
+from sarco_app.ingest import load_dicom_seg, load_image  # noqa: E402
 from sarco_app.network import load_checkpoint  # noqa: E402
+from sarco_app.overlay import overlay_png  # noqa: E402
 from sarco_app.phantom import generate  # noqa: E402
+from sarco_app.plausibility import slice_measures  # noqa: E402
 from sarco_app.segment import dice_per_tissue, resample_hu, segment_volume, working_logits, working_shape  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -49,6 +65,10 @@ TISSUES = ("muscle", "sat", "vat", "imat")
 GROUPS = (("clinical 0.6-1.0 mm", None, 512), ("1.5 mm", 1.5, 280), ("2.0 mm", 2.0, 210), ("3.0 mm", 3.0, 140))
 HELD_OUT_SEED = 777_000  # the training script draws seeds from SeedSequence([seed, 0xB0D1])
 LIKE_REAL_SEED = 555_000
+PLAUSIBILITY_SEED = 444_000
+#: A reading guide for the phantom summary: a slice whose cavity or organ-blob muscle share is
+#: above this is flagged (no true label of these phantoms goes above 0.015).
+FLAG_SHARE = 0.03
 
 
 def overlay(hu, label, spacing, path, title, areas=None):
@@ -250,6 +270,143 @@ def eval_real(model, docs: Path | None, rows: list) -> None:
                     f"Threshold baseline: {name}, slice {k}", areas_cm2(thr, image.pixel_spacing))
 
 
+#: Vertebra label values of ``vertebrae_lower.nii.gz`` (TotalSegmentator) and their names.
+VERTEBRA_NAMES = {26: "S1", 27: "L5", 28: "L4", 29: "L3", 30: "L2"}
+#: Slices of the 20-slice DICOM series that get an overlay.
+SERIES_SLICES = (0, 5, 10, 15, 19)
+PLAUSIBILITY_FIELDS = (
+    "sample", "level", "slice", "spacing_mm", "body_cm2", "muscle_cm2", "muscle_body_share",
+    "muscle_components", "largest_components_cm2", "cavity_cm2", "cavity_muscle_share",
+    "cavity_muscle_cm2", "cavity_components", "cavity_components_cm2", "organ_blob_cm2",
+    "organ_blob_muscle_share", "organ_blob_muscle_cm2", "spine_found", "sat_cm2", "vat_cm2",
+    "imat_cm2", "png",
+)
+
+
+def real_levels():
+    """(sample, path, [(level, canonical slice)]) of every real sample at every level it holds."""
+    cases = []
+    nifti = REAL / "totalsegmentator-ct-lower" / "ct_lower.nii.gz"
+    vertebrae = REAL / "totalsegmentator-ct-lower" / "vertebrae_lower.nii.gz"
+    if nifti.is_file() and vertebrae.is_file():
+        labels = np.rint(load_image(vertebrae).hu).astype(int)
+        levels = []
+        for value, name in sorted(VERTEBRA_NAMES.items(), reverse=True):  # L2 first (top down)
+            zs = np.flatnonzero((labels == value).any(axis=(0, 1)))
+            if zs.size:  # the middle slice of the vertebra's z-range
+                levels.append((name, int((zs.min() + zs.max()) // 2)))
+        cases.append(("ct_lower", nifti, levels))
+    series = REAL / "totalsegmentator-dicom-series"
+    if series.is_dir():
+        cases.append(("dicom_series", series, [("T11-T12", k) for k in SERIES_SLICES]))
+    dcmqi = REAL / "dcmqi-ct-3slice"
+    if dcmqi.is_dir():
+        cases.append(("dcmqi", dcmqi, [("liver-level", k) for k in range(3)]))
+    return cases
+
+
+def eval_real_levels(model, docs: Path | None, csv_path: Path | None) -> list[dict]:
+    """Default output and plausibility measures on every real sample at every level (part 3)."""
+    print("\n== real CT at every level: label-free plausibility of the default output ==")
+    rows: list[dict] = []
+    if not REAL.is_dir():
+        print("  (absent)")
+        return rows
+    for sample, path, levels in real_levels():
+        try:
+            image = load_image(path)
+        except Exception as exc:  # e.g. a JPEG 2000 series without a decoder installed
+            print(f"  {sample}: cannot load ({exc})")
+            continue
+        ks = [k for _, k in levels if 0 <= k < image.hu.shape[2]]
+        label = segment_volume(image.hu, image.spacing, ks, method="unet", model=model).label
+        cases = [(level, k, label[:, :, k]) for level, k in levels if k in ks]
+        liver_seg = path / "liver_seg.dcm" if path.is_dir() else None
+        if liver_seg is not None and liver_seg.is_file():
+            # The issue's failure made on purpose: the liver (dcmqi's SEG) labelled muscle where
+            # its HU lie in the muscle range, as the default output's HU rule would keep it.
+            liver = load_dicom_seg(liver_seg, image)
+            for level, k in levels:
+                wrong = label[:, :, k].copy()
+                hu_k = image.hu[:, :, k]
+                wrong[liver[:, :, k] & (hu_k >= L.MUSCLE_HU[0]) & (hu_k <= L.MUSCLE_HU[1])] = L.MUSCLE
+                cases.append((f"{level}+liver-as-muscle", k, wrong))
+        for level, k, lab_k in cases:
+            hu_k = image.hu[:, :, k]
+            masks: dict = {}
+            m = slice_measures(hu_k, lab_k, image.pixel_spacing, k, masks=masks)
+            area = areas_cm2(lab_k, image.pixel_spacing)
+            png = ""
+            if docs is not None and not (level.endswith("liver-as-muscle") and k != 1):  # one such overlay
+                png = f"{sample}_{level}_z{k}.png".replace("-", "_").replace("+", "_")
+                title = (f"{sample} {level}, slice {k}: muscle/body {m.muscle_body_share:.2f}, "
+                         f"cavity muscle {m.cavity_muscle_share:.2f} ({m.cavity_components} inside), "
+                         f"organ-blob muscle {m.organ_blob_muscle_share:.2f}")
+                overlay_png(hu_k, lab_k, image.pixel_spacing, docs / png, title=title, areas=area, dpi=72,
+                            outlines={"abdominal cavity": masks["cavity"], "organ-like blobs": masks["organ_blobs"]})
+            print(f"  {sample} {level} z{k}: muscle {m.muscle_cm2:.1f} cm2 = {m.muscle_body_share:.3f} of the body; "
+                  f"{m.muscle_components} components (largest {m.largest_components_cm2}); cavity muscle "
+                  f"{m.cavity_muscle_share:.3f} ({m.cavity_muscle_cm2} cm2), {m.cavity_components} component(s) "
+                  f"inside ({m.cavity_components_cm2} cm2); organ-blob muscle {m.organ_blob_muscle_share:.3f} "
+                  f"({m.organ_blob_muscle_cm2} cm2)" + (f"; {'; '.join(m.notes)}" if m.notes else ""))
+            record = m.to_dict()
+            rows.append({
+                "sample": sample, "level": level, "slice": k, "spacing_mm": round(image.pixel_spacing[0], 3),
+                **{f: record[f] for f in PLAUSIBILITY_FIELDS if f in record},
+                "largest_components_cm2": "/".join(f"{a:g}" for a in m.largest_components_cm2),
+                **{f"{t}_cm2": round(area[t], 2) for t in ("sat", "vat", "imat")},
+                "png": png,
+            })
+    if csv_path is not None and rows:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=PLAUSIBILITY_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"  wrote {csv_path}")
+    return rows
+
+
+def eval_plausibility_phantoms(count: int, csv_path: Path | None, seed_base: int = PLAUSIBILITY_SEED) -> None:
+    """The plausibility measures where the truth is known: L1/L2 phantoms (256 matrix) with their
+    true label, and with their liver, spleen or kidney (``Phantom.organ_label``, organs of at least
+    10 cm²) labelled muscle, the issue's failure. Per case and as min / median / max."""
+    if count <= 0:
+        return
+    print(f"\n== plausibility measures on {count} L1/L2 phantoms (seeds from {seed_base}): truth vs organ labelled muscle ==")
+    keys = ("muscle_body_share", "cavity_muscle_share", "cavity_components", "organ_blob_muscle_share")
+    rows = []
+    for i in range(count):
+        seed = seed_base + i
+        ph = generate(seed, level=("L1", "L2")[i % 2], size=256)
+        cases = [("truth", ph.label)]
+        for name in ("liver", "spleen", "kidney"):
+            organ = ph.organ_label == L.ORGAN_NAMES.index(name) + 1
+            if organ.sum() * ph.spacing[0] * ph.spacing[1] / 100 >= 10:
+                wrong = ph.label.copy()
+                wrong[organ] = L.MUSCLE
+                cases.append((f"{name} as muscle", wrong))
+        for case, label in cases:
+            m = slice_measures(ph.hu, label, ph.spacing).to_dict()
+            rows.append({"seed": seed, "level": ph.params["level"], "truncated": ph.params.get("truncated"),
+                         "case": case, **{k: m[k] for k in keys}})
+    for case in ("truth", "liver as muscle", "spleen as muscle", "kidney as muscle"):
+        sel = [r for r in rows if r["case"] == case]
+        if sel:
+            print(f"  {case:17s} n={len(sel):2d} " + "; ".join(
+                f"{k} {min(r[k] for r in sel):.3f} / {float(np.median([r[k] for r in sel])):.3f} / {max(r[k] for r in sel):.3f}"
+                for k in keys) + "  (min / median / max)")
+            flagged = sum(max(r["cavity_muscle_share"], r["organ_blob_muscle_share"]) > FLAG_SHARE for r in sel)
+            print(f"  {'':17s} flagged (cavity or organ-blob muscle share > {FLAG_SHARE:g}): {flagged} of {len(sel)}")
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"  wrote {csv_path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "bodycomp_unet.pt")
@@ -261,6 +418,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED,
                         help="first held-out seed (another stream, e.g. 888000, checks choices made on the default)")
     parser.add_argument("--like-real", type=int, default=6, help="phantoms made like the real L3 slice")
+    parser.add_argument("--plausibility-phantoms", type=int, default=24,
+                        help="L1/L2 phantoms for the plausibility measures against known truth (part 3)")
+    parser.add_argument("--real-only", action="store_true",
+                        help="only part 3: real CT at every level, overlays and plausibility measures (~1 min)")
     args = parser.parse_args(argv)
     import torch
 
@@ -273,11 +434,20 @@ def main(argv=None) -> int:
     docs = None if args.no_overlays else args.docs
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
+    real_docs = None if docs is None else docs / "real"
+    real_csv = (real_docs or args.out.parent) / "plausibility_real.csv"
+    phantom_csv = (real_docs or args.out.parent) / "plausibility_phantoms.csv"
+    if args.real_only:
+        eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
+        eval_real_levels(model, real_docs, real_csv)
+        return 0
     rows: list[dict] = []
     if not args.skip_phantoms:
         eval_phantoms(model, args.per_group, docs, rows, args.seed_base)
         eval_like_real(model, args.like_real, rows)
     eval_real(model, docs, rows)
+    eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
+    eval_real_levels(model, real_docs, real_csv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("set", "group", "case", "method"), k))
     with args.out.open("w", newline="") as fh:
