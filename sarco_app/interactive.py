@@ -48,7 +48,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import segmentation
 
-from sarco_app import threshold
+from sarco_app import strokes, threshold
 from sarco_app.errors import SarcoError
 from sarco_app.labels import FAT_HU, IMAT, MUSCLE, MUSCLE_HU, NAMES, SAT, VAT, tissue_value
 
@@ -549,10 +549,12 @@ def _stroke_part_in_box(piece: np.ndarray, stroke: np.ndarray, spacing,
 
 
 def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spacing,
-                 bg: np.ndarray | None = None) -> np.ndarray:
+                 bg: np.ndarray | None = None, hu: np.ndarray | None = None) -> np.ndarray:
     """Regions (:func:`_pieces`) of ``candidate`` outside ``answer`` that foreground scribbles
     touch: each whole when it lies within the stroke's reach, else the part within that reach
-    (:func:`_stroke_part`)."""
+    (:func:`_stroke_part`). With ``hu``, each stroke also adds the piece of its own HU it lies
+    in, cut at thin contacts (:func:`sarco_app.strokes.piece_under_stroke`): a missed muscle
+    comes whole, not as the stroke's reach."""
     pieces = _pieces(candidate & ~answer, spacing)
     near_fg = ndi.binary_dilation(fg, structure=np.ones((3, 3), bool))
     added = np.zeros_like(answer)
@@ -561,6 +563,11 @@ def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spac
             continue
         piece = pieces == piece_id
         added |= _stroke_part(piece, fg & near_fg, spacing, blocked=bg)
+    if hu is not None:
+        labels, count = ndi.label(fg, structure=np.ones((3, 3), bool))
+        for k in range(1, count + 1):
+            added |= strokes.piece_under_stroke(candidate & ~answer, labels == k, hu, spacing,
+                                                blocked=bg)
     return added
 
 
@@ -634,7 +641,23 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
     return out
 
 
-def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
+def _organs_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
+                   hu: np.ndarray) -> np.ndarray:
+    """The organs background strokes mark inside ``answer``: for each stroke (8-connected) the
+    region of the stroke's own HU, told apart from the tissue's
+    (:func:`sarco_app.strokes.organ_under_stroke`); empty where HU cannot tell them apart.
+    Lines along a plane of their own HU (:func:`_planes_under_lines`) mark only that plane."""
+    organs = np.zeros_like(answer)
+    if not bg.any() or not answer.any():
+        return organs
+    _, bg = _planes_under_lines(answer & ~bg, bg, hu)  # a line along a plane takes the plane only
+    labels, count = ndi.label(bg, structure=np.ones((3, 3), bool))
+    for k in range(1, count + 1):
+        organs |= strokes.organ_under_stroke(answer, labels == k, hu, spacing, keep=fg)
+    return organs
+
+
+def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Apply the tissue rules, the connected-region rule and the scribbles to a raw proposal.
 
     With a rectangle, the anatomy-allowed part of the proposal (see :func:`_tissue_rules`) is
@@ -642,7 +665,9 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
     strokes correct a stored label such as the network's proposal). Foreground scribbles add the regions of the proposal they touch (even
     where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`;
     big ones only near the stroke, :func:`_add_touched`); background scribbles remove the
-    regions they mark (:func:`_remove_marked`).
+    regions they mark (:func:`_remove_marked`) and the organs of their own HU they lie in
+    (:func:`_organs_marked`). Returns ``(answer, organs)``: the organs go to :func:`merge` as
+    background too.
     """
     region = _region(inp)
     candidate = _clean(proposal & region, inp.tissue, inp.spacing)
@@ -656,11 +681,14 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
         answer |= inp.current == inp.tissue
     if inp.fg.any():
         if answer.any():
-            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg)
+            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg, hu=inp.hu)
         else:  # scribbles only: the regions they touch are the answer
             answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
-    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
-    return answer | (inp.fg & region)
+    # A stroke on an organ of its own HU glued to the tissue takes the whole organ; merge gets
+    # it as background, so its geodesic split cannot hand the organ's rim back to the tissue.
+    organs = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
+    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu) & ~organs
+    return answer | (inp.fg & region), organs
 
 
 def _skin_or_outside(inp: _Inputs) -> np.ndarray:
@@ -823,8 +851,8 @@ def back_projection(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | N
         # Only HU values far more typical of the background are vetoed: tissues of similar HU
         # (muscle and bowel) are separated spatially instead.
         proposal &= ~(bg_like > 4.0 * likelihood + 0.05)
-    mask = _refine(inp, proposal)
-    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg, roi=inp.roi))
+    mask, organs = _refine(inp, proposal)
+    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg | organs, roi=inp.roi))
 
 
 def window_to_uint8(hu: np.ndarray, window: Sequence[float]) -> np.ndarray:
@@ -918,8 +946,8 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
     proposal[x0:x1, y0:y1] = raw.T
     # GrabCut's smoothness term may pull in a rim of other HU; the tissue's range still holds.
     proposal &= in_range | inp.fg
-    mask = _refine(inp, proposal)
-    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg, roi=inp.roi))
+    mask, organs = _refine(inp, proposal)
+    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg | organs, roi=inp.roi))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
