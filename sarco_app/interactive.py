@@ -642,19 +642,26 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
 
 
 def _organs_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
-                   hu: np.ndarray) -> np.ndarray:
+                   hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The organs background strokes mark inside ``answer``: for each stroke (8-connected) the
     region of the stroke's own HU, told apart from the tissue's
-    (:func:`sarco_app.strokes.organ_under_stroke`); empty where HU cannot tell them apart.
-    Lines along a plane of their own HU (:func:`_planes_under_lines`) mark only that plane."""
+    (:func:`sarco_app.strokes.organ_under_stroke`); none where HU cannot tell them apart.
+    Lines along a plane of their own HU (:func:`_planes_under_lines`) mark only that plane.
+    Returns ``(organs, the strokes that found none)``: those are left to the geometric rule
+    (:func:`_remove_marked`), which would take the wall behind a big organ with it."""
     organs = np.zeros_like(answer)
     if not bg.any() or not answer.any():
-        return organs
-    _, bg = _planes_under_lines(answer & ~bg, bg, hu)  # a line along a plane takes the plane only
-    labels, count = ndi.label(bg, structure=np.ones((3, 3), bool))
+        return organs, bg
+    planes_left = _planes_under_lines(answer & ~bg, bg, hu)[1]
+    labels, count = ndi.label(planes_left, structure=np.ones((3, 3), bool))
+    left = bg.copy()
     for k in range(1, count + 1):
-        organs |= strokes.organ_under_stroke(answer, labels == k, hu, spacing, keep=fg)
-    return organs
+        stroke = labels == k
+        organ = strokes.organ_under_stroke(answer, stroke, hu, spacing, keep=fg)
+        if organ.any():
+            organs |= organ
+            left &= ~stroke
+    return organs, left
 
 
 def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -686,8 +693,8 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]
             answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
     # A stroke on an organ of its own HU glued to the tissue takes the whole organ; merge gets
     # it as background, so its geodesic split cannot hand the organ's rim back to the tissue.
-    organs = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
-    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu) & ~organs
+    organs, other_bg = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
+    answer = _remove_marked(answer, inp.fg, other_bg, inp.spacing, inp.hu) & ~organs & ~inp.bg
     return answer | (inp.fg & region), organs
 
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
+from skimage import segmentation
 
 #: Gaussian sigma (mm) of the HU smoothing before HU statistics: CT noise (10-20 HU per pixel)
 #: hides the 10-60 HU by which liver, spleen and kidney differ from muscle; the organs' own
 #: texture is smoother than that.
 SMOOTH_MM = 1.5
+#: Lighter smoothing (mm) of the image whose HU edges place the organ's border.
+EDGE_SMOOTH_MM = 0.7
 #: Robust spread (HU) below which a stroke's smoothed HU is taken as this value (a short stroke
 #: in a very smooth organ would otherwise give a band too narrow to fill the organ).
 MIN_SPREAD_HU = 3.0
@@ -107,6 +110,17 @@ def cut_thin_contacts(region: np.ndarray, seeds: np.ndarray, spacing,
     return grown | np.isin(labels, hit[hit > 0])
 
 
+def grow_into_rim(region: np.ndarray, allowed: np.ndarray, spacing,
+                  sigma_mm: float = SMOOTH_MM) -> np.ndarray:
+    """``region`` grown, by up to ``2 * sigma_mm``, into the pixels of ``allowed`` that lie
+    within that distance of its border: there the smoothing mixed the region's HU with its
+    neighbours' (fat, air), so the HU test misses them although they belong to the region."""
+    kernel = _disk(2.0 * sigma_mm, spacing)
+    rim = allowed & ~ndi.binary_erosion(allowed, structure=kernel, border_value=1)
+    steps = int(np.ceil(2.0 * sigma_mm / min(spacing)))
+    return ndi.binary_dilation(region, structure=EIGHT, iterations=steps, mask=rim | region)
+
+
 def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, spacing, *,
                        keep: np.ndarray | None = None) -> np.ndarray:
     """The wrongly labelled organ a background stroke marks inside a tissue label.
@@ -127,11 +141,12 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
     Returns
     -------
     (X, Y) bool: the organ to remove -- the pixels of ``tissue`` connected to the stroke whose
-    smoothed HU (Gaussian :data:`SMOOTH_MM`) lies within the stroke's HU band (median +-
-    max(:data:`BAND_SPREADS` spreads, :data:`MIN_BAND_HU`)) and nearer, in spreads, to the
-    stroke's HU than to the tissue's (median and spread over the whole label, which the true
-    tissue dominates), cut at contacts thinner than ``2 * CONTACT_MM`` mm, with the holes it
-    encloses in ``tissue`` filled. Empty when the stroke's median HU is within
+    smoothed HU (Gaussian :data:`SMOOTH_MM`) is nearer to the stroke's median HU than to the
+    tissue's own (the median, away from its borders, of the tissue outside the stroke's HU
+    band: median +- max(:data:`BAND_SPREADS` spreads, :data:`MIN_BAND_HU`)), cut at contacts
+    thinner than ``2 * CONTACT_MM`` mm; its border then placed on the steepest HU edge within
+    ``2 * SMOOTH_MM`` of it (marker watershed on the gradient of the image smoothed by
+    :data:`EDGE_SMOOTH_MM`), with the holes it encloses in ``tissue`` filled. Empty when the stroke's median HU is within
     :data:`MIN_SEPARATION_SPREADS` spreads of the tissue's (HU cannot say where the organ
     ends; the caller's geometric rule decides).
     """
@@ -161,15 +176,32 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
     if abs(rest_hu - organ_hu) < MIN_SEPARATION_SPREADS * max(organ_spread, rest_spread):
         # The stroke's HU is the tissue's own: HU does not say where the organ ends.
         return empty
-    # Work around the flood, cropped: the classification below only narrows it.
-    box = _bounding_box(flood | stroke, 2)
-    within, stroke_b, smooth, comp = flood[box], stroke[box], smooth[box], allowed[box]
-    nearer = np.abs(smooth - organ_hu) / organ_spread <= np.abs(smooth - rest_hu) / rest_spread
-    similar = within & nearer
+    # The border between the two lies half-way in HU, where the smoothing mixed them equally
+    # (the band only served to find the rest: the organ's rim at the contact lies outside it).
+    nearer = allowed & (np.abs(smooth - organ_hu) <= np.abs(smooth - rest_hu))
+    labels, _ = ndi.label(nearer, structure=EIGHT)
+    hit = np.unique(labels[on_tissue & nearer])
+    nearer = np.isin(labels, hit[hit > 0])
+    box = _bounding_box(nearer | stroke, 2)
+    similar, stroke_b, smooth, comp = nearer[box], stroke[box], smooth[box], allowed[box]
     labels, _ = ndi.label(similar, structure=EIGHT)
     hit = np.unique(labels[stroke_b & similar])
     region = np.isin(labels, hit[hit > 0])
     region = cut_thin_contacts(region, stroke_b & region, spacing)
+    if not region.any():
+        return empty
+    # The smoothing blurs the border over a couple of mm (and into a thin muscle layer beside
+    # the organ): sure organ and sure tissue lie that far on each side, and the border between
+    # them follows the steepest HU edge of a lightly smoothed image (a marker watershed on the
+    # gradient), which also takes the organ's rim against fat.
+    kernel = _disk(2.0 * SMOOTH_MM, spacing)
+    markers = np.zeros(region.shape, np.int32)
+    markers[comp & ~ndi.binary_dilation(region, structure=kernel)] = 2
+    markers[ndi.binary_erosion(region, structure=kernel) | (stroke_b & comp)] = 1
+    fine = smooth_hu(np.asarray(hu)[box], spacing, EDGE_SMOOTH_MM)
+    edges = np.hypot(ndi.sobel(fine, axis=0) / spacing[0], ndi.sobel(fine, axis=1) / spacing[1])
+    basins = segmentation.watershed(edges, markers, mask=comp, connectivity=2)
+    region = basins == 1
     # Vessels and cysts inside the organ are part of it.
     region |= ndi.binary_fill_holes(region) & comp
     out = empty.copy()
@@ -197,7 +229,9 @@ def piece_under_stroke(candidate: np.ndarray, stroke: np.ndarray, hu: np.ndarray
     -------
     (X, Y) bool: the pixels of ``candidate`` connected to the stroke whose smoothed HU lies
     within the stroke's band (median +- max(:data:`BAND_SPREADS` spreads,
-    :data:`MIN_FG_BAND_HU`)), cut at contacts thinner than ``2 * CONTACT_MM`` mm.
+    :data:`MIN_FG_BAND_HU`)), cut at contacts thinner than ``2 * CONTACT_MM`` mm, grown into
+    the candidate's blurred rim (:func:`grow_into_rim`) where the unsmoothed HU lies in the
+    stroke's unsmoothed band.
     """
     candidate = np.asarray(candidate, bool)
     stroke = np.asarray(stroke, bool)
@@ -222,6 +256,11 @@ def piece_under_stroke(candidate: np.ndarray, stroke: np.ndarray, hu: np.ndarray
     hit = np.unique(labels[seeds])
     region = np.isin(labels, hit[hit > 0])
     region = cut_thin_contacts(region, seeds, spacing)
+    # Into the rim only where the unsmoothed HU is the stroke's (not a touching organ's rim).
+    raw = np.asarray(hu, dtype=np.float32)[box]
+    raw_centre, raw_spread = robust_stats(raw[under if under.any() else stroke_b])
+    raw_band = max(BAND_SPREADS * raw_spread, MIN_FG_BAND_HU)
+    region = grow_into_rim(region, comp & (np.abs(raw - raw_centre) <= raw_band), spacing)
     out = empty.copy()
     out[box] = region
     return out
