@@ -607,7 +607,8 @@ def _planes_under_lines(answer: np.ndarray, bg: np.ndarray, hu: np.ndarray) -> t
 
 
 def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
-                   hu: np.ndarray | None = None) -> np.ndarray:
+                   hu: np.ndarray | None = None,
+                   organ_strokes: np.ndarray | None = None) -> np.ndarray:
     """``answer`` without what background scribbles mark.
 
     With ``hu``, a thin line along a plane of distinct HU takes only that plane
@@ -617,7 +618,9 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
     in a bowel loop glued to a big muscle does not take the muscle with it (the old rule took
     any region under a quarter of the answer, which at 512x512 took a whole psoas with a bowel
     loop). Foreground scribbles are never crossed, and a region holding them too is split
-    geodesically between the two kinds.
+    geodesically between the two kinds. A region touched only by ``organ_strokes`` (strokes
+    whose organ :func:`_organs_marked` found) goes only when it is taken whole: cut back at a
+    neck it would be the wall behind a big organ, and the organ's HU says where that ends.
     """
     answer = answer & ~bg
     if not bg.any() or not answer.any():
@@ -635,6 +638,9 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
             continue
         piece = pieces == piece_id
         gone = _stroke_part(piece, bg, spacing, blocked=fg)
+        if (organ_strokes is not None and (piece & ~gone).any()
+                and not (piece & ndi.binary_dilation(bg & ~organ_strokes, structure=np.ones((3, 3), bool))).any()):
+            continue
         if (piece & fg).any():
             gone &= ~_split(piece | bg, fg & piece, bg)
         out[gone] = False
@@ -647,21 +653,20 @@ def _organs_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
     region of the stroke's own HU, told apart from the tissue's
     (:func:`sarco_app.strokes.organ_under_stroke`); none where HU cannot tell them apart.
     Lines along a plane of their own HU (:func:`_planes_under_lines`) mark only that plane.
-    Returns ``(organs, the strokes that found none)``: those are left to the geometric rule
-    (:func:`_remove_marked`), which would take the wall behind a big organ with it."""
+    Returns ``(organs, the strokes that found one)``."""
     organs = np.zeros_like(answer)
+    found = np.zeros_like(bg)
     if not bg.any() or not answer.any():
-        return organs, bg
+        return organs, found
     planes_left = _planes_under_lines(answer & ~bg, bg, hu)[1]
     labels, count = ndi.label(planes_left, structure=np.ones((3, 3), bool))
-    left = bg.copy()
     for k in range(1, count + 1):
         stroke = labels == k
         organ = strokes.organ_under_stroke(answer, stroke, hu, spacing, keep=fg)
         if organ.any():
             organs |= organ
-            left &= ~stroke
-    return organs, left
+            found |= stroke
+    return organs, found
 
 
 def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -693,8 +698,9 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]
             answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
     # A stroke on an organ of its own HU glued to the tissue takes the whole organ; merge gets
     # it as background, so its geodesic split cannot hand the organ's rim back to the tissue.
-    organs, other_bg = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
-    answer = _remove_marked(answer, inp.fg, other_bg, inp.spacing, inp.hu) & ~organs & ~inp.bg
+    organs, organ_strokes = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
+    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu,
+                            organ_strokes=organ_strokes) & ~organs
     return answer | (inp.fg & region), organs
 
 
