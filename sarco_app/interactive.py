@@ -34,6 +34,12 @@ whole region when it lies within the stroke's geodesic reach, else the reach cut
 (:func:`_stroke_part`) — and a region with both kinds is split geodesically between them. That
 is what separates muscle from a bowel loop of the same HU that touches it, without taking the
 muscle behind the contact.
+
+For muscle a stroke also stands for the region of its own HU (:mod:`sarco_app.strokes`): a
+background stroke on an organ the label took for muscle (liver, spleen or kidney pressed against the
+muscle wall, glued along a long contact that is no neck) removes the whole organ where its HU
+differs from the muscle's, and a foreground stroke on missed muscle adds the connected piece of
+its HU. Where HU cannot tell an organ from the muscle the geometric rule above decides alone.
 """
 
 from __future__ import annotations
@@ -677,9 +683,9 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     strokes correct a stored label such as the network's proposal). Foreground scribbles add the regions of the proposal they touch (even
     where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`;
     big ones only near the stroke, :func:`_add_touched`); background scribbles remove the
-    regions they mark (:func:`_remove_marked`) and the organs of their own HU they lie in
-    (:func:`_organs_marked`). Returns ``(answer, organs)``: the organs go to :func:`merge` as
-    background too.
+    regions they mark (:func:`_remove_marked`) and, for muscle, the organs of their own HU they
+    lie in (:func:`_organs_marked`; foreground strokes then also add the muscle piece of their
+    HU). Returns ``(answer, organs)``: the organs go to :func:`merge` as background too.
     """
     region = _region(inp)
     candidate = _clean(proposal & region, inp.tissue, inp.spacing)
@@ -693,12 +699,16 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         answer |= inp.current == inp.tissue
     if inp.fg.any():
         if answer.any():
-            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg, hu=inp.hu)
+            # Organs and muscle pieces are soft tissue: the HU region rules are for muscle.
+            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg,
+                                   hu=inp.hu if inp.tissue == MUSCLE else None)
         else:  # scribbles only: the regions they touch are the answer
             answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
-    # A stroke on an organ of its own HU glued to the tissue takes the whole organ; merge gets
-    # it as background, so its geodesic split cannot hand the organ's rim back to the tissue.
-    organs, organ_strokes = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
+    # A stroke on an organ of its own HU glued to the muscle takes the whole organ; merge gets
+    # it as background, so its geodesic split cannot hand the organ's rim back to the muscle.
+    organs, organ_strokes = np.zeros_like(answer), None
+    if inp.tissue == MUSCLE:
+        organs, organ_strokes = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
     answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu,
                             organ_strokes=organ_strokes) & ~organs
     return answer | (inp.fg & region), organs
