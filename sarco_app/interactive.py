@@ -697,18 +697,19 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         answer |= ndi.binary_dilation(answer, structure=np.ones((3, 3), bool)) & candidate & ~_skin_or_outside(inp)
     elif inp.editing:
         answer |= inp.current == inp.tissue
-    if inp.fg.any():
-        if answer.any():
-            # Organs and muscle pieces are soft tissue: the HU region rules are for muscle.
-            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg,
-                                   hu=inp.hu if inp.tissue == MUSCLE else None)
-        else:  # scribbles only: the regions they touch are the answer
-            answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
     # A stroke on an organ of its own HU glued to the muscle takes the whole organ; merge gets
     # it as background, so its geodesic split cannot hand the organ's rim back to the muscle.
+    # Organs and muscle pieces are soft tissue: the HU region rules are for muscle.
     organs, organ_strokes = np.zeros_like(answer), None
     if inp.tissue == MUSCLE:
         organs, organ_strokes = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
+    if inp.fg.any():
+        if answer.any():
+            # A removed organ is neither added back nor crossed by a foreground stroke.
+            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg | organs,
+                                   hu=inp.hu if inp.tissue == MUSCLE else None)
+        else:  # scribbles only: the regions they touch are the answer
+            answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
     answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu,
                             organ_strokes=organ_strokes) & ~organs
     return answer | (inp.fg & region), organs

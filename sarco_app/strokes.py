@@ -40,7 +40,8 @@ BAND_SPREADS = 3.0
 #: ... and never narrower than this (HU).
 MIN_BAND_HU = 8.0
 #: The organ's HU must differ from the rest of the labelled tissue by at least this many
-#: spreads (the larger of the two) for the HU to say where the organ ends.
+#: spreads (the root mean square of the two: real muscle is far less homogeneous than an organ)
+#: for the HU to say where the organ ends.
 MIN_SEPARATION_SPREADS = 1.5
 #: The tissue's own HU is read this far (mm) inside its label (borders are partial volume).
 RIM_MM = 2.0
@@ -52,8 +53,11 @@ MIN_REST_SHARE = 0.25
 #: muscle only through such a bridge does not continue into it.
 CONTACT_MM = 2.0
 #: A foreground stroke's HU band is at least this wide on each side (HU): muscle is less
-#: homogeneous than an organ (fibres, fat specks).
+#: homogeneous than an organ (fibres, fat specks) ...
 MIN_FG_BAND_HU = 15.0
+#: ... and at most this wide: a stroke across muscle and a vessel or fat speck would otherwise
+#: spread its band over every soft tissue (liver, spleen, kidney).
+MAX_FG_BAND_HU = 25.0
 
 
 def _disk(radius_mm: float, spacing) -> np.ndarray:
@@ -173,7 +177,7 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
         # Most of the tissue has the stroke's HU: HU does not say where the organ ends.
         return empty
     rest_hu, rest_spread = robust_stats(smooth[rest])
-    if abs(rest_hu - organ_hu) < MIN_SEPARATION_SPREADS * max(organ_spread, rest_spread):
+    if abs(rest_hu - organ_hu) < MIN_SEPARATION_SPREADS * np.hypot(organ_spread, rest_spread) / np.sqrt(2):
         # The stroke's HU is the tissue's own: HU does not say where the organ ends.
         return empty
     # The border between the two lies half-way in HU, where the smoothing mixed them equally
@@ -228,10 +232,10 @@ def piece_under_stroke(candidate: np.ndarray, stroke: np.ndarray, hu: np.ndarray
     Returns
     -------
     (X, Y) bool: the pixels of ``candidate`` connected to the stroke whose smoothed HU lies
-    within the stroke's band (median +- max(:data:`BAND_SPREADS` spreads,
-    :data:`MIN_FG_BAND_HU`)), cut at contacts thinner than ``2 * CONTACT_MM`` mm, grown into
-    the candidate's blurred rim (:func:`grow_into_rim`) where the unsmoothed HU lies in the
-    stroke's unsmoothed band.
+    within the stroke's band (median +- :data:`BAND_SPREADS` spreads, at least
+    :data:`MIN_FG_BAND_HU` and at most :data:`MAX_FG_BAND_HU`), cut at contacts thinner than
+    ``2 * CONTACT_MM`` mm, grown into the candidate's blurred rim (:func:`grow_into_rim`) where
+    the unsmoothed HU lies in the stroke's unsmoothed band.
     """
     candidate = np.asarray(candidate, bool)
     stroke = np.asarray(stroke, bool)
@@ -249,7 +253,7 @@ def piece_under_stroke(candidate: np.ndarray, stroke: np.ndarray, hu: np.ndarray
     smooth = smooth_hu(np.asarray(hu)[box], spacing)
     under = stroke_b & (comp | ~np.asarray(candidate, bool)[box])
     centre, spread = robust_stats(smooth[under if under.any() else stroke_b])
-    band = max(BAND_SPREADS * spread, MIN_FG_BAND_HU)
+    band = min(max(BAND_SPREADS * spread, MIN_FG_BAND_HU), MAX_FG_BAND_HU)
     similar = comp & (np.abs(smooth - centre) <= band)
     seeds = ndi.binary_dilation(stroke_b, structure=EIGHT) & similar
     labels, _ = ndi.label(similar, structure=EIGHT)
@@ -259,7 +263,7 @@ def piece_under_stroke(candidate: np.ndarray, stroke: np.ndarray, hu: np.ndarray
     # Into the rim only where the unsmoothed HU is the stroke's (not a touching organ's rim).
     raw = np.asarray(hu, dtype=np.float32)[box]
     raw_centre, raw_spread = robust_stats(raw[under if under.any() else stroke_b])
-    raw_band = max(BAND_SPREADS * raw_spread, MIN_FG_BAND_HU)
+    raw_band = max(BAND_SPREADS * raw_spread, MIN_FG_BAND_HU)  # raw CT noise: no upper cap
     region = grow_into_rim(region, comp & (np.abs(raw - raw_centre) <= raw_band), spacing)
     out = empty.copy()
     out[box] = region
