@@ -10,11 +10,12 @@ The liver is found from HU alone: the largest soft-tissue region (smoothed HU 40
 a 5 mm disk, deeper than 15 mm in the body, not muscle or SAT) on the patient's right, narrowed to its own HU band (median
 +- 3 robust spreads). The simulated annotator (``simulate_annotator.next_scribble``, taking
 the model's muscle as the truth) then paints one background stroke in the largest wrong
-region, and ``back_projection`` edits the label with it.
+region, and ``back_projection`` edits the label with it; then up to ``--strokes`` strokes in
+all, each in the largest wrong region left, as in the phantom study.
 
-Prints, per scan, the liver pixels added, the share of them removed by the stroke, the model's
-muscle pixels lost, and the muscle IoU against the model label before and after; writes a PNG
-(model label | failure + stroke | after the stroke) per scan.
+Prints, per scan, the liver pixels added, the share of them removed by the first stroke, the
+model's muscle pixels lost, and the muscle IoU against the model label before and after it and
+after each stroke; writes one PNG (per scan: model label | failure + first stroke | after it).
 
 Usage::
 
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "real"))
     parser.add_argument("--reach-mm", type=float, default=20.0)
+    parser.add_argument("--strokes", type=int, default=3, help="strokes of the simulated annotator")
     parser.add_argument("--out", default=str(ROOT / "docs" / "organ_strokes_real"))
     args = parser.parse_args(argv)
 
@@ -103,10 +105,23 @@ def main(argv=None) -> int:
         added = liver & near & in_range & ~model_muscle & (model_label == 0)
         failure = model_label.copy()
         failure[added] = MUSCLE
-        kind, stroke = next_scribble(failure == MUSCLE, model_muscle, spacing)
-        after = interactive.back_projection(hu, "muscle", bg=stroke if kind == "bg" else None,
-                                            fg=stroke if kind == "fg" else None,
-                                            current=failure, spacing=spacing)
+        # Strokes as in the phantom study: each in the largest wrong region, accumulating.
+        fg, bg = np.zeros(hu.shape, bool), np.zeros(hu.shape, bool)
+        pred, ious, first = failure == MUSCLE, [], None
+        for _ in range(args.strokes):
+            found = next_scribble(pred, model_muscle, spacing)
+            if found is None:
+                break
+            kind, stroke = found
+            (fg if kind == "fg" else bg)[stroke] = True
+            (bg if kind == "fg" else fg)[stroke] = False
+            label = interactive.back_projection(hu, "muscle", fg=fg, bg=bg, current=failure,
+                                                spacing=spacing)
+            pred = label == MUSCLE
+            ious.append(interactive.iou(pred, model_muscle))
+            if first is None:
+                first = (kind, stroke, label)
+        kind, stroke, after = first
         muscle_after = after == MUSCLE
         removed = np.count_nonzero(added & ~muscle_after)
         lost = np.count_nonzero(model_muscle & ~muscle_after & ~stroke)
@@ -117,7 +132,8 @@ def main(argv=None) -> int:
               f"{np.count_nonzero(stroke)} px removed {100.0 * removed / max(np.count_nonzero(added), 1):.1f} % "
               f"of it; model muscle lost {lost * cm2:.2f} cm2; muscle IoU vs model "
               f"{interactive.iou(failure == MUSCLE, model_muscle):.3f} -> "
-              f"{interactive.iou(muscle_after, model_muscle):.3f}")
+              f"{interactive.iou(muscle_after, model_muscle):.3f}; after each of up to "
+              f"{args.strokes} strokes: {', '.join(f'{v:.3f}' for v in ious)}")
         panels.append((name, hu, spacing, model_label, failure, stroke, after))
 
     if not panels:
