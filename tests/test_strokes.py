@@ -94,14 +94,14 @@ def test_foreground_stroke_keeps_and_blocks():
 
 
 def missed_muscle_piece(seed: int = 0):
-    """:func:`synthetic_slice` with a psoas-like muscle (radius 10 px) beside the vertebra that
-    the label missed, and an organ of other HU (kidney, 130 HU) touching it.
-    Returns (hu, truth, piece, organ, stored)."""
+    """:func:`synthetic_slice` with an elongated muscle (60 x 12 px, 90 x 18 mm, like a psoas or
+    quadratus cut obliquely) that the label missed, and an organ of other HU (a kidney, 130 HU)
+    touching it. Returns (hu, truth, piece, organ, stored)."""
     hu, truth = synthetic_slice(bowel=False, seed=seed)
     nx, ny = truth.shape
     x, y = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
-    piece = ((x - (nx / 2 + 22)) ** 2 + (y - (ny / 2 + 18)) ** 2 <= 10**2) & (truth == VAT)
-    organ = ((x - (nx / 2 + 22)) ** 2 + (y - (ny / 2 - 2)) ** 2 <= 11**2) & (truth == VAT) & ~piece
+    piece = (((x - nx / 2) / 30.0) ** 2 + ((y - (ny / 2 + 12)) / 6.0) ** 2 <= 1) & (truth == VAT)
+    organ = (((x - nx / 2) / 14.0) ** 2 + ((y - (ny / 2 - 4)) / 11.0) ** 2 <= 1) & (truth == VAT) & ~piece
     rng = np.random.default_rng(seed + 2)
     hu[piece] = 45 + rng.normal(0, 8, int(piece.sum()))
     hu[organ] = 130 + rng.normal(0, 8, int(organ.sum()))
@@ -125,7 +125,8 @@ def test_missed_muscle_piece_is_added_by_one_stroke_without_the_organ_it_touches
     assert np.count_nonzero(added & piece) > 0.9 * piece.sum()
     assert not (added & organ).any()
     assert np.count_nonzero(added & ~piece) < 0.1 * piece.sum()
-    # Through the tool: the stored label gets the whole piece, not a disk around the stroke.
+    # Through the tool: the stored label gets the whole piece, not the stroke's reach (the
+    # geometric rule alone added an eighth of it).
     out = interactive.back_projection(hu, "muscle", fg=stroke, current=stored, spacing=SPACING)
     assert np.count_nonzero(out[piece] == MUSCLE) > 0.9 * piece.sum()
     assert np.count_nonzero(out[organ] == MUSCLE) == 0
