@@ -36,10 +36,11 @@ is what separates muscle from a bowel loop of the same HU that touches it, witho
 muscle behind the contact.
 
 For muscle a stroke also stands for the region of its own HU (:mod:`sarco_app.strokes`): a
-background stroke on an organ the label took for muscle (liver, spleen or kidney pressed against the
-muscle wall, glued along a long contact that is no neck) removes the whole organ where its HU
-differs from the muscle's, and a foreground stroke on missed muscle adds the connected piece of
-its HU. Where HU cannot tell an organ from the muscle the geometric rule above decides alone.
+background stroke on an organ the label took for muscle (liver, spleen or kidney pressed
+against the muscle wall, glued along a long contact that is no neck) removes the whole organ
+where its HU differs from the muscle's, and a foreground stroke on missed muscle adds the
+connected piece of its HU. Where HU cannot tell an organ from the muscle the geometric rule
+above decides alone.
 """
 
 from __future__ import annotations
@@ -644,9 +645,10 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
             continue
         piece = pieces == piece_id
         gone = _stroke_part(piece, bg, spacing, blocked=fg)
-        if (organ_strokes is not None and (piece & ~gone).any()
-                and not (piece & ndi.binary_dilation(bg & ~organ_strokes, structure=np.ones((3, 3), bool))).any()):
-            continue
+        if organ_strokes is not None and (piece & ~gone).any():
+            others = ndi.binary_dilation(bg & ~organ_strokes, structure=np.ones((3, 3), bool))
+            if not (piece & others).any():
+                continue
         if (piece & fg).any():
             gone &= ~_split(piece | bg, fg & piece, bg)
         out[gone] = False

@@ -8,15 +8,16 @@ geodesic reach nor a cut at a neck removes it in one go. These functions find th
 stroke stands for from the HU under the stroke itself:
 
 * :func:`organ_under_stroke` -- a background stroke on a wrongly labelled organ: the region of
-  the labelled tissue whose (lightly smoothed) HU matches the stroke's HU better than the rest of
-  the labelled tissue does, connected to the stroke, cut at thin contacts, holes filled. An
-  organ whose HU cannot be told from the tissue it is glued to gives an empty result, and the
-  caller falls back to its geometric rule.
+  the labelled tissue whose (lightly smoothed) HU is nearer the stroke's HU than the rest of
+  the labelled tissue's, connected to the stroke, cut at thin contacts, its border placed on
+  the steepest HU edge nearby (scikit-image marker watershed), holes filled. An organ whose HU
+  cannot be told from the tissue it is glued to gives an empty result, and the caller falls
+  back to its geometric rule.
 * :func:`piece_under_stroke` -- a foreground stroke on missed tissue: the connected region of
   candidate pixels within the stroke's HU band, cut at thin contacts.
 
 All arrays are 2D ``(X, Y)`` in canonical order; spacing is ``(sx, sy)`` in mm; HU are Hounsfield
-units. No server imports: plain numpy / scipy.ndimage / OpenCV.
+units. No server imports: plain numpy / scipy.ndimage / scikit-image / OpenCV.
 """
 
 from __future__ import annotations
@@ -150,9 +151,10 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
     band: median +- max(:data:`BAND_SPREADS` spreads, :data:`MIN_BAND_HU`)), cut at contacts
     thinner than ``2 * CONTACT_MM`` mm; its border then placed on the steepest HU edge within
     ``2 * SMOOTH_MM`` of it (marker watershed on the gradient of the image smoothed by
-    :data:`EDGE_SMOOTH_MM`), with the holes it encloses in ``tissue`` filled. Empty when the stroke's median HU is within
-    :data:`MIN_SEPARATION_SPREADS` spreads of the tissue's (HU cannot say where the organ
-    ends; the caller's geometric rule decides).
+    :data:`EDGE_SMOOTH_MM`), with the holes it encloses in ``tissue`` filled. Empty when the
+    stroke's median HU is within :data:`MIN_SEPARATION_SPREADS` spreads (root mean square of
+    the two) of the tissue's, or when the stroke's HU band holds most of the tissue (HU cannot
+    say where the organ ends; the caller's geometric rule decides).
     """
     tissue = np.asarray(tissue, bool)
     stroke = np.asarray(stroke, bool)
@@ -177,7 +179,8 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
         # Most of the tissue has the stroke's HU: HU does not say where the organ ends.
         return empty
     rest_hu, rest_spread = robust_stats(smooth[rest])
-    if abs(rest_hu - organ_hu) < MIN_SEPARATION_SPREADS * np.hypot(organ_spread, rest_spread) / np.sqrt(2):
+    spread = float(np.sqrt((organ_spread**2 + rest_spread**2) / 2.0))
+    if abs(rest_hu - organ_hu) < MIN_SEPARATION_SPREADS * spread:
         # The stroke's HU is the tissue's own: HU does not say where the organ ends.
         return empty
     # The border between the two lies half-way in HU, where the smoothing mixed them equally
@@ -186,11 +189,9 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
     labels, _ = ndi.label(nearer, structure=EIGHT)
     hit = np.unique(labels[on_tissue & nearer])
     nearer = np.isin(labels, hit[hit > 0])
-    box = _bounding_box(nearer | stroke, 2)
-    similar, stroke_b, smooth, comp = nearer[box], stroke[box], smooth[box], allowed[box]
-    labels, _ = ndi.label(similar, structure=EIGHT)
-    hit = np.unique(labels[stroke_b & similar])
-    region = np.isin(labels, hit[hit > 0])
+    # Crop around it, with room for the border to move by the smoothing's reach.
+    box = _bounding_box(nearer | stroke, int(np.ceil(2.0 * SMOOTH_MM / min(spacing))) + 2)
+    region, stroke_b, comp = nearer[box], stroke[box], allowed[box]
     region = cut_thin_contacts(region, stroke_b & region, spacing)
     if not region.any():
         return empty
