@@ -34,6 +34,13 @@ whole region when it lies within the stroke's geodesic reach, else the reach cut
 (:func:`_stroke_part`) — and a region with both kinds is split geodesically between them. That
 is what separates muscle from a bowel loop of the same HU that touches it, without taking the
 muscle behind the contact.
+
+For muscle a stroke also stands for the region of its own HU (:mod:`sarco_app.strokes`): a
+background stroke on an organ the label took for muscle (liver, spleen or kidney pressed
+against the muscle wall, glued along a long contact that is no neck) removes the whole organ
+where its HU differs from the muscle's, and a foreground stroke on missed muscle adds the
+connected piece of its HU. Where HU cannot tell an organ from the muscle the geometric rule
+above decides alone.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import segmentation
 
-from sarco_app import threshold
+from sarco_app import strokes, threshold
 from sarco_app.errors import SarcoError
 from sarco_app.labels import FAT_HU, IMAT, MUSCLE, MUSCLE_HU, NAMES, SAT, VAT, tissue_value
 
@@ -549,10 +556,12 @@ def _stroke_part_in_box(piece: np.ndarray, stroke: np.ndarray, spacing,
 
 
 def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spacing,
-                 bg: np.ndarray | None = None) -> np.ndarray:
+                 bg: np.ndarray | None = None, hu: np.ndarray | None = None) -> np.ndarray:
     """Regions (:func:`_pieces`) of ``candidate`` outside ``answer`` that foreground scribbles
     touch: each whole when it lies within the stroke's reach, else the part within that reach
-    (:func:`_stroke_part`)."""
+    (:func:`_stroke_part`). With ``hu``, each stroke also adds the piece of its own HU it lies
+    in, cut at thin contacts (:func:`sarco_app.strokes.piece_under_stroke`): a missed muscle
+    comes whole, not as the stroke's reach."""
     pieces = _pieces(candidate & ~answer, spacing)
     near_fg = ndi.binary_dilation(fg, structure=np.ones((3, 3), bool))
     added = np.zeros_like(answer)
@@ -561,6 +570,11 @@ def _add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spac
             continue
         piece = pieces == piece_id
         added |= _stroke_part(piece, fg & near_fg, spacing, blocked=bg)
+    if hu is not None:
+        labels, count = ndi.label(fg, structure=np.ones((3, 3), bool))
+        for k in range(1, count + 1):
+            added |= strokes.piece_under_stroke(candidate & ~answer, labels == k, hu, spacing,
+                                                blocked=bg)
     return added
 
 
@@ -600,7 +614,8 @@ def _planes_under_lines(answer: np.ndarray, bg: np.ndarray, hu: np.ndarray) -> t
 
 
 def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
-                   hu: np.ndarray | None = None) -> np.ndarray:
+                   hu: np.ndarray | None = None,
+                   organ_strokes: np.ndarray | None = None) -> np.ndarray:
     """``answer`` without what background scribbles mark.
 
     With ``hu``, a thin line along a plane of distinct HU takes only that plane
@@ -610,7 +625,9 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
     in a bowel loop glued to a big muscle does not take the muscle with it (the old rule took
     any region under a quarter of the answer, which at 512x512 took a whole psoas with a bowel
     loop). Foreground scribbles are never crossed, and a region holding them too is split
-    geodesically between the two kinds.
+    geodesically between the two kinds. A region touched only by ``organ_strokes`` (strokes
+    whose organ :func:`_organs_marked` found) goes only when it is taken whole: cut back at a
+    neck it would be the wall behind a big organ, and the organ's HU says where that ends.
     """
     answer = answer & ~bg
     if not bg.any() or not answer.any():
@@ -628,13 +645,39 @@ def _remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
             continue
         piece = pieces == piece_id
         gone = _stroke_part(piece, bg, spacing, blocked=fg)
+        if organ_strokes is not None and (piece & ~gone).any():
+            others = ndi.binary_dilation(bg & ~organ_strokes, structure=np.ones((3, 3), bool))
+            if not (piece & others).any():
+                continue
         if (piece & fg).any():
             gone &= ~_split(piece | bg, fg & piece, bg)
         out[gone] = False
     return out
 
 
-def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
+def _organs_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
+                   hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The organs background strokes mark inside ``answer``: for each stroke (8-connected) the
+    region of the stroke's own HU, told apart from the tissue's
+    (:func:`sarco_app.strokes.organ_under_stroke`); none where HU cannot tell them apart.
+    Lines along a plane of their own HU (:func:`_planes_under_lines`) mark only that plane.
+    Returns ``(organs, the strokes that found one)``."""
+    organs = np.zeros_like(answer)
+    found = np.zeros_like(bg)
+    if not bg.any() or not answer.any():
+        return organs, found
+    planes_left = _planes_under_lines(answer & ~bg, bg, hu)[1]
+    labels, count = ndi.label(planes_left, structure=np.ones((3, 3), bool))
+    for k in range(1, count + 1):
+        stroke = labels == k
+        organ = strokes.organ_under_stroke(answer, stroke, hu, spacing, keep=fg)
+        if organ.any():
+            organs |= organ
+            found |= stroke
+    return organs, found
+
+
+def _refine(inp: _Inputs, proposal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Apply the tissue rules, the connected-region rule and the scribbles to a raw proposal.
 
     With a rectangle, the anatomy-allowed part of the proposal (see :func:`_tissue_rules`) is
@@ -642,7 +685,9 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
     strokes correct a stored label such as the network's proposal). Foreground scribbles add the regions of the proposal they touch (even
     where the anatomy rule said no; regions are separated at thin contacts, :func:`_pieces`;
     big ones only near the stroke, :func:`_add_touched`); background scribbles remove the
-    regions they mark (:func:`_remove_marked`).
+    regions they mark (:func:`_remove_marked`) and, for muscle, the organs of their own HU they
+    lie in (:func:`_organs_marked`; foreground strokes then also add the muscle piece of their
+    HU). Returns ``(answer, organs)``: the organs go to :func:`merge` as background too.
     """
     region = _region(inp)
     candidate = _clean(proposal & region, inp.tissue, inp.spacing)
@@ -654,13 +699,22 @@ def _refine(inp: _Inputs, proposal: np.ndarray) -> np.ndarray:
         answer |= ndi.binary_dilation(answer, structure=np.ones((3, 3), bool)) & candidate & ~_skin_or_outside(inp)
     elif inp.editing:
         answer |= inp.current == inp.tissue
+    # A stroke on an organ of its own HU glued to the muscle takes the whole organ; merge gets
+    # it as background, so its geodesic split cannot hand the organ's rim back to the muscle.
+    # Organs and muscle pieces are soft tissue: the HU region rules are for muscle.
+    organs, organ_strokes = np.zeros_like(answer), None
+    if inp.tissue == MUSCLE:
+        organs, organ_strokes = _organs_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
     if inp.fg.any():
         if answer.any():
-            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg)
+            # A removed organ is neither added back nor crossed by a foreground stroke.
+            answer |= _add_touched(answer, candidate, inp.fg, inp.spacing, bg=inp.bg | organs,
+                                   hu=inp.hu if inp.tissue == MUSCLE else None)
         else:  # scribbles only: the regions they touch are the answer
             answer |= _touched(_pieces(candidate, inp.spacing), inp.fg)
-    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu)
-    return answer | (inp.fg & region)
+    answer = _remove_marked(answer, inp.fg, inp.bg, inp.spacing, inp.hu,
+                            organ_strokes=organ_strokes) & ~organs
+    return answer | (inp.fg & region), organs
 
 
 def _skin_or_outside(inp: _Inputs) -> np.ndarray:
@@ -823,8 +877,8 @@ def back_projection(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | N
         # Only HU values far more typical of the background are vetoed: tissues of similar HU
         # (muscle and bowel) are separated spatially instead.
         proposal &= ~(bg_like > 4.0 * likelihood + 0.05)
-    mask = _refine(inp, proposal)
-    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg, roi=inp.roi))
+    mask, organs = _refine(inp, proposal)
+    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg | organs, roi=inp.roi))
 
 
 def window_to_uint8(hu: np.ndarray, window: Sequence[float]) -> np.ndarray:
@@ -918,8 +972,8 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
     proposal[x0:x1, y0:y1] = raw.T
     # GrabCut's smoothness term may pull in a rim of other HU; the tissue's range still holds.
     proposal &= in_range | inp.fg
-    mask = _refine(inp, proposal)
-    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg, roi=inp.roi))
+    mask, organs = _refine(inp, proposal)
+    return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg | organs, roi=inp.roi))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

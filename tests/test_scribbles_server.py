@@ -18,6 +18,7 @@ from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_interactive import bowel_loop, muscle_plane, synthetic_slice  # noqa: E402
+from test_strokes import organ_against_wall, stroke_in  # noqa: E402
 
 BG, FG = len(LABELS) + 1, len(LABELS) + 2  # MONAI Label's scribble values for 4 labels
 SPACING = (1.5, 1.5)
@@ -47,6 +48,13 @@ def studies(tmp_path_factory):
                root / "labels" / "final" / "withplane.nii.gz")
     np.save(root.parent / "plane_line.npy", line)
     np.save(root.parent / "plane_truth.npy", plane_truth)
+    # A slice whose stored label took an organ glued to the muscle wall as muscle.
+    organ_hu, organ_truth, organ, organ_stored = organ_against_wall(organ_hu=80.0, seed=5)
+    organ_image = make_image(organ_hu, SPACING)
+    save_image(organ_image, root / "withorgan.nii.gz")
+    save_label(organ_stored, organ_image, root / "labels" / "final" / "withorgan.nii.gz")
+    np.save(root.parent / "organ_truth.npy", organ_truth)
+    np.save(root.parent / "organ.npy", organ)
     # A 3-slice volume whose middle slice is the phantom.
     vol = np.stack([np.full_like(hu, -1000), hu, np.full_like(hu, -1000)], axis=2)
     save_image(make_image(vol, SPACING + (5.0,)), root / "vol.nii.gz")
@@ -150,6 +158,21 @@ def test_background_stroke_edits_the_stored_label(server, studies, truth):
                  _nifti_bytes(scribbles, studies / "withloop.nii.gz"))
     label = _label(res, studies / "withloop.nii.gz")
     assert np.count_nonzero(label[wrong] == MUSCLE) < 0.1 * wrong.sum()
+    assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
+
+
+@pytest.mark.parametrize("model", ["backprojection", "grabcut"])
+def test_one_background_stroke_removes_an_organ_glued_to_the_wall(server, studies, model):
+    """The real-CT failure: the stored label took an organ pressed against the muscle wall as
+    muscle; one short background stroke in it removes the whole organ and keeps the wall."""
+    truth = np.load(studies.parent / "organ_truth.npy")
+    organ = np.load(studies.parent / "organ.npy")
+    scribbles = np.where(stroke_in(organ), BG, 0).astype(np.uint8)
+    assert np.count_nonzero(scribbles) < 0.1 * organ.sum()
+    res = _infer(server, model, "withorgan", {"tissue": "muscle"},
+                 _nifti_bytes(scribbles, studies / "withorgan.nii.gz"))
+    label = _label(res, studies / "withorgan.nii.gz")
+    assert np.count_nonzero(label[organ] == MUSCLE) < 0.05 * organ.sum()
     assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
 
 
