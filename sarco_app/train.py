@@ -106,6 +106,9 @@ class TrainConfig:
     # Predict the organ classes too (labels.ORGAN_NAMES), learned where samples have organ maps; a
     # five-class initial model gets the extra output channels (network.add_organ_classes).
     organ_classes: bool = False
+    # Also write every epoch's network here (the best by validation Dice still goes to the output):
+    # phantom validation Dice cannot see every change that matters on real CT.
+    last_path: str | None = None
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
@@ -524,6 +527,9 @@ def train(
         elapsed = time.time() - t0
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dice": dice, "seconds": round(elapsed, 1)})
         improved = score > best["score"]
+        if config.last_path:
+            save_checkpoint(model, config.last_path, meta=dict(meta_base, epoch=epoch, val_dice=dice,
+                                                               seconds=round(elapsed, 1), iterations=it))
         if improved:
             best = {"score": score, "dice": dice, "epoch": epoch}
             meta = dict(meta_base, best_epoch=epoch, val_dice=dice, seconds=round(elapsed, 1), iterations=it)

@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--organ-classes", action="store_true",
                         help="also learn the phantoms' organ classes (liver, spleen, kidney, bowel, bone, diaphragm, "
                              "other); a five-class --init model gets the extra outputs")
+    parser.add_argument("--last", type=Path, default=None,
+                        help="also write the last epoch's network here (no split head), whatever its validation Dice")
     parser.add_argument("--levels", type=str, default=None,
                         help="level weights, e.g. 'L3:0.4,L1:0.15,L2:0.1,L4:0.1,T12:0.13,T11:0.12' "
                              "(default: L3 70 %%, L1/L2/L4 10 %% each)")
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
         split_head_iterations=args.split_head_iterations,
         split_head_lr=args.split_head_lr,
         organ_classes=args.organ_classes,
+        last_path=str(args.last) if args.last else None,
     )
     if args.features:
         features = [int(f) for f in args.features.split(",")]
