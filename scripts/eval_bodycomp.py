@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate the body-composition model: held-out phantoms (Dice) and real CT (HU plausibility).
 
-1. **Held-out phantoms**: seeds from a stream the training script never uses, at the clinical
+1. **Held-out phantoms** (L3): seeds from a stream the training script never uses, at the clinical
    default (0.6-1.0 mm, 512 matrix) and at 1.5, 2.0 and 3.0 mm pixels. Dice per tissue
    (pooled over all pixels of a group, and the mean of per-case Dice) for the raw U-Net
    (``unet``), the default output, U-Net with the HU rule (``unet+hu``), and the threshold
@@ -9,6 +9,8 @@
    tissue by HU, :func:`sarco_app.labels.apply_hu_ranges`). The pooled Dice against the
    anatomical majority map (``anatomical_label``, which no thresholding protocol reproduces)
    is printed too, for comparison with models evaluated that way.
+   Then held-out upper-abdomen phantoms (``--upper`` per level T11-L2 and spacing): muscle
+   Dice, muscle area error, and the organ and diaphragm area labelled muscle (the real-CT failure).
 2. **Real CT** in ``../shared/data/real`` (no tissue labels): the L3 slice of ``ct_lower.nii.gz``
    (z = 73, 3 mm pixels), the 3 dcmqi slices and the 20-slice DICOM series. Printed: the fraction
    of predicted muscle pixels inside -29..150 HU and of SAT / VAT pixels inside -190..-30 HU for
@@ -180,6 +182,44 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_bas
     for m in methods:
         print(f"  {m:10s} " + " ".join(f"{t} {fmt(np.mean(c) if c else None)}" for t, c in every_case[m].items())
               + " | " + " ".join(f"{t} {fmt(min(c) if c else None)}" for t, c in every_case[m].items()))
+
+
+UPPER_SEED = 990_000
+UPPER_LEVELS = ("T11", "T12", "L1", "L2")
+
+
+def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED) -> None:
+    """Held-out upper-abdomen phantoms (T11-L2, clinical and 3 mm pixels), the levels where real
+    CT labels organs against the wall as muscle: default output's muscle Dice (pooled), muscle
+    area error per case, and the area (cm² per slice) of solid organs (liver, spleen, kidney,
+    bowel, other) and of the diaphragm labelled muscle."""
+    if per_group <= 0:
+        return
+    print(f"\n== held-out upper-abdomen phantoms ({per_group} per group, seeds from {seed_base}; default output) ==")
+    diaphragm = L.ORGAN_NAMES.index("diaphragm") + 1
+    for g, level in enumerate(UPPER_LEVELS):
+        for spacing, size in ((None, 512), (3.0, 140)):
+            inter = total = 0
+            errors, organ_fp, diaphragm_fp = [], [], []
+            for i in range(per_group):
+                seed = seed_base + 100 * g + i + (50 if spacing else 0)
+                ph = generate(seed, level=level, size=size, **({"spacing_mm": spacing} if spacing else {}))
+                out = segment_volume(ph.hu, ph.spacing, method="unet", model=model).label
+                p, t = out == L.MUSCLE, ph.label == L.MUSCLE
+                inter += int((p & t).sum())
+                total += int(p.sum() + t.sum())
+                px = ph.spacing[0] * ph.spacing[1] / 100.0
+                errors.append(float(p.sum() / max(int(t.sum()), 1) - 1.0))
+                organ_fp.append(float((p & (ph.organ_label > 0) & (ph.organ_label != diaphragm)).sum() * px))
+                diaphragm_fp.append(float((p & (ph.organ_label == diaphragm)).sum() * px))
+                rows.append({"set": "upper", "group": f"{level} {'clinical' if spacing is None else '3 mm'}",
+                             "case": f"seed {seed}", "method": "unet+hu", "spacing_mm": round(ph.spacing[0], 3),
+                             "dice_muscle": round(dice_per_tissue(out, ph.label)["muscle"] or 0.0, 4),
+                             "muscle_area_error": round(errors[-1], 4), "organ_as_muscle_cm2": round(organ_fp[-1], 2),
+                             "diaphragm_as_muscle_cm2": round(diaphragm_fp[-1], 2)})
+            print(f"  {level:3s} {'clinical' if spacing is None else '3 mm':8s} muscle Dice {2 * inter / total:.4f}; "
+                  f"area error mean {100 * np.mean(errors):+.1f} %, worst {100 * max(errors, key=abs):+.1f} %; "
+                  f"organs as muscle {np.mean(organ_fp):.2f} cm², diaphragm as muscle {np.mean(diaphragm_fp):.2f} cm²")
 
 
 def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEED) -> None:
@@ -418,6 +458,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED,
                         help="first held-out seed (another stream, e.g. 888000, checks choices made on the default)")
     parser.add_argument("--like-real", type=int, default=6, help="phantoms made like the real L3 slice")
+    parser.add_argument("--upper", type=int, default=8,
+                        help="held-out phantoms per upper-abdomen level (T11-L2) and spacing (clinical, 3 mm)")
     parser.add_argument("--plausibility-phantoms", type=int, default=24,
                         help="L1/L2 phantoms for the plausibility measures against known truth (part 3)")
     parser.add_argument("--real-only", action="store_true",
@@ -444,6 +486,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     if not args.skip_phantoms:
         eval_phantoms(model, args.per_group, docs, rows, args.seed_base)
+        eval_upper(model, args.upper, rows)
         eval_like_real(model, args.like_real, rows)
     eval_real(model, docs, rows)
     eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
