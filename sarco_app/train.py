@@ -63,6 +63,7 @@ class Sample:
     label: np.ndarray  # (X, Y) uint8, sarco_app.labels values
     spacing: tuple[float, float]  # mm
     name: str = ""
+    weight: float = 1.0  # loss weight (pseudo-labels below finals, sarco_app.pseudo)
 
 
 @dataclass
@@ -402,6 +403,7 @@ def train(
                else "it is not saved with the new backbone (split_head_iterations > 0 retrains one)"))
     working = config.epochs > 0  # head-only runs never use the working-grid copies
     train_data = [to_working(s, model.spacing_mm) for s in samples] if working else []
+    train_weights = [float(s.weight) for s in samples]
     val_data = [to_working(s, model.spacing_mm) for s in list(val_samples)[: config.max_val]] if working else []
     model.network.train()
     from monai.losses import DiceCELoss
@@ -450,7 +452,16 @@ def train(
                 if config.relabel_muscle_by_hu:
                     lab = relabel_muscle_by_hu(hu, lab)
             x = encode_windows(hu, model.windows)
-            loss = loss_fn(model.network(x), lab[:, None])
+            weights = [train_weights[i] for i in idx]
+            if all(w == 1.0 for w in weights):
+                loss = loss_fn(model.network(x), lab[:, None])
+            else:
+                # Dice per sample and CE averaged over equal crops: the batch loss is the mean
+                # of per-sample losses, so weighting them keeps its scale.
+                logits = model.network(x)
+                per_sample = torch.stack([loss_fn(logits[j : j + 1], lab[j : j + 1, None]) for j in range(len(idx))])
+                w = torch.tensor(weights)
+                loss = (per_sample * w).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
