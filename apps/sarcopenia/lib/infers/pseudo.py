@@ -111,8 +111,8 @@ class PseudoBatchInfer(BatchInferTask):
         from sarco_app.pseudo import FINAL_TAG, PSEUDO_TAG, candidates
 
         if str(request.get("label_tag", "")) == FINAL_TAG:
-            raise ValueError("batch inference never writes final labels: final labels come from annotators "
-                             f"(use label_tag {PSEUDO_TAG!r} or 'original')")
+            raise http_error(400, "batch inference never writes final labels: final labels come from annotators "
+                                  f"(use label_tag {PSEUDO_TAG!r} or 'original')")
         if request.get("model") not in self.pseudo_models:
             return super().__call__(request, datastore, infer)
         with datastore_lock(datastore):
