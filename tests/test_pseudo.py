@@ -18,7 +18,7 @@ from sarco_app import pseudo
 from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
 from sarco_app.phantom import generate, write_phantom
-from sarco_app.segment import SHIPPED_MODEL_PATH
+from sarco_app.segment import SHIPPED_MODEL_PATH, get_model
 from sarco_app.train import Sample, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +146,13 @@ def test_simulate_loop_quick(tmp_path):
             assert int(r["corrected_this_round"]) >= 1 and float(r["interactions_per_image"]) >= 1
     assert int(rows[2]["corrected_total"]) == 2 * int(rows[1]["corrected_total"])
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pseudo_label_is_the_default_segmentation_output():
+    from sarco_app.segment import segment_volume
+
+    ph = generate(7300, size=128)
+    model = get_model(SHIPPED_MODEL_PATH)
+    label, confidence = pseudo.pseudo_label_volume(ph.hu, ph.spacing, model, [0])
+    assert np.array_equal(label, segment_volume(ph.hu, ph.spacing, model=model).label)
+    assert all(0 < confidence[k] <= 1 for k in ("muscle", "sat", "vat", "overall"))
