@@ -457,11 +457,11 @@ def train(
                 loss = loss_fn(model.network(x), lab[:, None])
             else:
                 # Dice per sample and CE averaged over equal crops: the batch loss is the mean
-                # of per-sample losses, so weighting them keeps its scale.
+                # of per-sample losses, so the weighted mean keeps finals' scale (a batch of
+                # pseudo-labels alone counts less, not the same).
                 logits = model.network(x)
                 per_sample = torch.stack([loss_fn(logits[j : j + 1], lab[j : j + 1, None]) for j in range(len(idx))])
-                w = torch.tensor(weights)
-                loss = (per_sample * w).sum() / w.sum()
+                loss = (per_sample * torch.tensor(weights)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -60,7 +60,7 @@ from sarco_app import pseudo  # noqa: E402
 from sarco_app.evaluate import agreement  # noqa: E402
 from sarco_app.network import DEFAULT_NETWORK  # noqa: E402
 from sarco_app.phantom import generate  # noqa: E402
-from sarco_app.segment import dice_per_tissue, get_model  # noqa: E402
+from sarco_app.segment import get_model  # noqa: E402
 from sarco_app.train import Sample, TrainConfig, train  # noqa: E402
 
 TISSUES_CORRECTED = ("muscle", "sat", "vat")
