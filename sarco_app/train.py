@@ -73,6 +73,7 @@ class Sample:
     spacing: tuple[float, float]  # mm
     name: str = ""
     organs: np.ndarray | None = None  # (X, Y) uint8 organ classes (ORGAN_NAMES position + 1), optional
+    weight: float = 1.0  # loss weight (pseudo-labels below finals, sarco_app.pseudo)
 
 
 @dataclass
@@ -456,6 +457,7 @@ def train(
     working = config.epochs > 0  # head-only runs never use the working-grid copies
     organs = bool(model.organ_classes)
     train_data = [to_working(s, model.spacing_mm, organs) for s in samples] if working else []
+    train_weights = [float(s.weight) for s in samples]
     val_data = [to_working(s, model.spacing_mm) for s in list(val_samples)[: config.max_val]] if working else []
     # Slices without an organ map are scored on the served classes only (organs = background).
     has_organs = torch.tensor([s.organs is not None and organs for s in samples]) if working else None
@@ -510,12 +512,22 @@ def train(
                     lab = relabel_muscle_by_hu(hu, lab)
             x = encode_windows(hu, model.windows)
             logits = model.network(x)
+            weights = torch.tensor([train_weights[i] for i in idx])
             with_organs = has_organs[idx] if organs else torch.zeros(len(idx), dtype=torch.bool)
-            loss = torch.zeros(())
-            if with_organs.any():
-                loss = loss + loss_fn(logits[with_organs], lab[with_organs, None]) * with_organs.float().mean()
-            if not with_organs.all():
-                loss = loss + loss_fn(tissue_logits(logits[~with_organs]), lab[~with_organs, None]) * (~with_organs).float().mean()
+            if bool((weights == 1.0).all()):
+                loss = torch.zeros(())
+                if with_organs.any():
+                    loss = loss + loss_fn(logits[with_organs], lab[with_organs, None]) * with_organs.float().mean()
+                if not with_organs.all():
+                    loss = loss + loss_fn(tissue_logits(logits[~with_organs]), lab[~with_organs, None]) * (~with_organs).float().mean()
+            else:
+                # Dice per sample and CE averaged over equal crops: the batch loss is the mean
+                # of per-sample losses, so the weighted mean keeps finals' scale (a batch of
+                # pseudo-labels alone counts less, not the same).
+                per_sample = torch.stack([
+                    loss_fn(logits[j : j + 1] if with_organs[j] else tissue_logits(logits[j : j + 1]), lab[j : j + 1, None])
+                    for j in range(len(idx))])
+                loss = (per_sample * weights).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import time
 
 import nibabel as nib
@@ -196,13 +197,14 @@ def test_fine_tune_skips_a_damaged_retrained_checkpoint(server, model_dir):
 
 
 def test_train_with_organ_classes_serves_only_tissue_values(server, model_dir):
-    # ph_a has an organ map (labels/organs/), ph_b none: one is trained on all classes, the other
-    # on the served ones.
+    # ph_a has an organ map (labels/organs/), ph_b none: a slice with one is trained on all
+    # classes, one without on the served ones (validation holds one of the two finals back).
     params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False,
               "organ_classes": "true"}
     status, log = run_training(server, params)
     assert status == "DONE", log
-    assert "1 of 2 training slices have organ maps" in log
+    counted = re.search(r"(\d+) of (\d+) training slices have organ maps", log)
+    assert counted and int(counted.group(2)) == 1 and int(counted.group(1)) in (0, 1), log
     ckpt = torch.load(model_dir / "bodycomp_unet.pt", weights_only=True)
     assert ckpt["class_names"][L.NUM_CLASSES:] == list(L.ORGAN_NAMES)
     assert ckpt["meta"]["train_config"]["organ_classes"] is True

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 # The library sits at the repository root, two levels above this app.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +19,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 import sarco_app  # noqa: E402
@@ -31,6 +33,9 @@ from lib.infers.bodycomp import BodyCompInfer  # noqa: E402
 from lib.infers.scribbles import TissueScribblesInfer  # noqa: E402
 from lib.infers.l3_locator import L3LocatorInfer  # noqa: E402
 from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
+from lib.infers.pseudo import PSEUDO_TASK, PseudoBatchInfer, PseudoLabelInfer  # noqa: E402
+from lib.activelearning import QueueStrategy, UncertaintyScorer, UncertaintyScoring  # noqa: E402
+from lib.loop_routes import loop_router  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +82,42 @@ class SarcopeniaApp(MONAILabelApp):
         infers["backprojection"] = TissueScribblesInfer("backprojection", datastore=self.datastore)
         infers["grabcut"] = TissueScribblesInfer("grabcut", datastore=self.datastore)
         infers["l3_locator"] = L3LocatorInfer()
+        infers[PSEUDO_TASK] = PseudoLabelInfer(model_paths=self.bodycomp_model_paths)
         return infers
+
+    def rounds_path(self) -> Path:
+        """The pseudo-label loop's round history, written by the trainer."""
+        return self.config.model_dir / "rounds.json"
+
+    def init_batch_infer(self) -> Callable:
+        return PseudoBatchInfer()
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        scorer = UncertaintyScorer(self.bodycomp_model_paths)
+        return {
+            "random": QueueStrategy("random", description="Random image without a final label"),
+            "first": QueueStrategy("first", description="First image (by id) without a final label"),
+            "uncertainty": QueueStrategy("uncertainty", scorer, description="Image without a final label on "
+                                         "which the current model is least certain (softmax entropy)"),
+            "pseudo_review": QueueStrategy("pseudo_review", description="Image whose pseudo-label has the "
+                                           "lowest confidence (correct it and save it as final)"),
+        }
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {"uncertainty": UncertaintyScoring(UncertaintyScorer(self.bodycomp_model_paths))}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        # The round history's routes join MONAI Label's own API (server process only).
+        server = sys.modules.get("monailabel.app")
+        if server is not None and hasattr(server, "app"):
+            server.app.include_router(loop_router(self.rounds_path))
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         trainers: Dict[str, TrainTask] = {}
         # --- trainer registrations ---
         trainers["bodycomp_unet"] = BodyCompTrainer(
-            self.config.model_dir / "bodycomp_unet.pt", init_paths=self.bodycomp_model_paths
+            self.config.model_dir / "bodycomp_unet.pt", init_paths=self.bodycomp_model_paths,
+            rounds_path=self.rounds_path(),
         )
         return trainers

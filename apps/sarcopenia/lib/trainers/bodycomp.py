@@ -18,6 +18,15 @@ bounded by ``time_limit_s``. With 0, a retrained backbone is saved without the c
 head, which would no longer fit it; ``epochs`` 0 retrains only the head, which replaces the
 current one only if its raw validation Dice is higher), ``organ_classes`` (bool: also learn the
 organ classes of ``labels/organs/`` where an image has one; the served label keeps values 0-4).
+
+Pseudo-label loop params (:mod:`sarco_app.pseudo`): ``include_pseudo`` (bool, default false: add
+the ``pseudo`` labels of images without a final label), ``pseudo_min_confidence`` (only those
+whose overall confidence is at or above it, default 0.9) and ``pseudo_weight`` (their loss weight,
+finals 1; default 0.5). A final label always wins over a pseudo-label of the same image, and
+validation uses final labels only (one in seven final images, at least one when there are two).
+Every run records a round (checkpoint id, finals and pseudo-labels used, validation Dice per
+tissue, seconds, time) in ``<model_dir>/rounds.json``: ``GET /loop/rounds`` and
+``GET /loop/learning_curve.png``.
 """
 
 from __future__ import annotations
@@ -35,10 +44,11 @@ logger = logging.getLogger(__name__)
 
 class BodyCompTrainer(TrainTask):
     def __init__(self, output_path: Path, init_paths: Sequence[Path] | Callable[[], Sequence[Path]] = (),
-                 description: str | None = None):
+                 description: str | None = None, rounds_path: Path | None = None):
         super().__init__(description or "Train the 2D body-composition U-Net on final labels (CPU)")
         self.output_path = Path(output_path)
         self._init_paths = init_paths
+        self.rounds_path = Path(rounds_path) if rounds_path else self.output_path.parent / "rounds.json"
 
     def config(self) -> dict[str, Any]:
         return {
@@ -53,6 +63,9 @@ class BodyCompTrainer(TrainTask):
             "relabel_muscle_by_hu": False,
             "split_head_iterations": 0,
             "organ_classes": False,
+            "include_pseudo": False,
+            "pseudo_min_confidence": 0.9,
+            "pseudo_weight": 0.5,
         }
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
@@ -75,8 +88,8 @@ class BodyCompTrainer(TrainTask):
         values: dict[str, Any] = {}
         problems = []
         for key in ("epochs", "iterations_per_epoch", "batch_size", "crop", "seed", "lr", "time_limit_s",
-                    "split_head_iterations"):
-            kind = float if key in ("lr", "time_limit_s") else int
+                    "split_head_iterations", "pseudo_min_confidence", "pseudo_weight"):
+            kind = float if key in ("lr", "time_limit_s", "pseudo_min_confidence", "pseudo_weight") else int
             try:
                 number = float(req[key])
                 if kind is int and not number.is_integer():
@@ -84,6 +97,10 @@ class BodyCompTrainer(TrainTask):
                 values[key] = kind(number)
             except (TypeError, ValueError):
                 problems.append(f"{key} must be {'a number' if kind is float else 'an integer'}, not {req[key]!r}")
+        if not problems and not 0 <= values["pseudo_min_confidence"] <= 1:
+            problems.append(f"pseudo_min_confidence must be in [0, 1], not {values['pseudo_min_confidence']!r}")
+        if not problems and not 0 < values["pseudo_weight"] <= 1:
+            problems.append(f"pseudo_weight must be in (0, 1], not {values['pseudo_weight']!r}")
         if problems:
             raise SarcoError("invalid training params: " + "; ".join(problems))
         config = TrainConfig(
@@ -103,11 +120,20 @@ class BodyCompTrainer(TrainTask):
         # lets check() accept epochs 0 (split head only) for a fine-tune.
         config.init_from = "the current model" if fine_tune else None
         config.check()
-        return config, fine_tune
+        loop = {"include_pseudo": as_bool(req["include_pseudo"]),
+                "min_confidence": values["pseudo_min_confidence"], "pseudo_weight": values["pseudo_weight"]}
+        return config, fine_tune, loop
 
     def stats(self) -> dict[str, Any]:
+        from sarco_app.pseudo import read_rounds
+
+        try:
+            rounds = read_rounds(self.rounds_path)
+        except Exception as exc:  # a damaged history must not break /info/
+            rounds = [{"error": str(exc)}]
+        loop = {"rounds": len(rounds), "last_round": rounds[-1] if rounds else None}
         if not self.output_path.is_file():
-            return {}
+            return {"loop": loop} if rounds else {}
         try:
             from sarco_app.network import load_checkpoint
 
@@ -116,25 +142,27 @@ class BodyCompTrainer(TrainTask):
             return {"error": str(exc)}
         return {"checkpoint": str(self.output_path), "best_epoch": meta.get("best_epoch"),
                 "val_dice": meta.get("val_dice"), "seconds": meta.get("seconds"),
-                "split_head_iterations": (meta.get("split_head") or {}).get("iterations")}
+                "split_head_iterations": (meta.get("split_head") or {}).get("iterations"), "loop": loop}
 
     def __call__(self, request, datastore):
         from sarco_app.errors import SarcoError
-        from sarco_app.train import load_pairs, organ_map_for, train
+        from sarco_app.pseudo import retrain_round, training_pairs
+
+        from lib.infers.pseudo import datastore_pseudos
 
         def log(line: str) -> None:
             print(line, flush=True)  # MONAI Label collects the process's stdout as the train log
 
         try:
-            config, fine_tune = self._train_config(request)
+            config, fine_tune, loop = self._train_config(request)
         except Exception as exc:
             log(f"bodycomp_unet: {exc}")  # the reason shows in GET /train/ details
             raise
-        pairs = [(d["image"], d["label"]) for d in datastore.datalist()]
-        if not pairs:
+        images, finals, pseudos = datastore_pseudos(datastore)
+        if not finals:
             raise ValueError("no final labels in the datastore: save some labels before training")
-        organ_maps = [organ_map_for(label) for _, label in pairs] if config.organ_classes else None
-        samples = load_pairs(pairs, organ_maps)
+        chosen = training_pairs(images, finals, pseudos, loop["include_pseudo"], loop["min_confidence"])
+        pairs = chosen.finals + chosen.pseudo
         init = self._init_checkpoint(log) if fine_tune else None
         config.init_from = str(init) if init else None
         if config.epochs == 0 and init is None:
@@ -142,8 +170,12 @@ class BodyCompTrainer(TrainTask):
                        + ("fine_tune is off" if not fine_tune else "no readable model exists"))
             log(f"bodycomp_unet: {message}")
             raise SarcoError(message)
-        log(f"bodycomp_unet: {len(pairs)} labelled images, {len(samples)} slices; "
+        counts = chosen.counts()
+        log(f"bodycomp_unet: {len(pairs)} labelled images ({counts['finals']} final, {counts['pseudo']} pseudo; "
+            f"pseudo left out: {counts['pseudo_below_threshold']} below confidence {loop['min_confidence']}, "
+            f"{counts['pseudo_overridden_by_final']} with a final label); "
             f"{'fine-tuning ' + str(init) if init else 'training from scratch'} -> {self.output_path}")
-        result = train(samples, self.output_path, config, log=log)
+        result = retrain_round(chosen, self.output_path, config, self.rounds_path, pseudo_weight=loop["pseudo_weight"],
+                               log=log, include_pseudo=loop["include_pseudo"], min_confidence=loop["min_confidence"])
         result.pop("history", None)
         return result
