@@ -210,10 +210,11 @@ def test_retraining_the_backbone_drops_a_head_that_no_longer_fits(phantom_sample
 
 
 def test_add_organ_classes_keeps_the_served_output():
-    from sarco_app.network import ORGAN_CLASS_NAMES, add_organ_classes, tissue_logits
-    from sarco_app.segment import SHIPPED_MODEL_PATH
+    from sarco_app.network import CLASS_NAMES, ORGAN_CLASS_NAMES, add_organ_classes, new_model, tissue_logits
 
-    model = load_checkpoint(SHIPPED_MODEL_PATH)
+    torch.manual_seed(0)
+    model = new_model()  # a five-class network
+    assert model.class_names == CLASS_NAMES and not model.organ_classes
     x = torch.rand(1, len(model.windows), 64, 64)
     before = torch.softmax(model.network(x), 1)
     add_organ_classes(model)
@@ -239,8 +240,7 @@ def test_training_label_puts_organs_on_background_only():
 
 
 def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys):
-    from sarco_app.network import ORGAN_CLASS_NAMES
-    from sarco_app.segment import SHIPPED_MODEL_PATH
+    from sarco_app.network import ORGAN_CLASS_NAMES, new_model, save_checkpoint
 
     data = tmp_path / "studies"
     assert main(["phantom", "--count", "3", "--seed", "6", "--size", "128", "--level", "T12", "--organs",
@@ -259,7 +259,8 @@ def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys
     raw = segment_volume(ph.hu, ph.spacing, model=model, hu_refine=False)
     assert set(np.unique(raw.label)) <= set(range(L.NUM_CLASSES))
     # A five-class model to fine-tune gets the organ outputs.
+    five = save_checkpoint(new_model(), tmp_path / "five.pt")
     main(["train", "--data", str(data), "--out", str(tmp_path / "tuned.pt"), "--epochs", "1",
           "--iterations-per-epoch", "1", "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes",
-          "--init", str(SHIPPED_MODEL_PATH)])
+          "--init", str(five)])
     assert "organ output classes added" in capsys.readouterr().out
