@@ -306,7 +306,10 @@ class SegmentResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve_slices(shape: tuple[int, ...], slices: int | str | Iterable[int] | None) -> list[int]:
+def resolve_slices(shape: tuple[int, ...], slices: int | str | Iterable[int] | None) -> list[int]:
+    """Sorted slice indices of an image of ``shape`` that ``slices`` names: an index (negative
+    counts from the end), several, ``"all"`` or None (all); a 2D image has the one slice 0.
+    Raises :class:`SarcoError` for an index out of range."""
     if len(shape) == 2:
         if slices not in (None, "all", 0, [0], (0,)):
             raise SarcoError(f"slice {slices} out of range: the image is 2D")
@@ -363,7 +366,7 @@ def segment_volume(
     spacing = (float(spacing[0]), float(spacing[1]))
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise SarcoError(f"invalid pixel spacing {spacing}")
-    chosen = _resolve_slices(hu.shape, slices)
+    chosen = resolve_slices(hu.shape, slices)
     volume = hu[:, :, None] if hu.ndim == 2 else hu
     label = np.zeros(volume.shape, dtype=np.uint8)
     result = SegmentResult(label=label, slices=chosen, method=method)

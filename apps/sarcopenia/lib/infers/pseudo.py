@@ -49,7 +49,7 @@ class PseudoLabelInfer(BodyCompInfer):
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
         from sarco_app.ingest import load_image, save_label
         from sarco_app.pseudo import checkpoint_id, pseudo_label_image
-        from sarco_app.segment import _resolve_slices
+        from sarco_app.segment import resolve_slices
 
         begin = time.time()
         req, image_path = self.request_with_image(request, PSEUDO_TASK)
@@ -57,7 +57,7 @@ class PseudoLabelInfer(BodyCompInfer):
         try:
             image = load_image(image_path)
             slices, source = self._slices(image, req)
-            chosen = _resolve_slices(image.hu.shape, slices)
+            chosen = resolve_slices(image.hu.shape, slices)
             result = pseudo_label_image(image, model, slices=chosen, model_id=checkpoint_id(model.path))
         except SarcoError as exc:
             raise http_error(400, str(exc)) from exc
