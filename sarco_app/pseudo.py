@@ -399,15 +399,13 @@ def plot_learning_curve(rounds: Sequence[Mapping[str, Any]], png_path: str | Pat
     written to ``png_path`` when given)."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the server's backend is left alone
 
     if not rounds:
         raise SarcoError("no rounds recorded yet: train once to start the history")
     x = [r.get("round", i + 1) for i, r in enumerate(rounds)]
-    fig, (ax_dice, ax_count) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    ax_dice, ax_count = fig.subplots(1, 2)
     for name in ("muscle", "sat", "vat", "imat"):
         y = [(r.get("val_dice") or {}).get(name) for r in rounds]
         if any(v is not None for v in y):
@@ -427,7 +425,6 @@ def plot_learning_curve(rounds: Sequence[Mapping[str, Any]], png_path: str | Pat
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     data = buffer.getvalue()
     if png_path is not None:
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
