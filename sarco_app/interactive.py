@@ -280,14 +280,6 @@ def _resolve_slice_index(shape3, slice_index, roi, fg, bg) -> int:
 # --------------------------------------------------------------------------- anatomy helpers
 
 
-def _disk(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
-    """A boolean ellipse of ``radius_mm`` on a grid of ``spacing`` (at least 3x3)."""
-    rx = max(1, int(round(radius_mm / spacing[0])))
-    ry = max(1, int(round(radius_mm / spacing[1])))
-    x, y = np.ogrid[-rx:rx + 1, -ry:ry + 1]
-    return (x / rx) ** 2 + (y / ry) ** 2 <= 1.0
-
-
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """The largest connected region above -500 HU with its holes filled (the patient)."""
     inside = hu > BODY_HU
@@ -380,7 +372,7 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 def _reconstruct(mask: np.ndarray, seeds: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     """Regions of ``mask`` connected to ``seeds`` once bridges thinner than ``2 * radius_mm``
     are cut (opening), grown back to their full extent within ``mask``."""
-    kernel = _disk(radius_mm, spacing)
+    kernel = threshold.ellipse_kernel(radius_mm, spacing)
     core = ndi.binary_opening(mask, structure=kernel)
     kept = _components_touching(core, ndi.binary_dilation(seeds, structure=kernel) & core)
     grown = ndi.binary_dilation(kept, structure=kernel) & mask
@@ -400,9 +392,9 @@ def _tissue_rules(inp: _Inputs, candidate: np.ndarray, anat: _Anatomy) -> np.nda
     if inp.tissue == SAT:
         return candidate & anat.outside_wall
     if inp.tissue == MUSCLE:
-        skin = anat.body & ~ndi.binary_erosion(anat.body, structure=_disk(SKIN_MM, spacing))
+        skin = anat.body & ~ndi.binary_erosion(anat.body, structure=threshold.ellipse_kernel(SKIN_MM, spacing))
         # The spinal canal (CSF, muscle HU) is enclosed by bone.
-        canal = ndi.binary_fill_holes(ndi.binary_closing(bone, structure=_disk(1.0, spacing))) & ~bone
+        canal = ndi.binary_fill_holes(ndi.binary_closing(bone, structure=threshold.ellipse_kernel(1.0, spacing))) & ~bone
         cand = candidate & ~skin & ~anat.outside_wall & ~canal
         in_wall = cand & anat.wall
         # Psoas and quadratus lie beside the vertebra: follow muscle HU from the bone, cutting
@@ -415,14 +407,14 @@ def _tissue_rules(inp: _Inputs, candidate: np.ndarray, anat: _Anatomy) -> np.nda
         half_x = PSOAS_REACH_MM / spacing[0]
         box[max(0, int(xs.min() - half_x)):int(xs.max() + half_x) + 1,
             max(0, int(ys.min() - PSOAS_FRONT_MM / spacing[1])):int(ys.max()) + 1] = True
-        near_bone = ndi.binary_dilation(spine, structure=_disk(BONE_CONTACT_MM, spacing))
+        near_bone = ndi.binary_dilation(spine, structure=threshold.ellipse_kernel(BONE_CONTACT_MM, spacing))
         inner = _reconstruct(cand & anat.inside_wall & box, near_bone, OPENING_MM, spacing)
         return in_wall | inner
     muscle_ref = cur == MUSCLE
     if not muscle_ref.any():
         muscle_ref = (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & anat.wall
     # Fat in the muscle's close neighbourhood or enclosed by it is intermuscular.
-    around = ndi.binary_closing(muscle_ref, structure=_disk(IMAT_GAP_MM, spacing))
+    around = ndi.binary_closing(muscle_ref, structure=threshold.ellipse_kernel(IMAT_GAP_MM, spacing))
     holes = ndi.binary_fill_holes(muscle_ref) & ~muscle_ref
     hole_labels, count = ndi.label(holes)
     enclosed = np.zeros_like(holes)
@@ -442,7 +434,7 @@ def _tissue_rules(inp: _Inputs, candidate: np.ndarray, anat: _Anatomy) -> np.nda
         frame = np.zeros_like(ring)
         frame[[0, -1], :] = frame[:, [0, -1]] = True
         ring |= frame & anat.body
-        canal = ndi.binary_fill_holes(ndi.binary_closing(bone, structure=_disk(1.0, spacing))) & ~bone
+        canal = ndi.binary_fill_holes(ndi.binary_closing(bone, structure=threshold.ellipse_kernel(1.0, spacing))) & ~bone
         cavity = ndi.binary_fill_holes(ring) & ~ring & ~canal
     if np.count_nonzero(cavity) < 0.05 * max(int(np.count_nonzero(anat.body)), 1):
         cavity = anat.inside_wall
@@ -476,7 +468,7 @@ def _pieces(mask: np.ndarray, spacing) -> np.ndarray:
     Returns an int32 label image (0 outside ``mask``).
     """
     eight = np.ones((3, 3), bool)
-    core = ndi.binary_opening(mask, structure=_disk(OPENING_MM, spacing))
+    core = ndi.binary_opening(mask, structure=threshold.ellipse_kernel(OPENING_MM, spacing))
     markers, count = ndi.label(core, structure=eight)
     rest, _ = ndi.label(mask & ~ndi.binary_dilation(core, structure=eight), structure=eight)
     markers[rest > 0] = rest[rest > 0] + count
@@ -722,7 +714,7 @@ def _skin_or_outside(inp: _Inputs) -> np.ndarray:
     anat = _anatomy(inp.hu, inp.spacing)
     out = ~anat.body
     if inp.tissue == MUSCLE:
-        out |= anat.body & ~ndi.binary_erosion(anat.body, structure=_disk(SKIN_MM, inp.spacing))
+        out |= anat.body & ~ndi.binary_erosion(anat.body, structure=threshold.ellipse_kernel(SKIN_MM, inp.spacing))
     return out
 
 
@@ -933,7 +925,7 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
     in_range = _in_range(hu_s, inp.tissue)
     # A trimap: GrabCut decides the band along the tissue's HU borders (partial volume),
     # where HU alone is unsure; deep inside / outside the HU range is taken as sure.
-    band = _disk(GRABCUT_BAND_MM, inp.spacing)
+    band = threshold.ellipse_kernel(GRABCUT_BAND_MM, inp.spacing)
     sure_in = ndi.binary_erosion(in_range, structure=band)
     sure_out = ndi.binary_erosion(~in_range, structure=band)
     other = (inp.current > 0) & (inp.current != inp.tissue)  # kept by the merge anyway

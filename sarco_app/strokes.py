@@ -27,6 +27,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import segmentation
 
+from sarco_app.threshold import ellipse_kernel
+
 #: Gaussian sigma (mm) of the HU smoothing before HU statistics: CT noise (10-20 HU per pixel)
 #: hides the 10-60 HU by which liver, spleen and kidney differ from muscle; the organs' own
 #: texture is smoother than that.
@@ -59,14 +61,6 @@ MIN_FG_BAND_HU = 15.0
 #: ... and at most this wide: a stroke across muscle and a vessel or fat speck would otherwise
 #: spread its band over every soft tissue (liver, spleen, kidney).
 MAX_FG_BAND_HU = 25.0
-
-
-def _disk(radius_mm: float, spacing) -> np.ndarray:
-    """A boolean ellipse of ``radius_mm`` on a grid of ``spacing`` (at least 3x3)."""
-    rx = max(1, int(round(radius_mm / spacing[0])))
-    ry = max(1, int(round(radius_mm / spacing[1])))
-    x, y = np.ogrid[-rx:rx + 1, -ry:ry + 1]
-    return (x / rx) ** 2 + (y / ry) ** 2 <= 1.0
 
 
 EIGHT = np.ones((3, 3), bool)
@@ -102,7 +96,7 @@ def cut_thin_contacts(region: np.ndarray, seeds: np.ndarray, spacing,
     """The part of ``region`` joined to ``seeds`` through contacts at least ``2 * radius_mm``
     wide: an opening by a disk finds the cores, the cores the seeds touch are kept and grown
     back by the disk within ``region``. Thin parts the seeds lie in themselves stay."""
-    kernel = _disk(radius_mm, spacing)
+    kernel = ellipse_kernel(radius_mm, spacing)
     core = ndi.binary_opening(region, structure=kernel)
     labels, count = ndi.label(core, structure=EIGHT)
     near_seeds = ndi.binary_dilation(seeds, structure=kernel)
@@ -120,7 +114,7 @@ def grow_into_rim(region: np.ndarray, allowed: np.ndarray, spacing,
     """``region`` grown, by up to ``2 * sigma_mm``, into the pixels of ``allowed`` that lie
     within that distance of its border: there the smoothing mixed the region's HU with its
     neighbours' (fat, air), so the HU test misses them although they belong to the region."""
-    kernel = _disk(2.0 * sigma_mm, spacing)
+    kernel = ellipse_kernel(2.0 * sigma_mm, spacing)
     rim = allowed & ~ndi.binary_erosion(allowed, structure=kernel, border_value=1)
     steps = int(np.ceil(2.0 * sigma_mm / min(spacing)))
     return ndi.binary_dilation(region, structure=EIGHT, iterations=steps, mask=rim | region)
@@ -173,7 +167,7 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
     flood = np.isin(labels, hit[hit > 0])
     # The tissue's own HU: its pixels outside that flood, away from its borders (partial
     # volume with fat there), over the whole slice (the true tissue is the majority).
-    core = ndi.binary_erosion(allowed, structure=_disk(RIM_MM, spacing)) & ~stroke
+    core = ndi.binary_erosion(allowed, structure=ellipse_kernel(RIM_MM, spacing)) & ~stroke
     rest = core & ~flood
     if np.count_nonzero(rest) < max(MIN_REST_PIXELS, MIN_REST_SHARE * np.count_nonzero(core)):
         # Most of the tissue has the stroke's HU: HU does not say where the organ ends.
@@ -199,7 +193,7 @@ def organ_under_stroke(tissue: np.ndarray, stroke: np.ndarray, hu: np.ndarray, s
     # the organ): sure organ and sure tissue lie that far on each side, and the border between
     # them follows the steepest HU edge of a lightly smoothed image (a marker watershed on the
     # gradient), which also takes the organ's rim against fat.
-    kernel = _disk(2.0 * SMOOTH_MM, spacing)
+    kernel = ellipse_kernel(2.0 * SMOOTH_MM, spacing)
     markers = np.zeros(region.shape, np.int32)
     markers[comp & ~ndi.binary_dilation(region, structure=kernel)] = 2
     markers[ndi.binary_erosion(region, structure=kernel) | (stroke_b & comp)] = 1

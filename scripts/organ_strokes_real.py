@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sarco_app import interactive  # noqa: E402
+from sarco_app import interactive, threshold  # noqa: E402
 from sarco_app.labels import MUSCLE, MUSCLE_HU, SAT  # noqa: E402
 from simulate_annotator import next_scribble  # noqa: E402
 
@@ -49,7 +49,7 @@ def find_liver(hu: np.ndarray, label: np.ndarray, spacing) -> np.ndarray:
     body = interactive.body_mask(hu)
     deep = ndi.distance_transform_edt(body, sampling=spacing) > 15.0  # not skin, SAT or wall
     soft = deep & (smooth > 40) & (smooth < 200) & ~np.isin(label, (MUSCLE, SAT))
-    soft = ndi.binary_opening(soft, structure=interactive._disk(5.0, spacing))
+    soft = ndi.binary_opening(soft, structure=threshold.ellipse_kernel(5.0, spacing))
     xs = np.nonzero(body)[0]
     soft[int((xs.min() + xs.max()) / 2):, :] = False  # the patient's right half
     regions, count = ndi.label(soft)

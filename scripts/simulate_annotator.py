@@ -95,9 +95,9 @@ def scribble_with_brush(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0),
     the brush (a person cannot paint inside a 1-pixel sliver without marking right pixels).
     The stroke runs along the region's middle (skeleton), never marking a pixel wrongly.
     """
-    from sarco_app.interactive import _disk
+    from sarco_app.threshold import ellipse_kernel
 
-    brush = _disk(brush_mm / 2.0, spacing) if brush_mm > 0 else np.ones((1, 1), bool)
+    brush = ellipse_kernel(brush_mm / 2.0, spacing) if brush_mm > 0 else np.ones((1, 1), bool)
     best = None
     for kind, wrong in (("fg", truth & ~pred), ("bg", pred & ~truth)):
         # Where the brush's centre may go so that the whole brush stays in the wrong region.
