@@ -78,9 +78,14 @@ def dilation(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float]) -
     return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean 2D mask (empty mask -> empty)."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+def largest_component(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:
+    """The largest connected component of a boolean 2D mask (empty mask -> empty).
+
+    Pixels are connected through edges and corners (``connectivity=8``, the library's default
+    everywhere) or through edges only (``4``, for callers that must not join diagonal touches).
+    """
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                             connectivity=connectivity)
     if count <= 1:
         return np.zeros(mask.shape, dtype=bool)
     best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -104,6 +109,10 @@ def body_mask(
     cut_mm: float = 6.0,
 ) -> np.ndarray:
     """The patient's body on an axial slice, without table, cables or air outside.
+
+    This is the library's one body mask (the threshold baseline, the interactive tools'
+    compartments and samples, the scripts): the patient only, so a table or arm that touches
+    the skin through a thin bridge is not "body".
 
     Parameters
     ----------

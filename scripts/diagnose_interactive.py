@@ -67,7 +67,7 @@ def oracle(hu: np.ndarray, truth: np.ndarray, tissue: str, spacing, reach_px: in
             for hi in his:
                 rule = near & (img >= lo) & (img <= hi)
                 for clean in (False, True):
-                    mask = interactive._clean(rule, LABELS[tissue], spacing) if clean else rule
+                    mask = interactive.remove_speckle(rule, LABELS[tissue], spacing) if clean else rule
                     value = interactive.iou(mask, truth)
                     if value > best[0]:
                         best = (value, f"sigma {sigma_mm} mm, {lo:.0f}..{hi:.0f} HU{' +cleanup' if clean else ''}")

@@ -46,7 +46,7 @@ def find_liver(hu: np.ndarray, label: np.ndarray, spacing) -> np.ndarray:
     """The liver on an upper-abdomen slice, from HU: the largest soft-tissue region deep in the
     body on the patient's right (small x in canonical order), in its own HU band."""
     smooth = ndi.gaussian_filter(hu.astype(np.float32), sigma=[2.0 / s for s in spacing])
-    body = interactive.body_mask(hu)
+    body = threshold.body_mask(hu, spacing)
     deep = ndi.distance_transform_edt(body, sampling=spacing) > 15.0  # not skin, SAT or wall
     soft = deep & (smooth > 40) & (smooth < 200) & ~np.isin(label, (MUSCLE, SAT))
     soft = ndi.binary_opening(soft, structure=threshold.ellipse_kernel(5.0, spacing))

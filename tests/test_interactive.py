@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sarco_app import interactive
+from sarco_app import interactive, scribble_regions
 from sarco_app.errors import SarcoError
 from sarco_app.labels import IMAT, MUSCLE, SAT, VAT
 
@@ -305,7 +305,7 @@ def test_annotator_session_reaches_goal_on_synthetic():
 
 def two_touching_blobs(n: int = 90):
     """A big disk (radius 22 px) and a smaller one (radius 12 px) overlapping in a neck about
-    10 px wide: thicker than the contacts :func:`interactive._pieces` cuts at 1 mm pixels."""
+    10 px wide: thicker than the contacts :func:`scribble_regions.contact_pieces` cuts at 1 mm pixels."""
     x, y = np.ogrid[:n, :n]
     big = (x - 30) ** 2 + (y - 45) ** 2 <= 22**2
     small = (x - 61) ** 2 + (y - 45) ** 2 <= 12**2
@@ -315,10 +315,10 @@ def two_touching_blobs(n: int = 90):
 def test_background_stroke_removes_the_touching_blob_up_to_the_neck():
     big, small = two_touching_blobs()
     answer = big | small
-    assert interactive._pieces(answer, (1.0, 1.0)).max() == 1  # one region: no thin contact
+    assert scribble_regions.contact_pieces(answer, (1.0, 1.0)).max() == 1  # one region: no thin contact
     bg = np.zeros_like(answer)
     bg[58:65, 45] = True  # a short stroke in the middle of the small blob
-    out = interactive._remove_marked(answer, np.zeros_like(answer), bg, (1.0, 1.0))
+    out = scribble_regions.remove_marked(answer, np.zeros_like(answer), bg, (1.0, 1.0))
     assert np.count_nonzero(out & small) < 0.1 * small.sum()
     assert np.count_nonzero(out & big) > 0.95 * big.sum()
 
@@ -329,7 +329,7 @@ def test_foreground_stroke_adds_the_touching_blob_up_to_the_neck():
     answer[10:20, 40:50] = True  # something already labelled elsewhere
     fg = np.zeros_like(big)
     fg[58:65, 45] = True
-    added = interactive._add_touched(answer, big | small, fg, (1.0, 1.0))
+    added = scribble_regions.add_touched(answer, big | small, fg, (1.0, 1.0))
     assert np.count_nonzero(added & small) > 0.9 * small.sum()
     assert np.count_nonzero(added & big & ~answer) < 0.1 * big.sum()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sarco_app import interactive, strokes
+from sarco_app import interactive, scribble_regions, strokes
 from sarco_app.labels import MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +61,7 @@ def test_organ_glued_to_the_wall_is_removed_by_one_stroke_and_the_wall_stays():
     assert np.count_nonzero(removed & muscle) < 0.01 * muscle.sum()
     # The geometric rule alone (the stroke's reach, cut at a neck) takes the wall behind the
     # organ with it: the contact is no neck.
-    old = interactive._remove_marked(stored == MUSCLE, np.zeros_like(stroke), stroke, SPACING)
+    old = scribble_regions.remove_marked(stored == MUSCLE, np.zeros_like(stroke), stroke, SPACING)
     assert np.count_nonzero(muscle & ~old) > 0.05 * muscle.sum()
 
 
