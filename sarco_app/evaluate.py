@@ -23,6 +23,7 @@ import numpy as np
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
 from sarco_app.ingest import NIFTI_SUFFIXES, image_stem
+from sarco_app.metrics import iou_dice, overlap_counts
 
 #: Column name -> label values it covers.
 COLUMNS: dict[str, tuple[int, ...]] = {
@@ -36,28 +37,6 @@ COLUMNS: dict[str, tuple[int, ...]] = {
 TABLE3_COLUMNS = ("M", "S", "V", "MSV")
 #: (row label, lower bound inclusive, upper bound exclusive).
 IOU_BINS = (("≥ 0.90", 0.90, np.inf), ("0.80-0.89", 0.80, 0.90), ("0.70-0.79", 0.70, 0.80), ("< 0.70", -np.inf, 0.70))
-
-
-def overlap_counts(pred: np.ndarray, truth: np.ndarray, values: tuple[int, ...]) -> dict[str, int]:
-    """Pixel counts ``intersection``, ``union``, ``pred``, ``truth`` pooled over ``values``
-    (class-aware: a pixel agrees only when both maps give it the same value)."""
-    if pred.shape != truth.shape:
-        raise SarcoError(f"prediction shape {pred.shape} differs from reference shape {truth.shape}")
-    inter = union = n_pred = n_truth = 0
-    for value in values:
-        p, t = pred == value, truth == value
-        inter += int(np.count_nonzero(p & t))
-        union += int(np.count_nonzero(p | t))
-        n_pred += int(np.count_nonzero(p))
-        n_truth += int(np.count_nonzero(t))
-    return {"intersection": inter, "union": union, "pred": n_pred, "truth": n_truth}
-
-
-def iou_dice(counts: dict[str, int]) -> tuple[float | None, float | None]:
-    """IoU and Dice from :func:`overlap_counts`; ``(None, None)`` when both maps are empty."""
-    if counts["union"] == 0:
-        return None, None
-    return counts["intersection"] / counts["union"], 2 * counts["intersection"] / (counts["pred"] + counts["truth"])
 
 
 def agreement(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, Any]]:

@@ -677,12 +677,5 @@ def grabcut(hu: np.ndarray, tissue: str | int, *, roi: Sequence[int] | None = No
     return put_back(merge(inp.current, mask, inp.tissue, fg=inp.fg, bg=inp.bg | organs, roi=inp.roi))
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
-
-
 #: The tools by name, as the MONAI Label tasks are called.
 METHODS = {"backprojection": back_projection, "grabcut": grabcut}

@@ -19,7 +19,7 @@ pixels for the per-tissue value and over the region of interest (pixels labelled
 where the network gives the tissues together at least 5 %) for ``overall``. Entropy and not MC
 dropout: the shipped network has no dropout (``dropout 0.0``), so dropout samples would all be
 the same, and one forward pass instead of tens keeps batch labelling of a whole datastore cheap
-on a CPU. Entropy, unlike the mean winning probability (:func:`sarco_app.segment.tissue_confidence`),
+on a CPU. Entropy, unlike the mean winning probability (``SegmentResult.confidence``),
 also counts how the rest of the probability is spread (muscle vs IMAT vs background).
 """
 

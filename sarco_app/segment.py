@@ -282,15 +282,6 @@ def refine_borders(
     return label
 
 
-def tissue_confidence(probs: np.ndarray, label: np.ndarray) -> dict[str, float | None]:
-    """Mean probability of the assigned class over each tissue's pixels (None when absent)."""
-    result: dict[str, float | None] = {}
-    for value, name in L.NAMES.items():
-        mask = label == value
-        result[name] = round(float(probs[value][mask].mean()), 4) if mask.any() else None
-    return result
-
-
 # --------------------------------------------------------------------------- slices and volumes
 
 
@@ -406,13 +397,6 @@ def segment_volume(
     return result
 
 
-def segment_slice(
-    hu: np.ndarray, spacing: Sequence[float], method: str = "unet", model=None, hu_refine: bool = True
-) -> np.ndarray:
-    """Label map ``(X, Y)`` of one ``(X, Y)`` HU slice (see :func:`segment_volume`)."""
-    return segment_volume(hu, spacing, None, method=method, model=model, hu_refine=hu_refine).label
-
-
 def segment_image(
     image, slices=None, method: str = "unet", model=None, hu_refine: bool = True, threads: int | None = None
 ) -> SegmentResult:
@@ -420,13 +404,3 @@ def segment_image(
     return segment_volume(
         image.hu, image.spacing, slices, method=method, model=model, hu_refine=hu_refine, threads=threads
     )
-
-
-def dice_per_tissue(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
-    """Dice of each tissue between two label maps (None when absent from both)."""
-    scores: dict[str, float | None] = {}
-    for value, name in L.NAMES.items():
-        p, t = pred == value, truth == value
-        denom = int(p.sum()) + int(t.sum())
-        scores[name] = None if denom == 0 else 2.0 * int((p & t).sum()) / denom
-    return scores

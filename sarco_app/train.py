@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
+from sarco_app.metrics import PooledOverlap
 from sarco_app.network import (
     DEFAULT_NETWORK,
     DEFAULT_SPACING_MM,
@@ -362,32 +363,17 @@ def relabel_muscle_by_hu(hu: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- training
 
 
-def dice_scores(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float | None]:
-    """Dice per tissue between integer label tensors (None when absent from both)."""
-    scores = {}
-    for value, name in L.NAMES.items():
-        p, t = pred == value, truth == value
-        denom = int(p.sum()) + int(t.sum())
-        scores[name] = None if denom == 0 else 2.0 * int((p & t).sum()) / denom
-    return scores
-
-
 @torch.no_grad()
 def validate(model: BodyCompModel, val: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float | None]:
     """Dice per tissue of the raw network (arg-max at the working spacing) over ``val``,
     pooled over all validation pixels."""
     model.network.eval()
-    inter = {v: 0 for v in L.NAMES}
-    total = {v: 0 for v in L.NAMES}
+    pooled = PooledOverlap()
     for hu, lab in val:
         x, crop = pad_to_multiple(encode_windows(hu[None], model.windows))
-        pred = tissue_logits(model.network(x))[0, :, crop[0], crop[1]].argmax(0)
-        for v in L.NAMES:
-            p, t = pred == v, lab == v
-            inter[v] += int((p & t).sum())
-            total[v] += int(p.sum()) + int(t.sum())
+        pooled.add(tissue_logits(model.network(x))[0, :, crop[0], crop[1]].argmax(0), lab)
     model.network.train()
-    return {L.NAMES[v]: (2 * inter[v] / total[v] if total[v] else None) for v in L.NAMES}
+    return pooled.dice()
 
 
 def _main_score(dice: dict[str, float | None]) -> float:
@@ -602,19 +588,14 @@ def train(
 def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, dict]:
     """Pooled Dice per tissue of the raw arg-max on the samples' own grids, for the backbone
     alone (softmax of its resampled logits) and with the split head."""
-    counts = {key: {v: [0, 0] for v in L.NAMES} for key in ("backbone", "head")}
+    pooled = {key: PooledOverlap() for key in ("backbone", "head")}
     with torch.no_grad():
         for sample in samples:
             hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
-            truth = torch.as_tensor(sample.label).long()
             logits = original_grid_logits(hu, sample.spacing, model)
-            preds = {"backbone": logits[0].argmax(0), "head": model.split_head.probabilities(logits, hu)[0].argmax(0)}
-            for key, pred in preds.items():
-                for v in L.NAMES:
-                    p, t = pred == v, truth == v
-                    counts[key][v][0] += 2 * int((p & t).sum())
-                    counts[key][v][1] += int(p.sum()) + int(t.sum())
-    return {key: {L.NAMES[v]: (c[0] / c[1] if c[1] else None) for v, c in per.items()} for key, per in counts.items()}
+            pooled["backbone"].add(logits[0].argmax(0), sample.label)
+            pooled["head"].add(model.split_head.probabilities(logits, hu)[0].argmax(0), sample.label)
+    return {key: per.dice() for key, per in pooled.items()}
 
 
 def train_split_head(

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sarco_app import interactive  # noqa: E402
+from sarco_app import interactive, metrics  # noqa: E402
 from sarco_app.labels import FAT_HU, LABELS, MUSCLE_HU  # noqa: E402
 
 import simulate_annotator as sim  # noqa: E402
@@ -68,7 +68,7 @@ def oracle(hu: np.ndarray, truth: np.ndarray, tissue: str, spacing, reach_px: in
                 rule = near & (img >= lo) & (img <= hi)
                 for clean in (False, True):
                     mask = interactive.remove_speckle(rule, LABELS[tissue], spacing) if clean else rule
-                    value = interactive.iou(mask, truth)
+                    value = metrics.iou(mask, truth)
                     if value > best[0]:
                         best = (value, f"sigma {sigma_mm} mm, {lo:.0f}..{hi:.0f} HU{' +cleanup' if clean else ''}")
     return best
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                                                spacing=spacing) == LABELS[tissue]
             parts = error_breakdown(pred, truth, spacing)
             ceilings = {k: oracle(hu, truth, tissue, spacing, k) for k in (1, 2, 5)}
-            print(f"seed {seed} {tissue:6s} pixel {spacing[0]:.2f} mm  IoU {interactive.iou(pred, truth):.3f}  "
+            print(f"seed {seed} {tissue:6s} pixel {spacing[0]:.2f} mm  IoU {metrics.iou(pred, truth):.3f}  "
                   f"errors {parts['error_px']} px: whole components {parts['whole_components']:.0%}, "
                   f"1-px border {parts['border_1px']:.0%}, specks {parts['specks']:.0%}  |  oracle "
                   + ", ".join(f"k={k}: {v[0]:.3f}" for k, v in ceilings.items())

@@ -59,7 +59,8 @@ from sarco_app.network import load_checkpoint  # noqa: E402
 from sarco_app.overlay import overlay_png  # noqa: E402
 from sarco_app.phantom import generate  # noqa: E402
 from sarco_app.plausibility import slice_measures  # noqa: E402
-from sarco_app.segment import dice_per_tissue, resample_hu, segment_volume, working_logits, working_shape  # noqa: E402
+from sarco_app.metrics import PooledOverlap, dice_per_tissue  # noqa: E402
+from sarco_app.segment import resample_hu, segment_volume, working_logits, working_shape  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 TISSUES = ("muscle", "sat", "vat", "imat")
@@ -130,11 +131,11 @@ def fmt(value, digits=4):
 def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_base: int = HELD_OUT_SEED) -> None:
     print(f"\n== held-out phantoms ({per_group} per group, seeds from {seed_base}) ==")
     methods = ("unet", "unet+hu", "threshold")  # raw network, default output, baseline
-    overall = {m: {t: [0, 0] for t in TISSUES} for m in methods}
-    anatomical = {m: {t: [0, 0] for t in TISSUES} for m in methods}
+    overall = {m: PooledOverlap() for m in methods}
+    anatomical = {m: PooledOverlap() for m in methods}
     every_case = {m: {t: [] for t in TISSUES} for m in methods}
     for g, (group, spacing, size) in enumerate(GROUPS):
-        pooled = {m: {t: [0, 0] for t in TISSUES} for m in methods}
+        pooled = {m: PooledOverlap() for m in methods}
         cases = {m: {t: [] for t in TISSUES} for m in methods}
         for i in range(per_group):
             seed = seed_base + 100 * g + i
@@ -147,15 +148,10 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_bas
             }
             for m, pred in preds.items():
                 dice = dice_per_tissue(pred, ph.label)
+                pooled[m].add(pred, ph.label)
+                overall[m].add(pred, ph.label)
+                anatomical[m].add(pred, ph.anatomical_label)
                 for t in TISSUES:
-                    v = L.LABELS[t]
-                    inter = int(((pred == v) & (ph.label == v)).sum())
-                    total = int((pred == v).sum() + (ph.label == v).sum())
-                    for acc in (pooled[m][t], overall[m][t]):
-                        acc[0] += inter
-                        acc[1] += total
-                    anatomical[m][t][0] += int(((pred == v) & (ph.anatomical_label == v)).sum())
-                    anatomical[m][t][1] += int((pred == v).sum() + (ph.anatomical_label == v).sum())
                     if dice[t] is not None:
                         cases[m][t].append(dice[t])
                         every_case[m][t].append(dice[t])
@@ -171,13 +167,13 @@ def eval_phantoms(model, per_group: int, docs: Path | None, rows: list, seed_bas
                         f"Truth, held-out phantom ({group})", areas_cm2(ph.label, ph.spacing))
         print(f"-- {group}")
         for m in methods:
-            pooled_txt = " ".join(f"{t} {fmt(2 * a / b if b else None)}" for t, (a, b) in pooled[m].items())
+            pooled_txt = " ".join(f"{t} {fmt(pooled[m].dice()[t])}" for t in TISSUES)
             mean_txt = " ".join(f"{t} {fmt(np.mean(c) if c else None)}" for t, c in cases[m].items())
             print(f"  {m:10s} pooled Dice: {pooled_txt} | mean of cases: {mean_txt}")
     for title, acc in (("", overall), (", anatomical majority truth", anatomical)):
         print(f"-- all held-out phantoms (pooled Dice{title})")
         for m in methods:
-            print(f"  {m:10s} " + " ".join(f"{t} {fmt(2 * a / b if b else None)}" for t, (a, b) in acc[m].items()))
+            print(f"  {m:10s} " + " ".join(f"{t} {fmt(acc[m].dice()[t])}" for t in TISSUES))
     print("-- all held-out phantoms (mean of per-case Dice | worst case)")
     for m in methods:
         print(f"  {m:10s} " + " ".join(f"{t} {fmt(np.mean(c) if c else None)}" for t, c in every_case[m].items())
@@ -199,15 +195,14 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED) -
     diaphragm = L.ORGAN_NAMES.index("diaphragm") + 1
     for g, level in enumerate(UPPER_LEVELS):
         for spacing, size in ((None, 512), (3.0, 140)):
-            inter = total = 0
+            pooled = PooledOverlap()
             errors, organ_fp, diaphragm_fp = [], [], []
             for i in range(per_group):
                 seed = seed_base + 100 * g + i + (50 if spacing else 0)
                 ph = generate(seed, level=level, size=size, **({"spacing_mm": spacing} if spacing else {}))
                 out = segment_volume(ph.hu, ph.spacing, method="unet", model=model).label
                 p, t = out == L.MUSCLE, ph.label == L.MUSCLE
-                inter += int((p & t).sum())
-                total += int(p.sum() + t.sum())
+                pooled.add(out, ph.label)
                 px = ph.spacing[0] * ph.spacing[1] / 100.0
                 errors.append(float(p.sum() / max(int(t.sum()), 1) - 1.0))
                 organ_fp.append(float((p & (ph.organ_label > 0) & (ph.organ_label != diaphragm)).sum() * px))
@@ -217,7 +212,7 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED) -
                              "dice_muscle": round(dice_per_tissue(out, ph.label)["muscle"] or 0.0, 4),
                              "muscle_area_error": round(errors[-1], 4), "organ_as_muscle_cm2": round(organ_fp[-1], 2),
                              "diaphragm_as_muscle_cm2": round(diaphragm_fp[-1], 2)})
-            print(f"  {level:3s} {'clinical' if spacing is None else '3 mm':8s} muscle Dice {2 * inter / total:.4f}; "
+            print(f"  {level:3s} {'clinical' if spacing is None else '3 mm':8s} muscle Dice {pooled.dice()['muscle']:.4f}; "
                   f"area error mean {100 * np.mean(errors):+.1f} %, worst {100 * max(errors, key=abs):+.1f} %; "
                   f"organs as muscle {np.mean(organ_fp):.2f} cm², diaphragm as muscle {np.mean(diaphragm_fp):.2f} cm²")
 
@@ -229,7 +224,7 @@ def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEE
     if count <= 0:
         return
     print(f"\n== phantoms like the real L3 slice (3 mm pixels, muscle 18 HU; {count} seeds from {seed_base}) ==")
-    inter = total = 0
+    pooled = PooledOverlap()
     shares = []
     for i in range(count):
         seed = seed_base + i
@@ -238,13 +233,12 @@ def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEE
         out = segment_volume(ph.hu, ph.spacing, method="unet", model=model, hu_refine=True).label
         share = hu_fractions(ph.hu, raw)["muscle"]
         dice = dice_per_tissue(out, ph.label)["muscle"]
-        inter += int(((out == L.MUSCLE) & (ph.label == L.MUSCLE)).sum())
-        total += int((out == L.MUSCLE).sum() + (ph.label == L.MUSCLE).sum())
+        pooled.add(out, ph.label)
         shares.append(share)
         rows.append({"set": "like_real", "group": "3 mm, muscle 18 HU", "case": f"seed {seed}", "method": "unet",
                      "spacing_mm": 3.0, "inside_hu_muscle": round(share, 4), "dice_muscle": round(dice, 4)})
     print(f"  raw network muscle inside -29..150 HU: mean {np.mean(shares):.3f} (min {np.min(shares):.3f}, "
-          f"max {np.max(shares):.3f}); default output muscle Dice (pooled): {2 * inter / total:.4f}")
+          f"max {np.max(shares):.3f}); default output muscle Dice (pooled): {pooled.dice()['muscle']:.4f}")
 
 
 def real_cases():

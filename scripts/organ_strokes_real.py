@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sarco_app import interactive, threshold  # noqa: E402
+from sarco_app import interactive, metrics, threshold  # noqa: E402
 from sarco_app.labels import MUSCLE, MUSCLE_HU, SAT  # noqa: E402
 from simulate_annotator import next_scribble  # noqa: E402
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             label = interactive.back_projection(hu, "muscle", fg=fg, bg=bg, current=failure,
                                                 spacing=spacing)
             pred = label == MUSCLE
-            ious.append(interactive.iou(pred, model_muscle))
+            ious.append(metrics.iou(pred, model_muscle))
             if first is None:
                 first = (kind, stroke, label)
         kind, stroke, after = first
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
               f"{np.count_nonzero(added) * cm2:.1f} cm2; one {kind} stroke of "
               f"{np.count_nonzero(stroke)} px removed {100.0 * removed / max(np.count_nonzero(added), 1):.1f} % "
               f"of it; model muscle lost {lost * cm2:.2f} cm2; muscle IoU vs model "
-              f"{interactive.iou(failure == MUSCLE, model_muscle):.3f} -> "
-              f"{interactive.iou(muscle_after, model_muscle):.3f}; after each of up to "
+              f"{metrics.iou(failure == MUSCLE, model_muscle):.3f} -> "
+              f"{metrics.iou(muscle_after, model_muscle):.3f}; after each of up to "
               f"{args.strokes} strokes: {', '.join(f'{v:.3f}' for v in ious)}")
         panels.append((name, hu, spacing, model_label, failure, stroke, after))
 

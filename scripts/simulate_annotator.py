@@ -43,7 +43,7 @@ from skimage.morphology import skeletonize
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarco_app import interactive  # noqa: E402
+from sarco_app import interactive, metrics  # noqa: E402
 from sarco_app.labels import LABELS, MUSCLE, SAT  # noqa: E402
 
 TISSUES = ("muscle", "sat", "vat", "imat")
@@ -223,7 +223,7 @@ def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, 
             label = tool(hu, tissue, roi, fg, bg, current0, spacing)
             latencies.append(time.perf_counter() - start)
         pred = label == value
-        ious.append(interactive.iou(pred, truth))
+        ious.append(metrics.iou(pred, truth))
         if ious[-1] >= goal:
             break
         nxt = next_scribble(pred, truth, spacing)

@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from sarco_app import labels as L  # noqa: E402
 from sarco_app import pseudo  # noqa: E402
 from sarco_app.evaluate import agreement  # noqa: E402
+from sarco_app.metrics import PooledOverlap  # noqa: E402
 from sarco_app.network import DEFAULT_NETWORK  # noqa: E402
 from sarco_app.phantom import generate  # noqa: E402
 from sarco_app.segment import get_model  # noqa: E402
@@ -126,15 +127,13 @@ def train_model(samples, val, init: str | None, out: Path, iterations: int, args
 
 
 def heldout_dice(model, heldout) -> dict[str, float]:
-    """Pooled Dice per tissue over the held-out phantoms (default output)."""
-    inter = {v: 0 for v in L.NAMES}
-    total = {v: 0 for v in L.NAMES}
+    """Pooled Dice per tissue over the held-out phantoms (default output; NaN for a tissue
+    absent from all of them, so the CSV stays numeric)."""
+    pooled = PooledOverlap()
     for hu, truth, spacing in heldout:
         label, _ = pseudo.pseudo_label_volume(hu, spacing, model, [0])
-        for v in L.NAMES:
-            inter[v] += 2 * int(((label == v) & (truth == v)).sum())
-            total[v] += int((label == v).sum()) + int((truth == v).sum())
-    return {L.NAMES[v]: (inter[v] / total[v] if total[v] else float("nan")) for v in L.NAMES}
+        pooled.add(label, truth)
+    return {name: (float("nan") if value is None else value) for name, value in pooled.dice().items()}
 
 
 # --------------------------------------------------------------------------- one arm

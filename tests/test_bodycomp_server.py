@@ -19,7 +19,8 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from sarco_app import labels as L
 from sarco_app.ingest import load_image, make_image, save_image
 from sarco_app.phantom import generate, write_phantom
-from sarco_app.segment import SHIPPED_MODEL_PATH, dice_per_tissue
+from sarco_app.metrics import dice_per_tissue
+from sarco_app.segment import SHIPPED_MODEL_PATH
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sarco_app import interactive, scribble_regions
+from sarco_app import interactive, metrics, scribble_regions
 from sarco_app.errors import SarcoError
 from sarco_app.labels import IMAT, MUSCLE, SAT, VAT
 
@@ -97,7 +97,7 @@ def bbox(mask, margin=3):
 def test_sat_from_rectangle_on_synthetic(tool):
     hu, truth = synthetic_slice()
     out = tool(hu, "sat", roi=bbox(truth == SAT), spacing=SPACING)
-    assert interactive.iou(out == SAT, truth == SAT) >= 0.9
+    assert metrics.iou(out == SAT, truth == SAT) >= 0.9
     assert set(np.unique(out)) <= {0, SAT}
 
 
@@ -112,7 +112,7 @@ def test_muscle_bowel_separated_by_background_scribble(tool):
     bg[int(xs.mean()) - 2:int(xs.mean()) + 3, int(ys.mean())] = True
     out = tool(hu, "muscle", roi=roi, bg=bg, spacing=SPACING)
     assert np.count_nonzero((out == MUSCLE) & loop) < 0.1 * loop.sum()
-    assert interactive.iou(out == MUSCLE, truth == MUSCLE) >= 0.9
+    assert metrics.iou(out == MUSCLE, truth == MUSCLE) >= 0.9
 
 
 def test_phantom_sat_and_vat_from_rectangle():
@@ -120,12 +120,12 @@ def test_phantom_sat_and_vat_from_rectangle():
     ph = phantom.generate(1000, size=256)
     truth = np.asarray(ph.label)
     out = interactive.back_projection(ph.hu, "sat", roi=bbox(truth == SAT), spacing=ph.spacing)
-    assert interactive.iou(out == SAT, truth == SAT) >= 0.88
+    assert metrics.iou(out == SAT, truth == SAT) >= 0.88
     # VAT with the muscle and SAT already labelled (the order a person works in).
     current = np.where(np.isin(truth, (MUSCLE, SAT)), truth, 0).astype(np.uint8)
     out = interactive.grabcut(ph.hu, "vat", roi=bbox(truth == VAT), current=current,
                               spacing=ph.spacing)
-    assert interactive.iou(out == VAT, truth == VAT) >= 0.8
+    assert metrics.iou(out == VAT, truth == VAT) >= 0.8
     assert np.array_equal(out[current > 0], current[current > 0])
 
 
@@ -179,7 +179,7 @@ def test_scribbles_only_without_rectangle():
     fg[70:80, 15] = True  # a short stroke in the front SAT
     assert (truth[fg] == SAT).all()
     out = interactive.back_projection(hu, "sat", fg=fg, spacing=SPACING)
-    assert interactive.iou(out == SAT, truth == SAT) >= 0.85
+    assert metrics.iou(out == SAT, truth == SAT) >= 0.85
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -197,7 +197,7 @@ def test_background_stroke_edits_a_stored_label(tool):
     assert loop[bg].all()
     out = tool(hu, "muscle", bg=bg, current=current, spacing=SPACING)
     assert np.count_nonzero(out[loop] == MUSCLE) < 0.1 * loop.sum()
-    assert interactive.iou(out == MUSCLE, truth == MUSCLE) >= 0.97  # the ring it touches stays
+    assert metrics.iou(out == MUSCLE, truth == MUSCLE) >= 0.97  # the ring it touches stays
     assert (out[truth == SAT] == SAT).all() and (out[truth == VAT] == VAT).all()
     # Without the tissue in the current label a background stroke alone has nothing to edit.
     with pytest.raises(SarcoError, match="background scribbles alone"):
@@ -232,7 +232,7 @@ def test_volume_slice_index():
     out = interactive.back_projection(vol, "sat", roi=bbox(truth == SAT), current=current,
                                       spacing=SPACING, slice_index=1)
     assert out.shape == vol.shape
-    assert interactive.iou(out[:, :, 1] == SAT, truth == SAT) >= 0.9
+    assert metrics.iou(out[:, :, 1] == SAT, truth == SAT) >= 0.9
     assert (out[:, :, 2] == IMAT).all() and (out[:, :, 0] == 0).all()
     # Scribbles on one slice pick that slice when slice_index is not given.
     fg = np.zeros(vol.shape, bool)
@@ -273,7 +273,7 @@ def test_option_errors():
         interactive.back_projection(hu, "sat", roi=roi, bins=1)
     # Overrides that are valid change nothing essential.
     out = interactive.grabcut(hu, "sat", roi=roi, window=(-300, 100), iterations=2, spacing=SPACING)
-    assert interactive.iou(out == SAT, truth == SAT) >= 0.9
+    assert metrics.iou(out == SAT, truth == SAT) >= 0.9
 
 
 # --------------------------------------------------------------------------- annotator

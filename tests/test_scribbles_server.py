@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from sarco_app import interactive
+from sarco_app import metrics
 from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, save_label
 from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
 
@@ -116,7 +116,7 @@ def test_rectangle(server, studies, truth, model):
     roi = _box(truth == SAT) + [0, 1]
     res = _infer(server, model, "syn", {"tissue": "sat", "roi": roi})
     label = _label(res, studies / "syn.nii.gz")
-    assert interactive.iou(label == SAT, truth == SAT) >= 0.9
+    assert metrics.iou(label == SAT, truth == SAT) >= 0.9
 
 
 @pytest.mark.parametrize("model", ["backprojection", "grabcut"])
@@ -128,7 +128,7 @@ def test_scribble_file(server, studies, truth, model):
     res = _infer(server, model, "syn", {"tissue": "sat"},
                  _nifti_bytes(scribbles, studies / "syn.nii.gz"))
     label = _label(res, studies / "syn.nii.gz")
-    assert interactive.iou(label == SAT, truth == SAT) >= 0.85
+    assert metrics.iou(label == SAT, truth == SAT) >= 0.85
     assert not (label[truth == VAT] == SAT).any()
 
 
@@ -137,7 +137,7 @@ def test_merge_keeps_stored_other_tissue(server, studies, truth):
     res = _infer(server, "backprojection", "withvat", {"tissue": "muscle", "roi": roi})
     label = _label(res, studies / "withvat.nii.gz")
     assert (label[truth == VAT] == VAT).all()  # from the datastore's final label
-    assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.85
+    assert metrics.iou(label == MUSCLE, truth == MUSCLE) >= 0.85
     # The stored label is not changed by an infer call.
     stored = load_image(studies / "withvat.nii.gz").from_original(
         np.asarray(nib.load(studies / "labels" / "final" / "withvat.nii.gz").dataobj))
@@ -158,7 +158,7 @@ def test_background_stroke_edits_the_stored_label(server, studies, truth):
                  _nifti_bytes(scribbles, studies / "withloop.nii.gz"))
     label = _label(res, studies / "withloop.nii.gz")
     assert np.count_nonzero(label[wrong] == MUSCLE) < 0.1 * wrong.sum()
-    assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
+    assert metrics.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
 
 
 @pytest.mark.parametrize("model", ["backprojection", "grabcut"])
@@ -173,7 +173,7 @@ def test_one_background_stroke_removes_an_organ_glued_to_the_wall(server, studie
                  _nifti_bytes(scribbles, studies / "withorgan.nii.gz"))
     label = _label(res, studies / "withorgan.nii.gz")
     assert np.count_nonzero(label[organ] == MUSCLE) < 0.05 * organ.sum()
-    assert interactive.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
+    assert metrics.iou(label == MUSCLE, truth == MUSCLE) >= 0.97
 
 
 @pytest.mark.parametrize("model", ["backprojection", "grabcut"])
@@ -194,7 +194,7 @@ def test_volume_with_slice_index(server, studies, truth):
                                              "iterations": 3})
     label = _label(res, studies / "vol.nii.gz")
     assert label.shape == truth.shape + (3,)
-    assert interactive.iou(label[:, :, 1] == SAT, truth == SAT) >= 0.9
+    assert metrics.iou(label[:, :, 1] == SAT, truth == SAT) >= 0.9
     assert not label[:, :, 0].any() and not label[:, :, 2].any()
     assert res.headers.get("content-type", "").startswith("application/")
 

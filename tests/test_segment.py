@@ -14,10 +14,10 @@ from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
 from sarco_app.ingest import load_image, make_image, save_image
 from sarco_app.network import load_checkpoint, new_model, save_checkpoint
+from sarco_app.metrics import dice_per_tissue
 from sarco_app.phantom import generate
 from sarco_app.segment import (
     SHIPPED_MODEL_PATH,
-    dice_per_tissue,
     get_model,
     postprocess,
     predict_probabilities,

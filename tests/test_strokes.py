@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sarco_app import interactive, scribble_regions, strokes
+from sarco_app import interactive, metrics, scribble_regions, strokes
 from sarco_app.labels import MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,7 +71,7 @@ def test_tools_remove_the_organ_with_one_background_stroke(tool):
     hu, truth, organ, stored = organ_against_wall(organ_hu=75.0, seed=3)
     out = tool(hu, "muscle", bg=stroke_in(organ), current=stored, spacing=SPACING)
     assert np.count_nonzero(out[organ] == MUSCLE) < 0.05 * organ.sum()
-    assert interactive.iou(out == MUSCLE, truth == MUSCLE) >= 0.97
+    assert metrics.iou(out == MUSCLE, truth == MUSCLE) >= 0.97
     assert (out[truth == SAT] == SAT).all() and (out[truth == VAT] == VAT).all()
 
 
@@ -130,7 +130,7 @@ def test_missed_muscle_piece_is_added_by_one_stroke_without_the_organ_it_touches
     out = interactive.back_projection(hu, "muscle", fg=stroke, current=stored, spacing=SPACING)
     assert np.count_nonzero(out[piece] == MUSCLE) > 0.9 * piece.sum()
     assert np.count_nonzero(out[organ] == MUSCLE) == 0
-    assert interactive.iou(out == MUSCLE, truth == MUSCLE) >= 0.97
+    assert metrics.iou(out == MUSCLE, truth == MUSCLE) >= 0.97
 
 
 def test_strokes_outside_the_tissue_give_nothing():

@@ -8,7 +8,8 @@ import pytest
 
 from sarco_app import labels as L
 from sarco_app.phantom import generate
-from sarco_app.segment import dice_per_tissue, segment_volume
+from sarco_app.metrics import dice_per_tissue
+from sarco_app.segment import segment_volume
 from sarco_app.threshold import body_mask, threshold_segment
 
 
