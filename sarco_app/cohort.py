@@ -184,7 +184,7 @@ def quantify_studies(
             result = quantify_scan(image, label, slice_index, None, reference, cutoffs)
             row.update(flatten_result(result))
             if overlays:
-                row["overlay"] = str(_write_overlay(image, label, result, overlay_dir / f"{study_id}.png", study_id))
+                row["overlay"] = str(write_overlay(image, label, result, overlay_dir / f"{study_id}.png", study_id))
         except (ValueError, OSError) as exc:  # one bad scan must not stop the run
             row["status"] = f"error: {exc}"
         except Exception as exc:  # an unexpected failure is recorded too, with its type
@@ -264,7 +264,7 @@ def _load_pair(image_path: Path, label_path: Path) -> tuple[CTImage, np.ndarray]
     return image, load_label(label_path, image)
 
 
-def _write_overlay(image: CTImage, label: np.ndarray, result: dict, path: Path, title: str) -> Path:
+def write_overlay(image: CTImage, label: np.ndarray, result: dict, path: Path, title: str) -> Path:
     from sarco_app.overlay import overlay_png
 
     k = result["slice_index"]

@@ -115,7 +115,7 @@ def process_input(entry: RawInput, method: str = "unet", model: Any = None,
     """Row (status, L3 columns, measures) and ``(image, label, result)`` for the overlay."""
     from sarco_app import ingest
     from sarco_app.cohort import flatten_result
-    from sarco_app.l3 import file_slice_index, locate_l3
+    from sarco_app.l3 import choose_slice, file_slice_index
     from sarco_app.quantify import quantify_scan
     from sarco_app.segment import segment_image
 
@@ -137,17 +137,15 @@ def process_input(entry: RawInput, method: str = "unet", model: Any = None,
     if _not_axial(image):
         row["status"] = "skipped: not an axial series (slice axis is not head-feet)"
         return row, None
-    if image.hu.ndim == 3 and image.num_slices >= 3:
-        l3 = locate_l3(image)
-        row.update({"l3_confidence": l3.confidence, "l3_reason": l3.reason})
-        if not l3.found:
-            row["status"] = f"no L3: {l3.reason}"
+    if image.hu.ndim == 3:
+        choice = choose_slice(image, middle=False)  # measured at L3 or not at all
+        if choice.l3 is not None:
+            row.update({"l3_confidence": choice.l3.confidence, "l3_reason": choice.l3.reason})
+        if choice.index is None:
+            row["status"] = f"no L3: {choice.reason}"
             return row, None
-        k = l3.slice_index
-        row.update({"l3_slice_index": file_slice_index(image, k), "l3_z_mm": round(l3.z_mm, 2)})
-    elif image.hu.ndim == 3:
-        row["status"] = f"no L3: {image.num_slices} slices are too few to locate L3"
-        return row, None
+        k = choice.index
+        row.update({"l3_slice_index": file_slice_index(image, k), "l3_z_mm": round(choice.l3.z_mm, 2)})
     else:
         k = None
         row["l3_reason"] = "single slice: measured as given"
@@ -193,7 +191,7 @@ def quantify_raw_folder(
     """
     from tqdm import tqdm
 
-    from sarco_app.cohort import _write_overlay, resolve_outputs, write_workbook
+    from sarco_app.cohort import write_overlay, resolve_outputs, write_workbook
 
     out_path, reference, cutoffs = resolve_outputs(out_path, reference, cutoffs)
     model = None
@@ -216,7 +214,7 @@ def quantify_raw_folder(
             if measured is not None and overlays:
                 image, label, result = measured
                 safe = entry.name.replace("/", "_").replace("#", "_")
-                row["overlay"] = str(_write_overlay(image, label, result, overlay_dir / f"{safe}.png", entry.name))
+                row["overlay"] = str(write_overlay(image, label, result, overlay_dir / f"{safe}.png", entry.name))
         except Exception as exc:  # one bad study must not stop the run
             row = {"id": entry.name, "status": f"error: {type(exc).__name__}: {exc}", "image": str(entry.path)}
         rows.append(row)

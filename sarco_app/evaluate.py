@@ -14,7 +14,7 @@ both maps of an image has no IoU and is left out of that column.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from sarco_app import labels as L
 from sarco_app.errors import SarcoError
 from sarco_app.ingest import NIFTI_SUFFIXES, image_stem
 from sarco_app.metrics import iou_dice, overlap_counts
+
+logger = logging.getLogger(__name__)
 
 #: Column name -> label values it covers.
 COLUMNS: dict[str, tuple[int, ...]] = {
@@ -123,8 +125,7 @@ def evaluate_files(pred: str | Path, truth: str | Path) -> dict[str, Any]:
         if p.shape != t.shape:
             raise SarcoError(f"{key}: prediction shape {p.shape} differs from reference shape {t.shape}")
         if not np.allclose(p_affine, t_affine, atol=1e-2):
-            print(f"warning: {key}: prediction and reference affines differ; compared voxel by voxel",
-                  file=sys.stderr)
+            logger.warning("%s: prediction and reference affines differ; compared voxel by voxel", key)
         row: dict[str, Any] = {"id": key}
         for column, result in agreement(p, t).items():
             for measure in ("iou", "dice", "intersection", "union"):

@@ -41,6 +41,10 @@ against the muscle wall, glued along a long contact that is no neck) removes the
 where its HU differs from the muscle's, and a foreground stroke on missed muscle adds the
 connected piece of its HU. Where HU cannot tell an organ from the muscle the geometric rule
 above decides alone.
+
+Why this module is still ~680 lines: input validation, the tissue rules and the two tools share
+the private ``_Inputs``/``_Anatomy`` state of one call; the geometry that needs none of it lives
+in :mod:`sarco_app.scribble_regions`, the file adapter in the app's scribbles task.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ superior). :func:`file_slice_index` converts the answer to the voxel order of th
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ from scipy.signal import find_peaks
 
 from sarco_app.errors import SarcoError
 from sarco_app.ingest import CTImage
+
+logger = logging.getLogger(__name__)
 
 #: In-plane pixel size (mm) of the working grid.
 WORK_PIXEL_MM = 2.0
@@ -473,3 +476,80 @@ def file_slice_index(image: CTImage, canonical_index: int) -> int | None:
     no single file slice index exists.
     """
     return image.file_slice(canonical_index)
+
+
+def answer_json(image: CTImage, result: L3Result, source: str | None = None) -> dict:
+    """The JSON answer (CLI ``l3`` and the server's ``l3_locator``) for an image and its
+    :class:`L3Result`; ``slice_index`` in the file's voxel order."""
+    file_index = file_slice_index(image, result.slice_index) if result.found else None
+    return {
+        "slice_index": file_index if result.found else None,
+        "z_mm": round(float(result.z_mm), 2) if result.found else None,
+        "confidence": float(result.confidence),
+        "reason": result.reason,
+        "found": bool(result.found),
+        "canonical_slice_index": result.slice_index if result.found else None,
+        "index_order": "file voxel order (canonical_slice_index: axis 2 toward superior)",
+        "l3_z_range_mm": [round(float(z), 1) for z in result.l3_z_range_mm] if result.l3_z_range_mm else None,
+        "levels_z_mm": {k: [round(float(a), 1), round(float(b), 1)] for k, (a, b) in result.levels.items()},
+        "num_slices": int(image.num_slices),
+        "slice_spacing_mm": round(float(image.spacing[2]), 3),
+        "image": source,
+        "seconds": round(float(result.seconds), 3),
+    }
+
+
+# --------------------------------------------------------------------------- slice choice
+
+
+@dataclass
+class SliceChoice:
+    """The axial slice to work on and why (:func:`choose_slice`)."""
+
+    index: int | None  # canonical (axis 2 toward superior); 0 for a 2D image; None: no slice
+    source: str  # '2d', 'request', 'l3_locator', 'middle', or 'none' (no L3, no middle wanted)
+    l3: L3Result | None = None  # the locator's answer when it was asked
+    reason: str = ""  # why L3 was not used, when it was not found
+
+
+def choose_slice(image: CTImage, requested: Any = None, *, middle: bool = True) -> SliceChoice:
+    """The library's one slice-choice policy: the requested slice, else L3, else the middle.
+
+    Parameters
+    ----------
+    image : canonical CT (2D images have one slice: 0, source ``'2d'``).
+    requested : canonical slice index (int or its text; negative counts from the end), or
+        ``None``/``''`` for none. Out of range or not an integer: :class:`SarcoError`.
+    middle : fall back to the middle slice when L3 is not found (segmentation, pseudo-labels:
+        a label anywhere helps; a locator error is then logged, not raised). ``False`` for
+        measurement (``quantify``, ``cohort --input``): a muscle index away from L3 means
+        nothing, so the answer is ``index None`` (source ``'none'``) with the reason.
+    """
+    if image.hu.ndim == 2:
+        if requested not in (None, "", 0, "0"):
+            raise SarcoError(f"slice {requested!r} given but the image is 2D")
+        return SliceChoice(0, "2d")
+    depth = image.hu.shape[2]
+    if requested not in (None, ""):
+        try:
+            index = int(requested)
+        except (TypeError, ValueError):
+            raise SarcoError(f"slice_index must be an integer, not {requested!r}") from None
+        if not -depth <= index < depth:
+            raise SarcoError(f"slice {index} is out of range: the image has {depth} slices (0..{depth - 1})")
+        return SliceChoice(index % depth, "request")
+    found, why = None, f"{depth} slices are too few to locate L3"
+    if depth >= 3:
+        try:
+            found = locate_l3(image)
+            why = found.reason
+        except Exception as exc:  # the locator is optional help when a middle slice will do
+            if not middle:
+                raise
+            logger.info("L3 locator failed (%s); using the middle slice", exc)
+            why = f"the L3 locator failed ({exc})"
+    if found is not None and found.found and found.slice_index is not None:
+        return SliceChoice(int(found.slice_index), "l3_locator", found)
+    if middle:
+        return SliceChoice(depth // 2, "middle", found, why)
+    return SliceChoice(None, "none", found, why)

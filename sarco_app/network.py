@@ -160,6 +160,19 @@ class BodyCompModel:
     mtime: float | None = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (inputs are moved there)."""
+        return next(self.network.parameters()).device
+
+    def to(self, device: str | torch.device | None = "auto") -> "BodyCompModel":
+        """Move the network and split head to ``device`` (see :func:`resolve_device`), in place."""
+        device = resolve_device(device)
+        self.network.to(device)
+        if self.split_head is not None:
+            self.split_head.to(device)
+        return self
+
+    @property
     def num_classes(self) -> int:
         """Classes the model serves (the five tissue classes), whatever the network predicts."""
         return L.NUM_CLASSES
@@ -168,6 +181,27 @@ class BodyCompModel:
     def organ_classes(self) -> list[str]:
         """Organ classes the network predicts beside the tissue classes (empty for most models)."""
         return list(self.class_names[L.NUM_CLASSES:])
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for ``device``: ``'auto'`` (or ``None``) is CUDA when a GPU is there,
+    else the CPU; ``'cpu'``, ``'cuda'`` and ``'cuda:N'`` are taken as they are. A CUDA device
+    without a usable GPU, or any other name, raises :class:`SarcoError`."""
+    if isinstance(device, torch.device):
+        return device
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise SarcoError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise SarcoError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda" and (not torch.cuda.is_available()
+                                  or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise SarcoError(f"device {device!r} asked for but no such CUDA GPU is available")
+    return chosen
 
 
 def tissue_logits(logits: torch.Tensor) -> torch.Tensor:

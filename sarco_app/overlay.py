@@ -65,10 +65,8 @@ def overlay_png(
     -------
     Path of the written file.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own (no pyplot, no matplotlib.use): the caller's backend is left alone.
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -86,7 +84,8 @@ def overlay_png(
 
     aspect = (ny * sy) / max(nx * sx, 1e-6)
     fig_w = 7.0
-    fig, ax = plt.subplots(figsize=(fig_w, fig_w * aspect * 0.78 + 0.8), dpi=dpi)
+    fig = Figure(figsize=(fig_w, fig_w * aspect * 0.78 + 0.8), dpi=dpi)
+    ax = fig.subplots()
     ax.imshow(
         hu_xy.T,
         cmap="gray",
@@ -132,5 +131,4 @@ def overlay_png(
     if title:
         ax.set_title(title, fontsize=10)
     fig.savefig(path, bbox_inches="tight", dpi=dpi)
-    plt.close(fig)
     return path

@@ -29,6 +29,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import random as _random
@@ -41,6 +42,8 @@ import numpy as np
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
+
+logger = logging.getLogger(__name__)
 
 PSEUDO_TAG = "pseudo"
 FINAL_TAG = "final"
@@ -111,17 +114,10 @@ def now_iso() -> str:
 def default_slices(image) -> tuple[list[int], str]:
     """Slices to pseudo-label: the whole 2D image; for a volume the L3 slice
     (:func:`sarco_app.l3.locate_l3`), else the middle slice. Returns (canonical slices, source)."""
-    if image.hu.ndim == 2:
-        return [0], "2d"
-    try:
-        from sarco_app.l3 import locate_l3
+    from sarco_app.l3 import choose_slice
 
-        found = locate_l3(image)
-        if found.found and found.slice_index is not None:
-            return [int(found.slice_index)], "l3_locator"
-    except Exception:  # the locator is optional help; fall back to the middle
-        pass
-    return [image.hu.shape[2] // 2], "middle"
+    choice = choose_slice(image)
+    return [choice.index], choice.source
 
 
 @dataclass
@@ -498,12 +494,13 @@ def _stem(path: Path) -> str:
 
 
 def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path: str | Path,
-                  pseudo_weight: float = 0.5, log: Callable[[str], None] = print, **extra: Any) -> dict[str, Any]:
+                  pseudo_weight: float = 0.5, log: Callable[[str], None] | None = None, **extra: Any) -> dict[str, Any]:
     """One retrain of the loop: :func:`sarco_app.train.train` on ``chosen`` (finals weight 1,
     pseudo-labels ``pseudo_weight``; validation on finals only) and a round appended to
     ``rounds_path``. Returns the train result with the stored ``round`` record."""
     from sarco_app.train import train
 
+    log = log or logger.info
     train_samples, val_samples = load_training_samples(chosen, pseudo_weight, config.val_fraction,
                                                        config.max_val, config.seed,
                                                        organ_classes=config.organ_classes)

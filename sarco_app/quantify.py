@@ -263,12 +263,12 @@ def choose_slice(image: CTImage, label: np.ndarray, slice_index: int | None) -> 
         if labelled.size == 1:
             return int(labelled[0])
         if labelled.size > 1:
-            from sarco_app.l3 import locate_l3  # a 3D scan measured at L3 by default
+            from sarco_app.l3 import choose_slice  # a 3D scan measured at L3, never elsewhere
 
-            found = locate_l3(image)
-            if found.found and found.slice_index in set(labelled.tolist()):
-                return int(found.slice_index)
-            why = found.reason if not found.found else f"L3 (slice {found.slice_index}) is not labelled"
+            choice = choose_slice(image, middle=False)
+            if choice.index is not None and choice.index in set(labelled.tolist()):
+                return int(choice.index)
+            why = choice.reason if choice.index is None else f"L3 (slice {choice.index}) is not labelled"
         else:
             why = "no slice is labelled"
         raise SarcoError(

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
+from tqdm import tqdm
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
@@ -40,11 +41,10 @@ from sarco_app.network import SIZE_MULTIPLE, BodyCompModel, encode_windows, load
 from sarco_app.threshold import body_mask, closing, remove_small_components, threshold_segment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: Where ``python -m sarco_app train`` and the MONAI Label trainer put a retrained model.
-APP_MODEL_PATH = REPO_ROOT / "apps" / "sarcopenia" / "model" / "bodycomp_unet.pt"
 #: The model shipped in the repository (trained on phantoms, see models/MODEL_CARD.md).
 SHIPPED_MODEL_PATH = REPO_ROOT / "models" / "bodycomp_unet.pt"
-#: Environment variable naming a checkpoint that overrides both (tests, deployments).
+#: Environment variable naming a checkpoint to use instead (a retrained model, tests). The
+#: MONAI Label app passes its own model paths (its retrained model, then this one) explicitly.
 MODEL_ENV = "SARCO_BODYCOMP_MODEL"
 
 METHODS = ("unet", "threshold")
@@ -54,13 +54,11 @@ ISLAND_GROUPS = ((L.MUSCLE, L.IMAT), (L.SAT,), (L.VAT,))
 
 
 def default_model_path() -> Path:
-    """The checkpoint inference uses: ``$SARCO_BODYCOMP_MODEL``, else the app's retrained model
-    (``apps/sarcopenia/model/bodycomp_unet.pt``) when it exists, else the shipped one."""
+    """The checkpoint the library uses when none is given: ``$SARCO_BODYCOMP_MODEL``, else the
+    shipped one."""
     env = os.environ.get(MODEL_ENV, "").strip()
     if env:
         return Path(env)
-    if APP_MODEL_PATH.is_file():
-        return APP_MODEL_PATH
     return SHIPPED_MODEL_PATH
 
 
@@ -118,7 +116,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE, value: float
 def preprocess(hu_slices: np.ndarray | torch.Tensor, spacing: Sequence[float], model: BodyCompModel):
     """HU slices ``(N, X, Y)`` at pixel ``spacing`` (mm) -> network input ``(N, C, H, W)`` at the
     model's working spacing, and the crop that removes the padding."""
-    hu = torch.as_tensor(np.asarray(hu_slices, dtype=np.float32))
+    if not isinstance(hu_slices, torch.Tensor):
+        hu_slices = torch.as_tensor(np.asarray(hu_slices, dtype=np.float32))
+    hu = hu_slices.to(device=model.device, dtype=torch.float32)
     size = working_shape(hu.shape[-2:], spacing, model.spacing_mm)
     hu = resample_hu(hu, size)
     x, crop = pad_to_multiple(encode_windows(hu, model.windows), value=0.0)  # 0 = air in all windows
@@ -160,8 +160,9 @@ def predict_probabilities(
         if model.split_head is None or not split_head:
             probs = torch.softmax(logits, dim=1)
         else:
-            probs = model.split_head.probabilities(logits, torch.as_tensor(hu_slices[start : start + batch_size]))
-        out[start : start + batch_size] = probs.numpy()
+            hu = torch.as_tensor(hu_slices[start : start + batch_size]).to(logits.device)
+            probs = model.split_head.probabilities(logits, hu)
+        out[start : start + batch_size] = probs.cpu().numpy()
     return out
 
 
@@ -327,6 +328,7 @@ def segment_volume(
     hu_refine: bool = True,
     batch_size: int = 4,
     threads: int | None = None,
+    device: str | None = "auto",
 ) -> SegmentResult:
     """Body-composition labels of a 2D slice ``(X, Y)`` or of slices of a volume ``(X, Y, Z)``.
 
@@ -344,6 +346,8 @@ def segment_volume(
         (the raw network labels).
     threads : torch CPU threads for the network while this call runs (``None``: unchanged).
         One thread is the robust choice on a busy 2-core machine (``scripts/bench_infer.py``).
+    device : ``'auto'`` (CUDA when a GPU is there, else CPU), ``'cpu'``, ``'cuda'`` or
+        ``'cuda:N'`` (:func:`sarco_app.network.resolve_device`); the model is moved there.
 
     Returns
     -------
@@ -367,12 +371,16 @@ def segment_volume(
     else:
         if not isinstance(model, BodyCompModel):
             model = get_model(model)
+        model.to(device)
         result.model_path = model.path
         previous_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(int(threads))
         try:
             sums = {name: [0.0, 0] for name in L.LABELS}
+            # Progress on stderr for a whole volume in a terminal (disable=None: off elsewhere).
+            progress = tqdm(total=len(chosen), desc="segment", unit="slice",
+                            disable=None if len(chosen) > batch_size else True)
             for start in range(0, len(chosen), batch_size):
                 batch = chosen[start : start + batch_size]
                 stack = np.moveaxis(volume[:, :, batch], 2, 0)
@@ -388,6 +396,8 @@ def segment_volume(
                         mask = lab == value
                         sums[name][0] += float(probs[i][value][mask].sum())
                         sums[name][1] += int(mask.sum())
+                progress.update(len(batch))
+            progress.close()
             result.confidence = {
                 name: (round(total / count, 4) if count else None) for name, (total, count) in sums.items()
             }
@@ -398,9 +408,11 @@ def segment_volume(
 
 
 def segment_image(
-    image, slices=None, method: str = "unet", model=None, hu_refine: bool = True, threads: int | None = None
+    image, slices=None, method: str = "unet", model=None, hu_refine: bool = True, threads: int | None = None,
+    device: str | None = "auto",
 ) -> SegmentResult:
     """:func:`segment_volume` on a :class:`sarco_app.ingest.CTImage` (canonical grid)."""
     return segment_volume(
-        image.hu, image.spacing, slices, method=method, model=model, hu_refine=hu_refine, threads=threads
+        image.hu, image.spacing, slices, method=method, model=model, hu_refine=hu_refine, threads=threads,
+        device=device,
     )

@@ -28,12 +28,16 @@ that reloads on file change picks it up at once.
 Optionally (``split_head_iterations``) a second phase trains the split head
 (:class:`sarco_app.network.TissueSplitHead`) with the backbone frozen, on the slices' own
 grids: :func:`train_split_head`.
+
+Why this module is ~770 lines: the augmentation (about 200 of them) is the next seam to split
+off; it stays here until the lead's move into sub-packages, so two moves do not collide.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +47,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError
@@ -57,10 +62,13 @@ from sarco_app.network import (
     encode_windows,
     load_checkpoint,
     new_model,
+    resolve_device,
     save_checkpoint,
     tissue_logits,
 )
 from sarco_app.segment import original_grid_logits, pad_to_multiple, resample_hu, working_shape
+
+logger = logging.getLogger(__name__)
 
 AIR = -1024.0
 
@@ -81,11 +89,13 @@ class Sample:
 class TrainConfig:
     """Training settings (all recorded in the checkpoint's ``meta``)."""
 
-    epochs: int = 30
+    # The one set of defaults (CLI `train` and `loop`, the MONAI Label trainer): a fine-tune of
+    # tens of slices on a 2-core CPU. scripts/train_bodycomp.py passes the shipped model's recipe.
+    epochs: int = 10
     batch_size: int = 8
-    crop: int = 160  # square crop at the working spacing (pixels)
+    crop: int = 128  # square crop at the working spacing (pixels)
     iterations_per_epoch: int | None = None  # default: enough to see every slice once
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.15
     max_val: int = 24
@@ -111,6 +121,51 @@ class TrainConfig:
     # Also write every epoch's network here (the best by validation Dice still goes to the output):
     # phantom validation Dice cannot see every change that matters on real CT.
     last_path: str | None = None
+    # 'auto' (CUDA when a GPU is there, else CPU), 'cpu', 'cuda' or 'cuda:N'. Random draws stay on
+    # the CPU generator, so the crops and augmentations are the same on every device.
+    device: str = "auto"
+
+    #: Settings a request (HTTP params, CLI options, script options) may give, by kind. Others
+    #: (windows, network, spacing_mm) come from the checkpoint being fine-tuned or from code.
+    PARAM_KINDS = {
+        "epochs": int, "iterations_per_epoch": int, "batch_size": int, "crop": int, "lr": float,
+        "weight_decay": float, "val_fraction": float, "max_val": int, "seed": int, "threads": int,
+        "augment": bool, "init_from": str, "time_limit_s": float, "relabel_muscle_by_hu": bool,
+        "split_head_iterations": int, "split_head_lr": float, "organ_classes": bool, "last_path": str,
+        "device": str,
+    }
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """The defaults of every request setting (one set for the CLI, the scripts and the app)."""
+        defaults = cls()
+        return {name: getattr(defaults, name) for name in cls.PARAM_KINDS}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
+        """A checked config from request-style ``params`` (numbers or their text, flags as bools
+        or 'true'/'false'); a missing or ``None`` value takes the default, ``0`` means none for
+        ``iterations_per_epoch`` (one pass) and ``time_limit_s`` (no cap). Unknown names and
+        values of the wrong kind raise :class:`SarcoError` naming them all."""
+        values: dict[str, Any] = {}
+        problems = [f"unknown setting {name!r}" for name in params if name not in cls.PARAM_KINDS]
+        for name, kind in cls.PARAM_KINDS.items():
+            raw = params.get(name)
+            if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
+                continue
+            try:
+                values[name] = _parse_setting(raw, kind)
+            except ValueError:
+                what = {int: "an integer", float: "a number", bool: "true or false", str: "text"}[kind]
+                problems.append(f"{name} must be {what}, not {raw!r}")
+        if problems:
+            raise SarcoError("invalid training params: " + "; ".join(problems))
+        for name in ("iterations_per_epoch", "time_limit_s"):
+            if values.get(name) == 0:
+                values[name] = None
+        config = cls(**values)
+        config.check()
+        return config
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
@@ -147,8 +202,35 @@ class TrainConfig:
         need(isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1 (got {self.threads!r})")
         need(self.time_limit_s is None or (finite(self.time_limit_s) and self.time_limit_s > 0),
              f"time_limit_s must be > 0, or 0/None for none (got {self.time_limit_s!r})")
+        try:
+            resolve_device(self.device)
+        except SarcoError as exc:
+            problems.append(str(exc))
         if problems:
             raise SarcoError("invalid training settings: " + "; ".join(problems))
+
+
+def _parse_setting(raw: Any, kind: type) -> Any:
+    """``raw`` (a value or its text) as ``kind``; ``ValueError`` when it is not one."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is str:
+        return str(raw)
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    number = float(raw)
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(raw)
+        return int(number)
+    return number
 
 
 # --------------------------------------------------------------------------- data
@@ -370,7 +452,7 @@ def validate(model: BodyCompModel, val: list[tuple[torch.Tensor, torch.Tensor]])
     model.network.eval()
     pooled = PooledOverlap()
     for hu, lab in val:
-        x, crop = pad_to_multiple(encode_windows(hu[None], model.windows))
+        x, crop = pad_to_multiple(encode_windows(hu[None], model.windows).to(model.device))
         pooled.add(tissue_logits(model.network(x))[0, :, crop[0], crop[1]].argmax(0), lab)
     model.network.train()
     return pooled.dice()
@@ -386,7 +468,7 @@ def train(
     out_path: str | Path,
     config: TrainConfig | None = None,
     val_samples: Sequence[Sample] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train the network on ``samples`` and write the best checkpoint to ``out_path``.
 
@@ -410,6 +492,7 @@ def train(
     retrained too; a head-only run replaces an existing head only when its raw validation Dice
     (mean of muscle, SAT, VAT) is higher.
     """
+    log = log or logger.info  # the CLI passes print; the server's trainer its own logger
     config = config or TrainConfig()
     config.check()
     if not samples:
@@ -433,6 +516,8 @@ def train(
             log(f"organ output classes added to {config.init_from}: " + ", ".join(model.organ_classes))
     else:
         model = new_model(config.network, config.spacing_mm, config.windows, organ_classes=config.organ_classes)
+    model.to(config.device)
+    device = model.device
     old_head = None
     if config.epochs > 0 and model.split_head is not None:
         # The head reads the backbone's logits: once the backbone changes, it no longer fits it.
@@ -457,6 +542,12 @@ def train(
     opt = torch.optim.AdamW(model.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = config.iterations_per_epoch or max(1, math.ceil(len(train_data) / config.batch_size))
     total_iters = per_epoch * config.epochs
+    # 5 % linear warm-up, then cosine decay to 1 % of the peak, over iterations: the same
+    # settings give the same run whatever the machine's speed; time_limit_s only stops it early.
+    from monai.optimizers import WarmupCosineSchedule
+
+    schedule = WarmupCosineSchedule(opt, warmup_steps=max(1, round(0.05 * total_iters)),
+                                    t_total=max(1, total_iters), end_lr=0.01 * config.lr) if working else None
     if working:
         log(
             f"training {model.config['name']} on {len(train_data)} slices, validating on {len(val_data)}; "
@@ -474,20 +565,14 @@ def train(
     history = []
     meta_base = {"train_config": _jsonable(asdict(config)), "train_slices": len(train_data), "val_slices": len(val_data)}
     stop = False
-    for epoch in range(1, config.epochs + 1):
+    # Progress on stderr in a terminal (disable=None); the per-epoch log line stays for logs.
+    for epoch in tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=None):
         losses = [float("nan")]
         for _ in range(per_epoch):
-            # Warm-up then cosine decay over the run's progress: iterations done, or the share
-            # of the time limit used when that comes first (a slow, shared CPU still anneals).
-            progress = it / total_iters
-            if config.time_limit_s:
-                progress = max(progress, (time.time() - t_loop) / config.time_limit_s)
-            if progress >= 1.0:
+            if config.time_limit_s and time.time() - t_loop >= config.time_limit_s:
+                log(f"time limit of {config.time_limit_s:g} s reached after {it} of {total_iters} iterations")
                 stop = True
                 break
-            warm = min(1.0, (progress + 1e-9) / 0.05)
-            for group in opt.param_groups:
-                group["lr"] = config.lr * warm * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
             idx = torch.randint(len(train_data), (config.batch_size,), generator=gen).tolist()
             crops = [sample_crop(*train_data[i], config.crop, gen, config.augment) for i in idx]
             hu = torch.stack([c[0] for c in crops])
@@ -496,12 +581,13 @@ def train(
                 hu = augment_intensity(hu, lab, gen)
                 if config.relabel_muscle_by_hu:
                     lab = relabel_muscle_by_hu(hu, lab)
-            x = encode_windows(hu, model.windows)
+            x = encode_windows(hu, model.windows).to(device)
+            lab = lab.to(device)
             logits = model.network(x)
-            weights = torch.tensor([train_weights[i] for i in idx])
-            with_organs = has_organs[idx] if organs else torch.zeros(len(idx), dtype=torch.bool)
+            weights = torch.tensor([train_weights[i] for i in idx], device=device)
+            with_organs = (has_organs[idx] if organs else torch.zeros(len(idx), dtype=torch.bool)).to(device)
             if bool((weights == 1.0).all()):
-                loss = torch.zeros(())
+                loss = torch.zeros((), device=device)
                 if with_organs.any():
                     loss = loss + loss_fn(logits[with_organs], lab[with_organs, None]) * with_organs.float().mean()
                 if not with_organs.all():
@@ -517,6 +603,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
             losses.append(float(loss.detach()))
             it += 1
         losses = losses[1:] or [float("nan")]
@@ -538,7 +625,8 @@ def train(
             f"{' (best, saved)' if improved else ''} [{elapsed:.0f} s]"
         )
         if stop:
-            log(f"time limit {config.time_limit_s:.0f} s reached in epoch {epoch}; stopping")
+            log(f"time limit {config.time_limit_s:.0f} s reached in epoch {epoch}; stopping (the learning rate "
+                "had not finished its decay)")
             break
     written = best["epoch"] > 0
     if config.epochs == 0:
@@ -594,7 +682,7 @@ def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Samp
             hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
             logits = original_grid_logits(hu, sample.spacing, model)
             pooled["backbone"].add(logits[0].argmax(0), sample.label)
-            pooled["head"].add(model.split_head.probabilities(logits, hu)[0].argmax(0), sample.label)
+            pooled["head"].add(model.split_head.probabilities(logits, hu.to(logits.device))[0].argmax(0), sample.label)
     return {key: per.dice() for key, per in pooled.items()}
 
 
@@ -607,7 +695,7 @@ def train_split_head(
     seed: int = 0,
     augment: bool = True,
     max_val: int = 24,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model.split_head`` (created when absent) with the backbone frozen.
 
@@ -621,8 +709,9 @@ def train_split_head(
     ``val_samples``' own grids, backbone alone and with the head
     (:func:`_raw_dice_with_and_without_head`).
     """
+    log = log or logger.info
     if model.split_head is None:
-        model.split_head = TissueSplitHead(model.num_classes)
+        model.split_head = TissueSplitHead(model.num_classes).to(model.device)
     head = model.split_head
     model.network.eval()  # frozen: no dropout noise, no normalisation statistics updated
     head.train()
@@ -636,7 +725,7 @@ def train_split_head(
     for it in range(iterations):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (it + 1) / warmup) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * it / iterations)))
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=model.device)
         for _ in range(2):
             sample = samples[int(torch.randint(len(samples), (1,), generator=gen))]
             hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
@@ -646,7 +735,8 @@ def train_split_head(
                     hu, lab = hu.flip(-2), lab.flip(-2)
                 hu = augment_intensity(hu, lab, gen)
             # The head learns the protocol: labels follow the (augmented) HU.
-            lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long()
+            lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long().to(model.device)
+            hu = hu.to(model.device)
             probs = head.probabilities(original_grid_logits(hu, sample.spacing, model), hu)
             loss = loss - torch.log(probs.gather(1, lab[:, None]).clamp_min(1e-6)).mean() / 2
         opt.zero_grad(set_to_none=True)
@@ -671,8 +761,10 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def train_from_folder(data_dir: str | Path, out_path: str | Path, config: TrainConfig | None = None, log=print, tag: str = "final") -> dict[str, Any]:
+def train_from_folder(data_dir: str | Path, out_path: str | Path, config: TrainConfig | None = None,
+                      log: Callable[[str], None] | None = None, tag: str = "final") -> dict[str, Any]:
     """:func:`train` on the labelled slices of a studies folder (see :func:`load_studies`)."""
+    log = log or logger.info
     samples = load_studies(data_dir, tag=tag)
     log(f"{len(samples)} labelled slices found in {data_dir}")
     return train(samples, out_path, config, log=log)

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core CPU)")
     parser.add_argument("--time-limit", type=float, default=4800.0,
-                        help="seconds of training after which the LR schedule ends (default 80 min)")
+                        help="seconds of training after which the run stops (default 80 min; the learning-rate "
+                             "schedule follows iterations, see models/MODEL_CARD.md)")
     parser.add_argument("--init", type=Path, default=None, help="checkpoint to continue from")
     parser.add_argument("--features", type=str, default="24,24,48,96,192,24",
                         help="BasicUNet features, comma-separated (the shipped model's by default)")
@@ -124,23 +125,16 @@ def main(argv=None) -> int:
     val_samples = make_samples(phantom_plan(args.val_count, args.seed + 7919, levels=levels), log)
     t_data = time.time() - t0
     log(f"phantoms ready in {t_data:.0f} s")
-    config = TrainConfig(
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        lr=args.lr,
-        seed=args.seed,
-        threads=args.threads,
-        max_val=args.val_count,
-        init_from=str(args.init) if args.init else None,
-        time_limit_s=args.time_limit,
-        relabel_muscle_by_hu=args.relabel_muscle_by_hu,
-        split_head_iterations=args.split_head_iterations,
-        split_head_lr=args.split_head_lr,
-        organ_classes=args.organ_classes,
-        last_path=str(args.last) if args.last else None,
-    )
+    # The options' defaults are the shipped model's stage-1 recipe (models/MODEL_CARD.md), not
+    # the library's defaults; TrainConfig.from_params checks them like the CLI's and the app's.
+    config = TrainConfig.from_params({
+        "epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch, "batch_size": args.batch_size,
+        "crop": args.crop, "lr": args.lr, "seed": args.seed, "threads": args.threads, "max_val": args.val_count,
+        "init_from": str(args.init) if args.init else None, "time_limit_s": args.time_limit,
+        "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
+        "split_head_lr": args.split_head_lr, "organ_classes": args.organ_classes,
+        "last_path": str(args.last) if args.last else None,
+    })
     if args.features:
         features = [int(f) for f in args.features.split(",")]
         config.network = {**DEFAULT_NETWORK, "kwargs": {**DEFAULT_NETWORK["kwargs"], "features": features}}

@@ -78,6 +78,17 @@ def test_info_lists_tasks(server):
     assert "bodycomp_threshold" in info["models"] and "bodycomp_unet" in info["trainers"]
 
 
+def test_trainer_defaults_are_the_cli_defaults(server):
+    """One set of training defaults: the server's trainer shows TrainConfig's, which the CLI uses."""
+    from sarco_app.train import TrainConfig
+
+    shown = requests.get(f"{server}/info/", timeout=30).json()["trainers"]["bodycomp_unet"]["config"]
+    defaults = TrainConfig.param_defaults()
+    for name in ("epochs", "batch_size", "crop", "lr", "seed", "split_head_iterations"):
+        assert shown[name] == defaults[name], name
+    assert shown["iterations_per_epoch"] == 0 and defaults["iterations_per_epoch"] is None  # one pass
+
+
 def test_unet_infer_on_phantom(server, studies):
     start = time.time()
     data, affine, params = decode(infer(server, "bodycomp_unet", "ph_a"))

@@ -11,7 +11,8 @@ import pytest
 
 from sarco_app.__main__ import main
 from sarco_app.ingest import load_image
-from sarco_app.l3 import file_slice_index, locate_l3
+from sarco_app.errors import SarcoError
+from sarco_app.l3 import choose_slice, file_slice_index, locate_l3
 from sarco_app.phantom3d import VERTEBRA_LABELS, make_volume_phantom, resample_z, save_volume
 from sarco_app.views import L3_COLOUR, render_l3_views
 
@@ -83,6 +84,22 @@ def test_chest_only_phantom_is_not_in_field_of_view():
     result = locate_l3(image)
     assert not result.found and result.slice_index is None and result.z_mm is None
     assert "not in field of view" in result.reason
+
+
+def test_slice_choice_is_request_else_l3_else_middle(phantom):
+    image, truth = phantom
+    found = choose_slice(image)
+    assert found.source == "l3_locator" and found.index == locate_l3(image).slice_index
+    assert choose_slice(image, "-1").index == image.hu.shape[2] - 1  # request (text, from the end)
+    with pytest.raises(SarcoError, match="out of range"):
+        choose_slice(image, image.hu.shape[2])
+    with pytest.raises(SarcoError, match="must be an integer"):
+        choose_slice(image, "L3")
+    chest, _ = make_volume_phantom(21, slice_thickness=2.5, coverage="chest", variants=[], **FAST)
+    middle = choose_slice(chest)
+    assert middle.source == "middle" and middle.index == chest.hu.shape[2] // 2
+    refused = choose_slice(chest, middle=False)  # measurement never guesses a level
+    assert refused.index is None and "not in field of view" in refused.reason
 
 
 def test_z_flipped_nifti_gives_the_same_anatomy_and_a_mirrored_file_index(phantom, tmp_path):

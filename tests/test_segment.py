@@ -271,3 +271,32 @@ def test_raw_network_labels_follow_hu_on_real_samples(tmp_path, relpath, slices)
         values = image.hu[data == value]
         share = float(np.mean((values >= lo) & (values <= hi)))
         assert values.size > 100 and share >= 0.95, (L.NAMES[value], share)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cpu_and_cuda_give_the_same_labels_on_a_phantom():
+    """The shipped model on the CPU and on the GPU: the same labels up to float rounding (cuDNN
+    kernels sum in another order, so a pixel whose two best classes tie may flip)."""
+    ph = generate(4, size=256)
+    on_cpu = segment_volume(ph.hu, ph.spacing, model=load_checkpoint(SHIPPED_MODEL_PATH), device="cpu")
+    gpu_model = load_checkpoint(SHIPPED_MODEL_PATH)
+    on_gpu = segment_volume(ph.hu, ph.spacing, model=gpu_model, device="cuda")
+    assert gpu_model.device.type == "cuda"
+    differ = np.count_nonzero(on_cpu.label != on_gpu.label)
+    assert differ <= 1e-4 * on_cpu.label.size, differ
+    probs_cpu = predict_probabilities(ph.hu[None], ph.spacing, load_checkpoint(SHIPPED_MODEL_PATH))
+    probs_gpu = predict_probabilities(ph.hu[None], ph.spacing, gpu_model)
+    assert np.abs(probs_cpu - probs_gpu).max() < 1e-2
+
+
+def test_device_choice_is_checked(tmp_path, capsys):
+    ph = generate(2, size=96)
+    path = tmp_path / "ph.nii.gz"
+    save_image(make_image(ph.hu, ph.spacing), path)
+    assert main(["segment", str(path), "--out", str(tmp_path / "l.nii.gz"), "--device", "tpu"]) != 0
+    assert "use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SarcoError, match="no such CUDA GPU"):
+            segment_volume(ph.hu, ph.spacing, device="cuda")
+    auto = segment_volume(ph.hu, ph.spacing, device="auto")
+    assert auto.label.shape == ph.hu.shape

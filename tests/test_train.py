@@ -83,6 +83,22 @@ def test_train_cli_errors(tmp_path, capsys):
     # Settings are checked before the (missing) studies are read: the message names the setting.
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--crop", "100"]) != 0
     assert "crop must be a multiple of 16" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--lr", "nan"]) != 0
+    assert "lr must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_train_config_from_params_reads_request_text():
+    from sarco_app.train import TrainConfig
+
+    config = TrainConfig.from_params({"epochs": "3", "lr": "0.01", "iterations_per_epoch": 0,
+                                      "time_limit_s": "0", "organ_classes": "true", "crop": None})
+    assert (config.epochs, config.lr, config.organ_classes) == (3, 0.01, True)
+    assert config.iterations_per_epoch is None and config.time_limit_s is None  # 0 means none
+    assert config.crop == TrainConfig().crop  # None takes the default
+    with pytest.raises(SarcoError) as err:
+        TrainConfig.from_params({"epochs": "2.5", "augment": "maybe", "epoch": 3})
+    for text in ("epochs must be an integer, not '2.5'", "augment must be true or false", "unknown setting 'epoch'"):
+        assert text in str(err.value)
 
 
 def test_train_config_check_names_every_bad_setting():
@@ -264,3 +280,19 @@ def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys
           "--iterations-per-epoch", "1", "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes",
           "--init", str(five)])
     assert "organ output classes added" in capsys.readouterr().out
+
+
+def test_learning_rate_follows_iterations_and_the_time_limit_only_stops(phantom_samples, tmp_path):
+    """Two runs with the same settings are the same run (the schedule counts iterations, not
+    seconds); a time limit stops a run early without changing its schedule."""
+    from sarco_app.train import TrainConfig, train
+
+    config = dict(epochs=2, iterations_per_epoch=3, batch_size=2, crop=64, lr=1e-2, threads=1, seed=4)
+    runs = [train(phantom_samples[:2], tmp_path / f"run{k}.pt", TrainConfig(**config), val_samples=phantom_samples[2:],
+                  log=lambda line: None) for k in range(2)]
+    assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+    assert runs[0]["iterations"] == 6
+    lines = []
+    capped = train(phantom_samples[:2], tmp_path / "capped.pt", TrainConfig(**config, time_limit_s=1e-6),
+                   val_samples=phantom_samples[2:], log=lines.append)
+    assert capped["iterations"] == 0 and any("time limit" in line for line in lines)

@@ -49,35 +49,13 @@ def locate_file(path: Path, series: str | None = None) -> tuple[Any, Any, dict]:
     Returns ``(image, result, answer)``.
     """
     from sarco_app import ingest
-    from sarco_app.l3 import locate_l3
+    from sarco_app.l3 import answer_json, locate_l3
 
     image = ingest.load_image(path, series=series)
     if image.hu.ndim != 3 or image.num_slices < 3:
         raise SarcoError(f"{Path(path).name}: L3 location needs a 3D volume (got shape {image.hu.shape})")
     result = locate_l3(image)
     return image, result, answer_json(image, result, source=str(path))
-
-
-def answer_json(image, result, source: str | None = None) -> dict:
-    """The JSON answer for an image and its :class:`~sarco_app.l3.L3Result`."""
-    from sarco_app.l3 import file_slice_index
-
-    file_index = file_slice_index(image, result.slice_index) if result.found else None
-    return {
-        "slice_index": file_index if result.found else None,
-        "z_mm": round(float(result.z_mm), 2) if result.found else None,
-        "confidence": float(result.confidence),
-        "reason": result.reason,
-        "found": bool(result.found),
-        "canonical_slice_index": result.slice_index if result.found else None,
-        "index_order": "file voxel order (canonical_slice_index: axis 2 toward superior)",
-        "l3_z_range_mm": [round(float(z), 1) for z in result.l3_z_range_mm] if result.l3_z_range_mm else None,
-        "levels_z_mm": {k: [round(float(a), 1), round(float(b), 1)] for k, (a, b) in result.levels.items()},
-        "num_slices": int(image.num_slices),
-        "slice_spacing_mm": round(float(image.spacing[2]), 3),
-        "image": source,
-        "seconds": round(float(result.seconds), 3),
-    }
 
 
 def run(args: argparse.Namespace) -> int:

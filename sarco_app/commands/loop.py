@@ -24,7 +24,7 @@ def add_parser(subparsers):
                         help="studies folder: DIR/<id>.nii.gz, finals in DIR/labels/final/")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of pseudo-label + retrain (default 1)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="model of round 1 (default: the app's retrained model, else the shipped one)")
+                        help="model of round 1 (default: $SARCO_BODYCOMP_MODEL, else the shipped one)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="checkpoints, rounds.json, queue CSVs and learning_curve.png (default DIR/loop)")
     parser.add_argument("--min-confidence", type=float, default=0.9,
@@ -32,13 +32,15 @@ def add_parser(subparsers):
     parser.add_argument("--pseudo-weight", type=float, default=0.5,
                         help="loss weight of a pseudo-label slice, finals 1 (default 0.5)")
     parser.add_argument("--no-pseudo", action="store_true", help="retrain on the finals only")
-    parser.add_argument("--epochs", type=int, default=5)
+    # Training settings default to TrainConfig's (the same as `train` and the server's trainer).
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--iterations-per-epoch", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=160)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="where the network runs: auto (the default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
     return parser
 
 
@@ -57,10 +59,11 @@ def run(args) -> int:
         raise SarcoError(f"--min-confidence must be in [0, 1] (got {args.min_confidence})")
     if not 0 < args.pseudo_weight <= 1:
         raise SarcoError(f"--pseudo-weight must be in (0, 1] (got {args.pseudo_weight})")
-    config = TrainConfig(epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
-                         batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed,
-                         threads=args.threads, init_from="checked below")
-    config.check()  # bad settings fail before any work
+    # Bad settings fail before any work.
+    config = TrainConfig.from_params({
+        "epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch, "batch_size": args.batch_size,
+        "crop": args.crop, "lr": args.lr, "seed": args.seed, "threads": args.threads, "device": args.device,
+        "init_from": "checked below"})
     folder = pseudo.StudyFolder(args.studies)
     out_dir = args.out_dir or folder.root / "loop"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,7 @@ def run(args) -> int:
     current = Path(args.init) if args.init else default_model_path()
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(config.threads)
     for round_index in range(1, args.rounds + 1):
         model = get_model(current)
         model_id = pseudo.checkpoint_id(current)

@@ -22,11 +22,12 @@ def add_parser(subparsers):
     parser.add_argument("--method", choices=("unet", "threshold"), default="unet",
                         help="unet: the network (default); threshold: the rule-based baseline")
     parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint (.pt); default: the app's retrained model, else models/bodycomp_unet.pt")
+                        help="checkpoint (.pt); default: $SARCO_BODYCOMP_MODEL, else models/bodycomp_unet.pt")
     parser.add_argument("--no-hu-refine", action="store_true",
                         help="raw network labels (the model's split head decides tissue, if it has one): skip "
                         "the HU rule (muscle -29..150, fat -190..-30) that is applied to the network's regions by default")
     parser.add_argument("--series", default=None, help="DICOM series UID or index when a folder holds several")
+    parser.add_argument("--device", default="auto", help="where the network runs: auto (default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
     return parser
 
 
@@ -44,7 +45,8 @@ def run(args) -> int:
         except ValueError:
             raise SarcoError(f"--slice must be an integer or 'all', not {args.slice!r}") from None
     image = load_image(args.image, series=args.series)
-    result = segment_image(image, slices, method=args.method, model=args.model, hu_refine=not args.no_hu_refine)
+    result = segment_image(image, slices, method=args.method, model=args.model, hu_refine=not args.no_hu_refine,
+                           device=args.device)
     out = save_label(result.label, image, args.out)
     what = "the 2D image" if image.hu.ndim == 2 else (
         f"{len(result.slices)} slice(s)" if len(result.slices) != 1 else f"slice {result.slices[0]}")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
+    from sarco_app.train import TrainConfig
+
+    default = TrainConfig.param_defaults()
     parser = subparsers.add_parser(
         "train",
         help="train the body-composition U-Net on a studies folder's final labels",
@@ -18,14 +21,17 @@ def add_parser(subparsers):
     )
     parser.add_argument("--data", required=True, type=Path, help="studies folder with labels/final/")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
-    parser.add_argument("--epochs", type=int, default=30,
-                        help="epochs (default 30; 0 with --init and --split-head-iterations trains only the split head)")
+    # Defaults (None here) come from TrainConfig, shared with the MONAI Label trainer.
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs (default {default['epochs']}; 0 with --init and --split-head-iterations "
+                             "trains only the split head)")
     parser.add_argument("--iterations-per-epoch", type=int, default=None,
                         help="batches per epoch (default: one pass over the slices)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=160, help="training crop in working pixels (default 160)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {default['batch_size']}")
+    parser.add_argument("--crop", type=int, default=None,
+                        help=f"training crop in working pixels (default {default['crop']})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {default['lr']:g})")
+    parser.add_argument("--seed", type=int, default=None, help=f"default {default['seed']}")
     parser.add_argument("--init", type=Path, default=None, help="checkpoint to fine-tune from")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--relabel-muscle-by-hu", action="store_true",
@@ -37,28 +43,22 @@ def add_parser(subparsers):
     parser.add_argument("--organ-classes", action="store_true",
                         help="also learn the organ classes of labels/organs/ (written by `phantom --organs`); the "
                              "served label keeps the five values, organs are background")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--device", default=None, help="where the network runs: auto (the default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {default['threads']})")
     return parser
 
 
 def run(args) -> int:
     from sarco_app.train import TrainConfig, train_from_folder
 
-    config = TrainConfig(
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        lr=args.lr,
-        seed=args.seed,
-        init_from=str(args.init) if args.init else None,
-        augment=not args.no_augment,
-        relabel_muscle_by_hu=args.relabel_muscle_by_hu,
-        split_head_iterations=args.split_head_iterations,
-        threads=args.threads,
-        organ_classes=args.organ_classes,
-    )
-    config.check()  # bad settings fail before the studies are read
+    # Bad settings fail here, before the studies are read.
+    config = TrainConfig.from_params({
+        "epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch,
+        "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "seed": args.seed,
+        "init_from": str(args.init) if args.init else None, "augment": not args.no_augment,
+        "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
+        "threads": args.threads, "organ_classes": args.organ_classes, "device": args.device,
+    })
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result["best_dice"].items() if v is not None)
     if result["checkpoint"] is None:

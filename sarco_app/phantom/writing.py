@@ -9,6 +9,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from sarco_app.errors import SarcoError
 from sarco_app.ingest import save_image, save_label
@@ -201,7 +202,8 @@ def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nift
         raise SarcoError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(count):
+    # Progress on stderr when it is a terminal (disable=None), silent in logs and tests.
+    for i in tqdm(range(count), desc="phantoms", unit="phantom", disable=None):
         child = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         lev = level
         if mixed:

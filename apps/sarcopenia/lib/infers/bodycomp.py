@@ -63,6 +63,7 @@ class BodyCompInfer(DirectInferTask):
         config: dict[str, Any] = {"slice_index": "", "all_slices": False}
         if method == "unet":
             config["hu_refine"] = True
+            config["device"] = "auto"  # CUDA when the server has a GPU
         super().__init__(
             path=None,
             network=None,
@@ -107,21 +108,10 @@ class BodyCompInfer(DirectInferTask):
             return 0, "2d"
         if as_bool(req.get("all_slices", False)):
             return "all", "all_slices"
-        value = req.get("slice_index", "")
-        if value not in ("", None):
-            try:
-                return int(value), "request"
-            except (TypeError, ValueError):
-                raise SarcoError(f"slice_index must be an integer, not {value!r}") from None
-        try:
-            from sarco_app.l3 import locate_l3
+        from sarco_app.l3 import choose_slice
 
-            found = locate_l3(image)
-            if found.found and found.slice_index is not None:
-                return int(found.slice_index), "l3_locator"
-        except Exception as exc:  # the locator is optional help; fall back to the middle
-            logger.info(f"L3 locator failed ({exc}); using the middle slice")
-        return image.hu.shape[2] // 2, "middle"
+        choice = choose_slice(image, req.get("slice_index", ""))  # request, else L3, else middle
+        return choice.index, choice.source
 
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
         from sarco_app.ingest import load_image, save_label
@@ -138,6 +128,7 @@ class BodyCompInfer(DirectInferTask):
             t0 = time.time()
             result = segment_image(
                 image, slices, method=self.method, model=model, hu_refine=as_bool(req.get("hu_refine", True)),
+                device=req.get("device", "auto"),
                 threads=self.threads,
             )
             t_segment = time.time() - t0

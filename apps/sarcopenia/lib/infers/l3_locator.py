@@ -54,7 +54,7 @@ class L3LocatorInfer(DirectInferTask):
         import cv2
         import numpy as np
 
-        from sarco_app.commands.l3 import answer_json
+        from sarco_app.l3 import answer_json
         from sarco_app.ingest import load_image, save_label
         from sarco_app.l3 import locate_l3
 

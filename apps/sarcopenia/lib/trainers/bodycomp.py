@@ -41,6 +41,10 @@ from lib.infers.common import as_bool
 
 logger = logging.getLogger(__name__)
 
+#: TrainConfig settings a request may give (the others belong to the library or the checkpoint).
+_REQUEST_SETTINGS = ("epochs", "iterations_per_epoch", "batch_size", "crop", "lr", "seed", "time_limit_s",
+                     "relabel_muscle_by_hu", "split_head_iterations", "organ_classes", "device")
+
 
 class BodyCompTrainer(TrainTask):
     def __init__(self, output_path: Path, init_paths: Sequence[Path] | Callable[[], Sequence[Path]] = (),
@@ -51,22 +55,13 @@ class BodyCompTrainer(TrainTask):
         self.rounds_path = Path(rounds_path) if rounds_path else self.output_path.parent / "rounds.json"
 
     def config(self) -> dict[str, Any]:
-        return {
-            "epochs": 10,
-            "iterations_per_epoch": 0,
-            "batch_size": 8,
-            "crop": 128,
-            "lr": 1e-3,
-            "seed": 0,
-            "fine_tune": True,
-            "time_limit_s": 0,
-            "relabel_muscle_by_hu": False,
-            "split_head_iterations": 0,
-            "organ_classes": False,
-            "include_pseudo": False,
-            "pseudo_min_confidence": 0.9,
-            "pseudo_weight": 0.5,
-        }
+        from sarco_app.train import TrainConfig
+
+        # The library's one set of training defaults; 0 stands for "none" in a JSON form.
+        defaults = TrainConfig.param_defaults()
+        settings = {name: (0 if defaults[name] is None else defaults[name]) for name in _REQUEST_SETTINGS}
+        return {**settings, "fine_tune": True, "include_pseudo": False, "pseudo_min_confidence": 0.9,
+                "pseudo_weight": 0.5}
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
         """The first readable candidate; a damaged retrained checkpoint is skipped (logged)."""
@@ -79,49 +74,31 @@ class BodyCompTrainer(TrainTask):
         return Path(model.path) if model else None
 
     def _train_config(self, request: dict[str, Any]):
-        """Request params -> :class:`~sarco_app.train.TrainConfig`, checked before any data is read."""
+        """Request params -> :class:`~sarco_app.train.TrainConfig` (:meth:`~sarco_app.train.TrainConfig.from_params`),
+        checked before any data is read."""
         from sarco_app.errors import SarcoError
         from sarco_app.train import TrainConfig
 
         req = dict(self.config())
         req.update({k: v for k, v in request.items() if k in req})
-        values: dict[str, Any] = {}
-        problems = []
-        for key in ("epochs", "iterations_per_epoch", "batch_size", "crop", "seed", "lr", "time_limit_s",
-                    "split_head_iterations", "pseudo_min_confidence", "pseudo_weight"):
-            kind = float if key in ("lr", "time_limit_s", "pseudo_min_confidence", "pseudo_weight") else int
-            try:
-                number = float(req[key])
-                if kind is int and not number.is_integer():
-                    raise ValueError
-                values[key] = kind(number)
-            except (TypeError, ValueError):
-                problems.append(f"{key} must be {'a number' if kind is float else 'an integer'}, not {req[key]!r}")
-        if not problems and not 0 <= values["pseudo_min_confidence"] <= 1:
-            problems.append(f"pseudo_min_confidence must be in [0, 1], not {values['pseudo_min_confidence']!r}")
-        if not problems and not 0 < values["pseudo_weight"] <= 1:
-            problems.append(f"pseudo_weight must be in (0, 1], not {values['pseudo_weight']!r}")
-        if problems:
-            raise SarcoError("invalid training params: " + "; ".join(problems))
-        config = TrainConfig(
-            epochs=values["epochs"],
-            iterations_per_epoch=values["iterations_per_epoch"] or None,
-            batch_size=values["batch_size"],
-            crop=values["crop"],
-            lr=values["lr"],
-            seed=values["seed"],
-            time_limit_s=values["time_limit_s"] or None,
-            relabel_muscle_by_hu=as_bool(req["relabel_muscle_by_hu"]),
-            split_head_iterations=values["split_head_iterations"],
-            organ_classes=as_bool(req["organ_classes"]),
-        )
         fine_tune = as_bool(req["fine_tune"])
         # The checkpoint to fine-tune is found when training starts; until then a placeholder
         # lets check() accept epochs 0 (split head only) for a fine-tune.
-        config.init_from = "the current model" if fine_tune else None
-        config.check()
-        loop = {"include_pseudo": as_bool(req["include_pseudo"]),
-                "min_confidence": values["pseudo_min_confidence"], "pseudo_weight": values["pseudo_weight"]}
+        config = TrainConfig.from_params({**{name: req[name] for name in _REQUEST_SETTINGS},
+                                          "init_from": "the current model" if fine_tune else None})
+        loop = {"include_pseudo": as_bool(req["include_pseudo"])}
+        problems = []
+        for key, name, ok, rule in (("pseudo_min_confidence", "min_confidence", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                    ("pseudo_weight", "pseudo_weight", lambda v: 0 < v <= 1, "in (0, 1]")):
+            try:
+                loop[name] = float(req[key])
+            except (TypeError, ValueError):
+                problems.append(f"{key} must be a number, not {req[key]!r}")
+                continue
+            if not ok(loop[name]):
+                problems.append(f"{key} must be {rule}, not {req[key]!r}")
+        if problems:
+            raise SarcoError("invalid training params: " + "; ".join(problems))
         return config, fine_tune, loop
 
     def stats(self) -> dict[str, Any]:
