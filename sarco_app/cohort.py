@@ -246,15 +246,74 @@ def write_workbook(
         summary = summary_by_sex(frame.iloc[0:0].assign(sex=None), [])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with pd.ExcelWriter(out_path, engine="openpyxl") as writer:
-        frame.to_excel(writer, sheet_name="scans", index=False)
+        # The workbook is for people: units in the headers (the CSV keeps the bare names).
+        frame.rename(columns=excel_header).to_excel(writer, sheet_name="scans", index=False)
         summary.to_excel(writer, sheet_name="summary", index=False)
         _reference_frame(reference, cutoffs).to_excel(writer, sheet_name="reference", index=False)
+        for sheet in writer.sheets.values():
+            format_sheet(sheet)
     csv_path = out_path.with_suffix(".csv")
     frame.to_csv(csv_path, index=False)
     summary_csv = out_path.with_name(out_path.stem + "_summary.csv")
     summary.to_csv(summary_csv, index=False)
     return {"rows": rows, "xlsx": out_path, "csv": csv_path, "summary_csv": summary_csv,
             "failed": int((frame["status"] != "ok").sum())}
+
+
+#: Units of the columns whose names do not spell one (``_cm2``, ``_mm``, ``_hu``, ``_kg`` ... do).
+_UNITS = {"age": "years", "bmi": "kg/m²", "sma_per_weight": "cm²/kg", "sma_per_bmi": "cm² per kg/m²"}
+
+
+def excel_header(column: str) -> str:
+    """The workbook header of a scans column: the name, with its unit in parentheses when the
+    name does not already end in one (``age (years)``, ``muscle_pixels (pixels)``,
+    ``t_smi_cm2_m2 (SD)``); :func:`column_from_header` undoes it."""
+    if column.startswith("t_") and not column.endswith("_source"):
+        return f"{column} (SD)"  # a T-score counts young-adult SDs, whatever the measure's unit
+    if column.endswith("_pixels"):
+        return f"{column} (pixels)"
+    unit = _UNITS.get(column)
+    return f"{column} ({unit})" if unit else column
+
+
+def column_from_header(header: str) -> str:
+    """The scans column (as in the CSV) of a workbook header from :func:`excel_header`."""
+    return str(header).split(" (", 1)[0]
+
+
+def _number_format(header: str) -> str:
+    """Decimals a reader needs: areas 0.01 cm², HU and body measures 0.1, mm and ratios 0.001."""
+    name = column_from_header(header)
+    if name.endswith(("_pixels", "slice_index", "_n")) or name in ("n", "age"):
+        return "0"
+    if name.endswith(("_cm2", "_cm2_m2")) or name.startswith("t_") or name in ("mean", "sd"):
+        return "0.00"
+    if "hu" in name.split("_") or name.endswith(("_kg", "_cm")) or name == "bmi":
+        return "0.0"
+    return "0.000"
+
+
+def format_sheet(sheet) -> None:
+    """Frozen header row (and first column), an autofilter, column widths that fit the text
+    (at most 40 characters) and number formats with sensible decimals, on an openpyxl sheet."""
+    from openpyxl.utils import get_column_letter
+
+    if sheet.max_row < 1 or sheet.max_column < 1:
+        return
+    sheet.freeze_panes = "B2"
+    sheet.auto_filter.ref = sheet.dimensions
+    for index, cells in enumerate(sheet.iter_cols(min_row=1, max_row=sheet.max_row), start=1):
+        header = str(cells[0].value or "")
+        fmt = _number_format(header)
+        width = len(header)
+        for cell in cells[1:]:
+            if isinstance(cell.value, float):
+                cell.number_format = fmt
+                text = f"{cell.value:.{len(fmt) - 2 if '.' in fmt else 0}f}"
+            else:
+                text = "" if cell.value is None else str(cell.value)
+            width = max(width, len(text))
+        sheet.column_dimensions[get_column_letter(index)].width = min(width + 2, 40)
 
 
 def _load_pair(image_path: Path, label_path: Path) -> tuple[CTImage, np.ndarray]:

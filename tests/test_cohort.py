@@ -10,7 +10,7 @@ import pytest
 
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
-from sarco_app.cohort import quantify_studies
+from sarco_app.cohort import column_from_header, quantify_studies
 from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, save_label
 from sarco_app.quantify import load_label, quantify_scan
 
@@ -66,7 +66,7 @@ def exported(studies, tmp_path_factory):
 def test_workbook_rows_match_quantify_scan(studies, exported):
     code, out = exported
     assert code == 0
-    scans = pd.read_excel(out, sheet_name="scans")
+    scans = pd.read_excel(out, sheet_name="scans").rename(columns=column_from_header)
     assert list(scans["id"]) == ["p01", "p02", "p03", "p04", "p05"]
     for _, row in scans[scans["status"] == "ok"].iterrows():
         image = load_image(studies / f"{row['id']}.nii.gz")
@@ -98,7 +98,7 @@ def test_workbook_rows_match_quantify_scan(studies, exported):
 
 def test_bad_scan_recorded_not_fatal(exported):
     _, out = exported
-    scans = pd.read_excel(out, sheet_name="scans").set_index("id")
+    scans = pd.read_excel(out, sheet_name="scans").rename(columns=column_from_header).set_index("id")
     assert scans.loc["p05", "status"].startswith("error: label p05.nii.gz has shape")
     assert (scans.drop(index="p05")["status"] == "ok").all()
     assert "p06" not in scans.index
@@ -108,7 +108,7 @@ def test_bad_scan_recorded_not_fatal(exported):
 
 def test_summary_by_sex(exported):
     _, out = exported
-    scans = pd.read_excel(out, sheet_name="scans")
+    scans = pd.read_excel(out, sheet_name="scans").rename(columns=column_from_header)
     summary = pd.read_excel(out, sheet_name="summary")
     ok = scans[scans["status"] == "ok"]
     for measure in ("muscle_area_cm2", "smi_cm2_m2", "muscle_hu_mean", "t_sma_cm2"):
@@ -134,10 +134,28 @@ def test_reference_sheet_csv_and_overlays(exported):
     assert young.loc["M sma_cm2", "t_minus2"] == pytest.approx(120.58)
     assert set(reference[reference.kind == "cut-off source"]["name"]) == {"prado2008", "martin2013"}
     csv = pd.read_csv(out.with_suffix(".csv"))
-    xlsx = pd.read_excel(out, sheet_name="scans")
+    xlsx = pd.read_excel(out, sheet_name="scans").rename(columns=column_from_header)
     assert list(csv.columns) == list(xlsx.columns)
     assert np.allclose(csv["muscle_area_cm2"].dropna(), xlsx["muscle_area_cm2"].dropna())
     assert out.with_name("results_summary.csv").is_file()
+
+
+def test_workbook_is_formatted_for_people(exported):
+    from openpyxl import load_workbook
+
+    _, out = exported
+    book = load_workbook(out)
+    scans = book["scans"]
+    headers = [cell.value for cell in scans[1]]
+    assert "age (years)" in headers and "t_smi_cm2_m2 (SD)" in headers and "muscle_pixels (pixels)" in headers
+    assert "muscle_area_cm2" in headers  # the unit is already in the name
+    for sheet in book.worksheets:
+        assert sheet.freeze_panes == "B2" and sheet.auto_filter.ref == sheet.dimensions
+    column = {cell.value: cell.column_letter for cell in scans[1]}
+    area = scans[f"{column['muscle_area_cm2']}2"]
+    assert isinstance(area.value, float) and area.number_format == "0.00"
+    assert scans[f"{column['muscle_hu_mean']}2"].number_format == "0.0"
+    assert scans.column_dimensions[column["t_smi_cm2_m2 (SD)"]].width >= len("t_smi_cm2_m2 (SD)")
     overlays = sorted(p.name for p in out.with_name("results_overlays").glob("*.png"))
     assert overlays == ["p01.png", "p02.png", "p03.png", "p04.png"]
 
@@ -147,7 +165,7 @@ def test_user_reference_and_library_call(studies, tmp_path):
     table.write_text("# name: tiny\nsex,index,n,mean,sd\nM,sma_cm2,3,100,10\nF,sma_cm2,3,80,10\n")
     result = quantify_studies(studies, tmp_path / "r.xlsx", reference=table, overlays=False, progress=False)
     assert result["overlay_dir"] is None and result["failed"] == 1 and result["unlabelled"] == ["p06"]
-    scans = pd.read_excel(result["xlsx"], sheet_name="scans")
+    scans = pd.read_excel(result["xlsx"], sheet_name="scans").rename(columns=column_from_header)
     ok = scans[scans.status == "ok"]
     expected = np.where(ok.sex == "M", (ok.sma_cm2 - 100) / 10, (ok.sma_cm2 - 80) / 10)
     assert np.allclose(ok["t_sma_cm2"], expected)
