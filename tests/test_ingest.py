@@ -283,3 +283,36 @@ def test_every_axis_order_round_trips(tmp_path, perm, flips):
         else:
             assert image.canonical_slice(f) == k
             assert set(data[:, :, f].ravel()) == set(image.hu[:, :, k].ravel())
+
+
+def test_jpeg_lossless_series_reads_like_the_uncompressed_one(tmp_path, capsys):
+    """JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) decodes with pylibjpeg-libjpeg: the HU are the
+    uncompressed series' exactly, through ``load_image`` and the ``info`` command."""
+    from dicom_factory import compress_jpeg_lossless
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(-1024, 1500, size=(3, 40, 48)).astype(np.int16)
+    plain = write_series(tmp_path / "plain", raw, [0.0, 2.0, 4.0])
+    for path in write_series(tmp_path / "jpeg", raw, [0.0, 2.0, 4.0]):
+        compress_jpeg_lossless(path)
+    import pydicom
+
+    assert pydicom.dcmread(str(tmp_path / "jpeg" / "slice000.dcm")).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    expected = ingest.load_image(plain[0].parent)
+    decoded = ingest.load_image(tmp_path / "jpeg")
+    assert np.array_equal(decoded.hu, expected.hu)
+    assert cli(["info", str(tmp_path / "jpeg")]) == 0
+    assert "3 slice(s)" in capsys.readouterr().out
+
+
+def test_jpeg_ls_series_reads_like_the_uncompressed_one(tmp_path):
+    from dicom_factory import compress_jpeg_ls
+
+    raw = np.random.default_rng(4).integers(0, 2500, size=(3, 40, 48)).astype(np.int16)  # stored = HU + 1024
+    plain = write_series(tmp_path / "plain", raw, [0.0, 2.0, 4.0])
+    for path in write_series(tmp_path / "jpegls", raw, [0.0, 2.0, 4.0]):
+        compress_jpeg_ls(path)
+    import pydicom
+
+    assert pydicom.dcmread(str(tmp_path / "jpegls" / "slice000.dcm")).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    assert np.array_equal(ingest.load_image(tmp_path / "jpegls").hu, ingest.load_image(plain[0].parent).hu)
