@@ -8,10 +8,12 @@ on the image file's own grid (same shape, voxel order and affine), plus JSON.
 Request params (all optional):
 
 * ``slice_index`` - canonical axial slice (axis 2 toward superior, as everywhere in sarco);
-  default: L3 found by :func:`sarco_app.l3.locate_l3`, else the middle slice;
+  default: L3 found by :func:`sarco_app.l3.locate_l3`, else the middle slice
+  (:func:`sarco_app.l3.choose_slice`);
 * ``all_slices`` - label every slice (bool);
 * ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only; default
-  true, false gives the raw network labels: the backbone with its split head, if it has one).
+  true, false gives the raw network labels: the backbone with its split head, if it has one);
+* ``device`` - ``auto`` (default: CUDA when the server has a GPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
 The JSON has ``slices`` (canonical), ``file_slices``, ``confidence`` (mean probability per
 tissue, ``bodycomp_unet`` only), ``model`` (checkpoint path), ``method`` and ``slice_source``.

@@ -9,8 +9,10 @@ log. The best checkpoint by validation Dice is written atomically to
 request. By default training fine-tunes the current model (retrained, else shipped), which is
 what makes tens of slices enough on a 2-core CPU.
 
-Request params: ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
-``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none),
+Request params (defaults and checks: :meth:`sarco_app.train.TrainConfig.from_params`, the same
+as the CLI's): ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
+``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none; it
+stops a run, the learning rate follows iterations), ``device`` (``auto``: CUDA when there),
 ``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
 and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then train the
 native-grid tissue split head for this many iterations of 2 slices, the backbone frozen; not
