@@ -118,6 +118,10 @@ def test_evaluate_single_files_and_errors(tmp_path, capsys):
     assert err.startswith("error:") and "shape" in err and err.count("\n") == 1
     assert cli(["evaluate", "--pred", str(tmp_path / "nothing"), "--truth", str(tmp_path / "t.nii.gz")]) != 0
     assert "no such file" in capsys.readouterr().err
+    # Another grid of the same shape: compared voxel by voxel, with a logged warning on stderr.
+    save_label(pred, make_image(np.zeros((20, 20), np.float32), (2, 2)), tmp_path / "far.nii.gz")
+    assert cli(["evaluate", "--pred", str(tmp_path / "far.nii.gz"), "--truth", str(tmp_path / "t.nii.gz")]) == 0
+    assert "warning: t: prediction and reference affines differ" in capsys.readouterr().err
 
 
 def test_orientation_of_files_does_not_matter(tmp_path, capsys):
