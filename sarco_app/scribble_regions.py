@@ -103,7 +103,7 @@ def pieces_touched(pieces: np.ndarray, strokes: np.ndarray) -> np.ndarray:
 
 
 def stroke_reach(piece: np.ndarray, stroke: np.ndarray, spacing,
-                  blocked: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
+                 blocked: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
     """The part of ``piece`` within a geodesic reach of ``stroke``: 1.5 times the median depth
     of the stroke in the piece (about the half-width of the structure the user drew in), at
     least ``STROKE_REACH_MM``, times ``scale``; ``blocked`` pixels are neither crossed nor
@@ -124,7 +124,7 @@ def stroke_reach(piece: np.ndarray, stroke: np.ndarray, spacing,
 
 
 def stroke_part(piece: np.ndarray, stroke: np.ndarray, spacing,
-                 blocked: np.ndarray | None = None) -> np.ndarray:
+                blocked: np.ndarray | None = None) -> np.ndarray:
     """The part of ``piece`` a stroke stands for.
 
     The whole piece when it lies within ``FAR_SCALE`` times the stroke's geodesic reach (a
@@ -168,7 +168,7 @@ def _stroke_part_in_box(piece: np.ndarray, stroke: np.ndarray, spacing,
 
 
 def add_touched(answer: np.ndarray, candidate: np.ndarray, fg: np.ndarray, spacing,
-                 bg: np.ndarray | None = None, hu: np.ndarray | None = None) -> np.ndarray:
+                bg: np.ndarray | None = None, hu: np.ndarray | None = None) -> np.ndarray:
     """Regions (:func:`contact_pieces`) of ``candidate`` outside ``answer`` that foreground scribbles
     touch: each whole when it lies within the stroke's reach, else the part within that reach
     (:func:`stroke_part`). With ``hu``, each stroke also adds the piece of its own HU it lies
@@ -226,8 +226,8 @@ def planes_under_lines(answer: np.ndarray, bg: np.ndarray, hu: np.ndarray) -> tu
 
 
 def remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
-                   hu: np.ndarray | None = None,
-                   organ_strokes: np.ndarray | None = None) -> np.ndarray:
+                  hu: np.ndarray | None = None,
+                  organ_strokes: np.ndarray | None = None) -> np.ndarray:
     """``answer`` without what background scribbles mark.
 
     With ``hu``, a thin line along a plane of distinct HU takes only that plane
@@ -268,7 +268,7 @@ def remove_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
 
 
 def organs_marked(answer: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing,
-                   hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The organs background strokes mark inside ``answer``: for each stroke (8-connected) the
     region of the stroke's own HU, told apart from the tissue's
     (:func:`sarco_app.strokes.organ_under_stroke`); none where HU cannot tell them apart.
