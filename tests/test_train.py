@@ -85,6 +85,8 @@ def test_train_cli_errors(tmp_path, capsys):
     assert "crop must be a multiple of 16" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--lr", "nan"]) != 0
     assert "lr must be in [0, 1]" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--device", "tpu"]) != 0
+    assert "unknown device 'tpu'" in capsys.readouterr().err
 
 
 def test_train_config_from_params_reads_request_text():
