@@ -335,6 +335,11 @@ def load_nifti(path: str | Path) -> CTImage:
         data = data[:, :, 0]
     if data.ndim not in (2, 3):
         raise IngestError(f"{path.name}: expected a 2D or 3D image, got shape {data.shape}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        # A NaN patch would come out as silently empty labels and NaN measures.
+        raise IngestError(f"{path.name}: {int(finite.size - finite.sum())} voxel(s) are NaN or infinite; "
+                          "a CT image holds HU everywhere (fill the gap, e.g. with -1024 HU for air)")
     np.maximum(data, AIR_HU, out=data)  # as for DICOM: nothing is darker than air
     hu, affine, back = _canonicalise(data, img.affine.astype(float))
     patient = PatientInfo()
