@@ -122,10 +122,14 @@ class HardenedDatastore(LocalDatastore):
         kept = {}
         for name, file in files.items():
             stem = self._to_id(name)[0]
-            if ID_PATTERN.fullmatch(stem):
-                kept[name] = file
-            else:
+            if not ID_PATTERN.fullmatch(stem):
                 logger.warning(f"skipping {os.path.join(path, name)!r}: {stem!r} is not a valid image id")
+                continue
+            try:
+                self._inside(os.path.join(path, name))  # a link to a file elsewhere is not ours
+            except DatastoreError:
+                continue
+            kept[name] = file
         return kept
 
     def _add_non_existing_labels(self, tag) -> int:
