@@ -92,10 +92,13 @@ def looks_like_path(value: str) -> bool:
 def check_infer_params(params: Dict[str, Any]) -> None:
     """``DatastoreError`` for infer params that would make the server read its own files or
     write a final label."""
+    if "label" in params:
+        raise DatastoreError("params 'label' cannot name a server file: upload the label (form field 'label'); "
+                             "the tissue to edit is 'tissue', a stored label is chosen with 'label_tag'")
     for key in PATH_KEYS:
         if key in params:
             raise DatastoreError(f"params may not set {key!r}: give the image as a datastore id (image=...) "
-                                 "or an uploaded file, and a label as an uploaded file")
+                                 "or an uploaded file")
     if "label_tag" in params:
         tag = check_tag(params["label_tag"])
         if as_bool(params.get("save_label", False)) and tag == DefaultLabelTag.FINAL.value:
@@ -103,7 +106,8 @@ def check_infer_params(params: Dict[str, Any]) -> None:
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, str) and looks_like_path(value):
-            raise DatastoreError(f"params {key!r}: {value[:80]!r} looks like a server path; send files as uploads")
+            raise DatastoreError(f"params {key!r}: {value[:80]!r} looks like a server path; give a name or a "
+                                 "value, not a path (files are uploads)")
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{key}.{k}" if key else str(k))
