@@ -266,6 +266,13 @@ CASES += [
      ("params", json.dumps({"reference": "../../sentinel/notes"})), 400),
     ("infer-wsi", "POST", "/infer/wsi/bodycomp_threshold", {"image": "{sentinel}/victim.nii.gz"}, None, 404),
     ("infer-wsi-v2", "POST", "/infer/wsi_v2/bodycomp_threshold", {"image": "{sentinel}/victim.nii.gz"}, None, 404),
+    # Uploaded inputs that fail: the temporary copies go too (the stock handler kept them).
+    ("infer-upload-junk-image", "POST", "/infer/bodycomp_threshold", {}, ("infer-file", "x.nii.gz"), 400),
+    ("infer-upload-junk-dicom", "POST", "/infer/bodycomp_threshold", {}, ("infer-file", "x.dcm"), 400),
+    ("infer-upload-junk-label", "POST", "/infer/quantification", {"image": "lab"}, ("infer-label", "junk"), 400),
+    ("infer-upload-wrong-shape-label", "POST", "/infer/quantification", {"image": "lab"},
+     ("infer-label", "cropped"), 400),
+    ("infer-upload-junk-scribbles", "POST", "/infer/grabcut", {"image": "lab"}, ("infer-label", "junk"), 400),
     # The same tasks answer normally on a datastore id (the checks do not block real work).
     ("infer-threshold-ok", "POST", "/infer/bodycomp_threshold", {"image": "lab", "output": "json"}, None, 200),
     ("infer-quantification-ok", "POST", "/infer/quantification", {"image": "lab", "output": "json"}, None, 200),
@@ -293,6 +300,10 @@ def send(server, world, method, path, query, body):
             if kind == "image+params":
                 files["params"] = (None, arg)
                 files["file"] = ("x.nii.gz", files["file"][1])
+        elif kind == "infer-file":
+            files = {"file": (arg, b"\x00junk" * 64)}
+        elif kind == "infer-label":
+            files = {"label": label_bytes(arg, world["studies"])}
         elif kind.startswith("label"):
             name, data = label_bytes("good" if kind == "label+params" else arg, world["studies"])
             files = {"label": (name, data)}
@@ -426,3 +437,32 @@ def test_invalid_names_from_an_older_datastore_are_dropped_on_start(start_server
     assert requests.delete(f"{server}/datastore/image", params={"id": "../outside/evil"}).status_code == 400
     assert requests.get(f"{server}/datastore/image", params={"image": "../outside/evil"}).status_code == 404
     assert (outside / "evil.nii.gz").is_file() and (studies / "bad name.nii.gz").is_file()
+
+
+def test_parallel_saves_and_infers_keep_one_whole_label(server, world):
+    """10 saves of different labels to one id while threshold infers run: the stored label is
+    byte-identical to one that was sent, and the datastore JSON stays valid."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    studies = world["studies"]
+    assert _upload(server, "race1", (studies / "lab.nii.gz").read_bytes()).status_code == 200
+    image = nib.load(str(studies / "lab.nii.gz"))
+    sent = []
+    for k in range(10):
+        label = np.zeros(image.shape, np.uint8)
+        label[k : k + 20, 10:30] = 1 + k % 4
+        sent.append(gzip.compress(nib.Nifti1Image(label, image.affine).to_bytes()))
+
+    def infer(_):
+        return requests.post(f"{server}/infer/bodycomp_threshold", params={"image": "race1", "output": "json"},
+                             timeout=120).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        infers = [pool.submit(infer, k) for k in range(6)]
+        saves = [pool.submit(_save_label, server, "race1", ("label.nii.gz", data)) for data in sent]
+        assert [f.result().status_code for f in saves] == [200] * 10
+        assert [f.result() for f in infers] == [200] * 6
+    assert (studies / "labels" / "final" / "race1.nii.gz").read_bytes() in sent
+    stored = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    assert set(stored["race1"]["labels"]) == {"final"}
+    assert not [p for p in (studies / "labels" / "final").iterdir() if p.name.startswith(".upload-")]
