@@ -173,6 +173,11 @@ CASES += [
     ("upload-name-only-ext", "PUT", "/datastore/image", {}, ("image", ".nii.gz"), 400),
     ("upload-name-hidden", "PUT", "/datastore/image", {}, ("image", ".x.nii.gz"), 400),
     ("upload-name-nrrd", "PUT", "/datastore/image", {"image": "fine"}, ("image", "x.nrrd"), 400),
+    ("upload-junk-image", "PUT", "/datastore/image", {"image": "fine"}, ("image-bytes", "junk"), 400),
+    ("upload-empty-image", "PUT", "/datastore/image", {"image": "fine"}, ("image-bytes", "empty"), 400),
+    ("upload-4d-image", "PUT", "/datastore/image", {"image": "fine"}, ("image-bytes", "4d"), 400),
+    ("upload-junk-over-labelled", "PUT", "/datastore/image", {"image": "nanimg"}, ("image-bytes", "junk"), 409),
+    ("upload-junk-over-unlabelled", "PUT", "/datastore/image", {"image": "bare"}, ("image-bytes", "junk"), 400),
     ("upload-params-not-json", "PUT", "/datastore/image", {"image": "fine"}, ("image+params", "{"), 400),
     ("upload-params-list", "PUT", "/datastore/image", {"image": "fine"}, ("image+params", "[1, 2]"), 400),
     # Accepted, inside the studies folder only: a traversal file name is reduced to its base name.
@@ -294,7 +299,11 @@ def send(server, world, method, path, query, body):
     files = None
     if body is not None:
         kind, arg = body
-        if kind.startswith("image"):
+        if kind == "image-bytes":
+            data = {"junk": b"\x1f\x8bnot really gzip", "empty": b"",
+                    "4d": gzip.compress(nib.Nifti1Image(np.zeros((8, 8, 3, 2), np.int16), np.eye(4)).to_bytes())}
+            files = {"file": ("x.nii.gz", data[arg])}
+        elif kind.startswith("image"):
             name = arg
             files = {"file": (name, (world["studies"] / "lab.nii.gz").read_bytes())}
             if kind == "image+params":

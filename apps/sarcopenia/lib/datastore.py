@@ -9,7 +9,8 @@ layout and JSON, and adds:
   files or stored entries with other names are skipped with a warning;
 * every path it reads, writes or deletes is resolved (links followed) and must lie inside the
   studies folder;
-* images and labels are NIfTI (``.nii.gz``, ``.nii``) only;
+* images and labels are NIfTI (``.nii.gz``, ``.nii``) only, and an uploaded image must have a
+  readable 2D or 3D NIfTI header;
 * a label is validated against its image before it is stored (shape, affine, values 0-4), and
   is written atomically, so a refused or failed save leaves the stored label unchanged;
 * re-uploading an image that has labels is a conflict (409) unless ``replace`` is asked; a
@@ -83,6 +84,21 @@ def split_extension(file_name: str) -> Tuple[str, str]:
         if file_name.lower().endswith(ext) and len(file_name) > len(ext):
             return file_name[: -len(ext)], file_name[-len(ext):]
     raise DatastoreError(f"{file_name!r}: only NIfTI files ({', '.join(EXTENSIONS)}) are accepted")
+
+
+def check_image_file(path: str) -> None:
+    """:class:`DatastoreError` unless ``path`` is a NIfTI whose header describes a 2D or 3D
+    image (trailing axes of length 1 aside). Reads the header only."""
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(n) for n in nib.load(path).shape)
+    except Exception as exc:  # nibabel raises many types for a damaged or foreign file
+        raise DatastoreError(f"the upload is not a readable NIfTI image ({type(exc).__name__})") from None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise DatastoreError(f"expected a 2D or 3D image, got shape {shape}")
 
 
 class HardenedDatastore(LocalDatastore):
@@ -259,6 +275,7 @@ class HardenedDatastore(LocalDatastore):
         if not image_id:
             image_id = self._to_id(os.path.basename(image_filename))[0]
         self.check_upload(image_id, replace)
+        check_image_file(image_filename)
         name = self._filename(image_id, image_ext)
         dest = self._image_file(image_id, image_ext)
         with FileLock(self._lock_file):
