@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
-from sarco_app.errors import IngestError, SarcoError
+from sarco_app.errors import IngestError, SarcoError, reason
 
 #: HU written for padding and anything below air.
 AIR_HU = -1024.0
@@ -328,7 +328,7 @@ def load_nifti(path: str | Path) -> CTImage:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise IngestError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
+        raise IngestError(f"{path.name}: not a readable NIfTI file ({reason(exc, path)})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 3 and data.shape[2] == 1 and len(img.shape) == 2:

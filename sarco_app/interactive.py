@@ -56,7 +56,7 @@ from scipy import ndimage as ndi
 from skimage import segmentation
 
 from sarco_app import strokes, threshold
-from sarco_app.errors import SarcoError
+from sarco_app.errors import SarcoError, reason
 from sarco_app.labels import FAT_HU, IMAT, MUSCLE, MUSCLE_HU, NAMES, SAT, VAT, tissue_value
 
 #: HU range where each tissue's pixels may lie (published thresholds).
@@ -988,7 +988,7 @@ def _read_file_grid(path: str, image, name: str) -> np.ndarray:
     try:
         data = np.asarray(nib.load(str(path)).dataobj)
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise SarcoError(f"{name}: not a readable NIfTI file ({exc})") from None
+        raise SarcoError(f"{name}: not a readable NIfTI file ({reason(exc, path)})") from None
     while data.ndim > len(image.original_shape) and data.shape[-1] == 1:
         data = data[..., 0]
     if tuple(data.shape) != tuple(image.original_shape):

@@ -331,6 +331,7 @@ def test_hostile_request(server, world, baseline, name, method, path, query, bod
         detail = response.json()["detail"]
         assert isinstance(detail, str) and detail and "\n" not in detail
         assert "Traceback" not in detail and "No such file" not in detail and "exist" not in detail
+        assert str(world["tmp"]) not in detail  # no server folder in the reason
     assert digest_tree(world["base"], skip=(world["studies"], world["tmp"])) == baseline["outside"]
     assert stored_files(world["studies"]) == baseline["stored"]
     # Upload copies and the dataset zip are removed (background clean-up runs after the answer).
