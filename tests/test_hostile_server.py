@@ -146,6 +146,16 @@ def label_bytes(kind: str, studies: Path) -> tuple[str, bytes]:
     return makers[kind]()
 
 
+def binary_scribbles(kind: str, studies: Path) -> bytes:
+    """OHIF-style raw scribbles for image ``lab``: one uint8 per voxel in Fortran order."""
+    truth = np.asarray(nib.load(str(studies / "labels" / "final" / "lab.nii.gz")).dataobj)
+    scribbles = np.zeros(truth.shape, np.uint8)
+    if kind == "muscle":
+        scribbles[truth == 1] = 6  # MONAI Label's foreground scribble value for 4 labels
+    raw = scribbles.ravel(order="F").tobytes()
+    return {"short": raw[:10], "long": raw + b"\x00", "zeros": raw, "muscle": raw}[kind]
+
+
 # --------------------------------------------------------------------------- the cases
 # (name, method, path, query, body, expected status). `query` is a dict, or a raw query string
 # sent as is (already %-encoded). `body` is None, ("image", file name) for an image upload of
@@ -278,6 +288,13 @@ CASES += [
     ("infer-upload-wrong-shape-label", "POST", "/infer/quantification", {"image": "lab"},
      ("infer-label", "cropped"), 400),
     ("infer-upload-junk-scribbles", "POST", "/infer/grabcut", {"image": "lab"}, ("infer-label", "junk"), 400),
+    # OHIF's raw scribbles (.bin): the stock conversion left its file behind and a wrong size was a 500.
+    ("infer-bin-wrong-size", "POST", "/infer/grabcut", {"image": "lab"}, ("infer-bin", "short"), 400),
+    ("infer-bin-too-long", "POST", "/infer/grabcut", {"image": "lab"}, ("infer-bin", "long"), 400),
+    ("infer-bin-no-scribbles", "POST", "/infer/grabcut", {"image": "lab"}, ("infer-bin", "zeros"), 400),
+    ("infer-bin-unknown-image", "POST", "/infer/grabcut", {"image": "nope"}, ("infer-bin", "zeros"), 404),
+    ("infer-bin-ok", "POST", "/infer/backprojection", {"image": "lab", "output": "json"}, ("infer-bin", "muscle"),
+     200),
     # The same tasks answer normally on a datastore id (the checks do not block real work).
     ("infer-threshold-ok", "POST", "/infer/bodycomp_threshold", {"image": "lab", "output": "json"}, None, 200),
     ("infer-quantification-ok", "POST", "/infer/quantification", {"image": "lab", "output": "json"}, None, 200),
@@ -311,6 +328,8 @@ def send(server, world, method, path, query, body):
                 files["file"] = ("x.nii.gz", files["file"][1])
         elif kind == "infer-file":
             files = {"file": (arg, b"\x00junk" * 64)}
+        elif kind == "infer-bin":
+            files = {"label": ("scribbles.bin", binary_scribbles(arg, world["studies"]))}
         elif kind == "infer-label":
             files = {"label": label_bytes(arg, world["studies"])}
         elif kind.startswith("label"):

@@ -279,14 +279,58 @@ def infer(
             raise DatastoreError("send an image id (image=...), an image file or a session id")
     except SarcoError as exc:
         raise _http(exc) from None
+    converted = None
     try:
+        if label is not None and _upload_name(label).lower().endswith(".bin"):
+            converted = scribbles_from_binary(label, image)
+            label = UploadFile(file=open(converted, "rb"), filename="scribbles.nii.gz")
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+    except SarcoError as exc:
+        _run_removals(background_tasks)
+        raise _http(exc) from None
     except BaseException:
-        # The stock handler removes its temporary upload copies only after a successful answer.
-        for task in background_tasks.tasks:
-            if task.func is remove_file:
-                task.func(*task.args, **task.kwargs)
+        _run_removals(background_tasks)
         raise
+    finally:
+        if converted is not None:
+            label.file.close()
+            os.unlink(converted)
+
+
+def _run_removals(background_tasks: BackgroundTasks) -> None:
+    # The stock handler removes its temporary upload copies only after a successful answer.
+    for task in background_tasks.tasks:
+        if task.func is remove_file:
+            task.func(*task.args, **task.kwargs)
+
+
+def scribbles_from_binary(upload: UploadFile, image_id: str) -> str:
+    """OHIF's raw scribbles (one uint8 per voxel of the image, Fortran order) as a NIfTI on the
+    image's grid, in a temporary file the caller removes. Replaces the stock conversion, which
+    left its output behind and answered a wrong size with 500."""
+    import nibabel as nib
+    import numpy as np
+
+    if not image_id:
+        raise DatastoreError("binary scribbles (.bin) need the image they were drawn on (image=...)")
+    image_path = _store().get_image_uri(image_id)
+    if not image_path:
+        raise UnknownImageError(f"image {image_id} not found")
+    image = nib.load(image_path)
+    voxels = int(np.prod(image.shape))
+    data = upload.file.read(voxels + 1)
+    if len(data) != voxels:
+        raise DatastoreError(f"binary scribbles hold {len(data) if len(data) <= voxels else 'more than ' + str(voxels)}"
+                             f" bytes; the image has {voxels} voxels (one uint8 each)")
+    scribbles = np.frombuffer(data, np.uint8).reshape(image.shape, order="F")
+    fd, path = tempfile.mkstemp(prefix="sarco-scribbles-", suffix=".nii.gz")
+    os.close(fd)
+    try:
+        nib.save(nib.Nifti1Image(scribbles, image.affine), path)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 @router.post("/infer/wsi/{model}", include_in_schema=False)
