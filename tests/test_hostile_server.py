@@ -495,3 +495,26 @@ def test_parallel_saves_and_infers_keep_one_whole_label(server, world):
     stored = json.loads((studies / "datastore_v2.json").read_text())["objects"]
     assert set(stored["race1"]["labels"]) == {"final"}
     assert not [p for p in (studies / "labels" / "final").iterdir() if p.name.startswith(".upload-")]
+
+
+def test_valid_requests_still_work(server, world):
+    """The checked routes keep the stock behaviour for valid ids: info updates, deletes."""
+    studies = world["studies"]
+    assert _upload(server, "del1", (studies / "lab.nii.gz").read_bytes()).status_code == 200
+    assert _save_label(server, "del1", label_bytes("good", studies)).status_code == 200
+    info = requests.put(f"{server}/datastore/image/info", params={"image": "del1"},
+                        data={"info": json.dumps({"reviewed": True})}, timeout=30)
+    assert info.status_code == 200, info.text
+    label_info = requests.put(f"{server}/datastore/label/info", params={"label": "del1", "tag": "final"},
+                              data={"info": json.dumps({"annotator": "a1"})}, timeout=30)
+    assert label_info.status_code == 200, label_info.text
+    listing = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]["del1"]
+    assert listing["image"]["info"]["reviewed"] is True
+    assert listing["labels"]["final"]["info"]["annotator"] == "a1"
+    assert requests.delete(f"{server}/datastore/label", params={"id": "del1", "tag": "final"}).status_code == 200
+    assert not (studies / "labels" / "final" / "del1.nii.gz").exists()
+    assert _save_label(server, "del1", label_bytes("good", studies)).status_code == 200
+    assert requests.delete(f"{server}/datastore/image", params={"id": "del1"}).status_code == 200
+    assert not (studies / "del1.nii.gz").exists() and not (studies / "labels" / "final" / "del1.nii.gz").exists()
+    listing = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    assert "del1" not in listing
