@@ -262,7 +262,7 @@ class HardenedDatastore(LocalDatastore):
             shutil.copy2(image, os.path.join(folder, os.path.basename(image)))
         # The patient sidecar (sarco_app.ingest.sidecar_path) described the old pixels too.
         sidecar = os.path.join(os.path.dirname(image), f"{image_id}.json")
-        if os.path.isfile(sidecar) and self._inside(sidecar):
+        if os.path.isfile(sidecar) and not os.path.islink(sidecar):
             os.makedirs(folder, exist_ok=True)
             shutil.move(sidecar, os.path.join(folder, os.path.basename(sidecar)))
         logger.info(f"replacing image {image_id}: old image and labels moved to {folder}")
@@ -294,11 +294,6 @@ class HardenedDatastore(LocalDatastore):
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=image_info, ext=image_ext))
             self._update_datastore_file(lock=False)
         return image_id
-
-    def replaced_folder(self, image_id: str) -> Optional[str]:
-        """Where the last replace of ``image_id`` moved its old labels (None if never)."""
-        obj = self._datastore.objects.get(image_id)
-        return obj.image.info.get("replaced") if obj else None
 
     def remove_image(self, image_id: str) -> None:
         check_id(image_id)
