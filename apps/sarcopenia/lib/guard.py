@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
-from monailabel.config import settings
+from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 #: ``params`` keys that MONAI Label copies into the infer request as file paths.
 PATH_KEYS = ("image", "label", "file", "session", "session_id")
 
+# The stock routes' roles, so that MONAI Label's auth applies to these routes unchanged.
 ANNOTATOR = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
 ADMIN = settings.MONAI_LABEL_AUTH_ROLE_ADMIN
 USER = settings.MONAI_LABEL_AUTH_ROLE_USER
@@ -138,7 +139,7 @@ def _upload_name(upload: UploadFile) -> str:
 
 # --- datastore -----------------------------------------------------------------------------
 @router.put("/datastore/", include_in_schema=False, deprecated=True)
-@router.put("/datastore/image", summary=f"{ANNOTATOR}Upload new Image (checked id; 409 for a labelled id "
+@router.put("/datastore/image", summary=f"{RBAC_ANNOTATOR}Upload new Image (checked id; 409 for a labelled id "
             "unless replace=true)")
 def add_image(
     image: Optional[str] = None,
@@ -169,7 +170,7 @@ def add_image(
 
 
 @router.delete("/datastore/", include_in_schema=False, deprecated=True)
-@router.delete("/datastore/image", summary=f"{ADMIN}Remove Image and corresponding labels")
+@router.delete("/datastore/image", summary=f"{RBAC_ADMIN}Remove Image and corresponding labels")
 def remove_image(id: str, user: User = Depends(RBAC(ADMIN))):
     try:
         _store().remove_image(check_id(id))
@@ -178,7 +179,7 @@ def remove_image(id: str, user: User = Depends(RBAC(ADMIN))):
     return {}
 
 
-@router.put("/datastore/label", summary=f"{ANNOTATOR}Save Finished Label (checked against its image)")
+@router.put("/datastore/label", summary=f"{RBAC_ANNOTATOR}Save Finished Label (checked against its image)")
 def save_label(
     image: str,
     params: str = Form("{}"),
@@ -204,7 +205,7 @@ def save_label(
     return result
 
 
-@router.delete("/datastore/label", summary=f"{ADMIN}Remove Label")
+@router.delete("/datastore/label", summary=f"{RBAC_ADMIN}Remove Label")
 def remove_label(id: str, tag: str, user: User = Depends(RBAC(ADMIN))):
     try:
         _store().remove_label(check_id(id), check_tag(tag))
@@ -213,7 +214,7 @@ def remove_label(id: str, tag: str, user: User = Depends(RBAC(ADMIN))):
     return {}
 
 
-@router.put("/datastore/image/info", summary=f"{ANNOTATOR}Update Image Info")
+@router.put("/datastore/image/info", summary=f"{RBAC_ANNOTATOR}Update Image Info")
 def update_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
     try:
         values = parse_params(info, "info")
@@ -234,7 +235,7 @@ def _update_label_info(label: str, tag: str, text: str, user: User, what: str):
         raise _http(exc) from None
 
 
-@router.put("/datastore/label/info", summary=f"{ANNOTATOR}Update Label Info")
+@router.put("/datastore/label/info", summary=f"{RBAC_ANNOTATOR}Update Label Info")
 def update_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
     return _update_label_info(label, tag, info, user, "info")
 
@@ -244,7 +245,7 @@ def update_label_info_old(label: str, tag: str, params: str = Form("{}"), user: 
     return _update_label_info(label, tag, params, user, "params")
 
 
-@router.get("/datastore/dataset", summary=f"{ANNOTATOR}Download full dataset as ZIP archive")
+@router.get("/datastore/dataset", summary=f"{RBAC_ANNOTATOR}Download full dataset as ZIP archive")
 def download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBAC(ANNOTATOR))):
     try:
         path = _store().get_dataset_archive(limit_cases)
@@ -256,7 +257,7 @@ def download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBA
 
 
 # --- inference -------------------------------------------------------------------------------
-@router.post("/infer/{model}", summary=f"{USER}Run Inference for supported model (datastore ids or "
+@router.post("/infer/{model}", summary=f"{RBAC_USER}Run Inference for supported model (datastore ids or "
              "uploads only)")
 def infer(
     background_tasks: BackgroundTasks,
