@@ -295,6 +295,13 @@ CASES += [
     ("infer-bin-unknown-image", "POST", "/infer/grabcut", {"image": "nope"}, ("infer-bin", "zeros"), 404),
     ("infer-bin-ok", "POST", "/infer/backprojection", {"image": "lab", "output": "json"}, ("infer-bin", "muscle"),
      200),
+    # Batch inference stores labels under a client-given tag, in a background process.
+    ("batch-bad-tag", "POST", "/batch/infer/bodycomp_threshold", {}, ("json", {"label_tag": "../../x"}), 400),
+    ("batch-tag-in-sentinel", "POST", "/batch/infer/bodycomp_threshold", {},
+     ("json", {"label_tag": "{sentinel}/x"}), 400),
+    ("batch-params-image", "POST", "/batch/infer/bodycomp_threshold", {},
+     ("json", {"label_tag": "original", "image": "{sentinel}/victim.nii.gz"}), 400),
+    ("batch-final-tag", "POST", "/batch/infer/bodycomp_pseudo", {}, ("json", {"label_tag": "final"}), 400),
     # The same tasks answer normally on a datastore id (the checks do not block real work).
     ("infer-threshold-ok", "POST", "/infer/bodycomp_threshold", {"image": "lab", "output": "json"}, None, 200),
     ("infer-quantification-ok", "POST", "/infer/quantification", {"image": "lab", "output": "json"}, None, 200),
@@ -314,6 +321,9 @@ def send(server, world, method, path, query, body):
     else:
         params = {k: _fill(v, world) for k, v in query.items()}
     files = None
+    if body is not None and body[0] == "json":
+        payload = {k: _fill(v, world) for k, v in body[1].items()}
+        return requests.request(method, url, params=params, json=payload, timeout=120)
     if body is not None:
         kind, arg = body
         if kind == "image-bytes":

@@ -33,6 +33,7 @@ from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 from starlette.background import BackgroundTask
@@ -332,6 +333,32 @@ def scribbles_from_binary(upload: UploadFile, image_id: str) -> str:
         os.unlink(path)
         raise
     return path
+
+
+@router.post("/batch/infer/{model}", summary=f"{RBAC_ADMIN}Run Batch Inference Task (checked label tag)")
+def batch_infer(
+    model: str,
+    images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    user: User = Depends(RBAC(ADMIN)),
+):
+    from monailabel.endpoints.batch_infer import run
+
+    if params is None:  # the stock defaults, used when no body is sent
+        params = {"device": "cuda", "multi_gpu": True, "gpus": "all", "logging": "WARNING", "save_label": True,
+                  "label_tag": DefaultLabelTag.ORIGINAL.value, "max_workers": 1, "max_batch_size": 0}
+    try:
+        tag = check_tag(params.get("label_tag", DefaultLabelTag.ORIGINAL.value))
+        if as_bool(params.get("save_label", True)) and tag == DefaultLabelTag.FINAL.value:
+            # Checked here too: the batch task's own refusal happens in the background, after a 200.
+            raise DatastoreError("batch inference never writes final labels: final labels come from annotators")
+        for key in PATH_KEYS:
+            if key in params:
+                raise DatastoreError(f"params may not set {key!r}: batch inference runs on the datastore's images")
+    except SarcoError as exc:
+        raise _http(exc) from None
+    return run(model, images, params, run_sync)
 
 
 @router.post("/infer/wsi/{model}", include_in_schema=False)
