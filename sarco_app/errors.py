@@ -17,3 +17,14 @@ class SarcoError(ValueError):
 
 class IngestError(SarcoError):
     """A file or folder that cannot be read as CT (not DICOM, no pixels, bad geometry...)."""
+
+
+def reason(exc: BaseException, path) -> str:
+    """``exc``'s message with ``path`` shortened to its file name: a reader's error names the
+    server's folders (a temporary upload, the studies folder), which a client need not see."""
+    import os
+
+    text = str(exc)
+    for form in {str(path), os.path.realpath(str(path))}:
+        text = text.replace(form, os.path.basename(form))
+    return text

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sarco_app import labels as L
-from sarco_app.errors import SarcoError
+from sarco_app.errors import SarcoError, reason
 from sarco_app.ingest import NIFTI_SUFFIXES, image_stem
 from sarco_app.metrics import iou_dice, overlap_counts
 
@@ -76,7 +76,7 @@ def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         data = np.rint(np.asarray(img.dataobj)).astype(np.int16)
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise SarcoError(f"{path.name}: not a readable NIfTI label ({exc})") from exc
+        raise SarcoError(f"{path.name}: not a readable NIfTI label ({reason(exc, path)})") from exc
     bad = np.setdiff1d(np.unique(data), [0, *L.NAMES])
     if bad.size:
         raise SarcoError(

@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
-from sarco_app.errors import IngestError, SarcoError
+from sarco_app.errors import IngestError, SarcoError, reason
 
 #: HU written for padding and anything below air.
 AIR_HU = -1024.0
@@ -328,13 +328,18 @@ def load_nifti(path: str | Path) -> CTImage:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise IngestError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
+        raise IngestError(f"{path.name}: not a readable NIfTI file ({reason(exc, path)})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 3 and data.shape[2] == 1 and len(img.shape) == 2:
         data = data[:, :, 0]
     if data.ndim not in (2, 3):
         raise IngestError(f"{path.name}: expected a 2D or 3D image, got shape {data.shape}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        # A NaN patch would come out as silently empty labels and NaN measures.
+        raise IngestError(f"{path.name}: {int(finite.size - finite.sum())} voxel(s) are NaN or infinite; "
+                          "a CT image holds HU everywhere (fill the gap, e.g. with -1024 HU for air)")
     np.maximum(data, AIR_HU, out=data)  # as for DICOM: nothing is darker than air
     hu, affine, back = _canonicalise(data, img.affine.astype(float))
     patient = PatientInfo()

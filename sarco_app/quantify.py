@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sarco_app import labels as L
-from sarco_app.errors import SarcoError
+from sarco_app.errors import SarcoError, reason
 from sarco_app.ingest import CTImage, PatientInfo, take_slice
 from sarco_app.reference import (
     Cutoffs,
@@ -80,7 +80,7 @@ def load_label(path: str | Path, image: CTImage, max_value: int | None = None) -
     try:
         data = np.asarray(nib.load(str(path)).dataobj)
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise SarcoError(f"label {path.name}: not a readable NIfTI file ({exc})") from exc
+        raise SarcoError(f"label {path.name}: not a readable NIfTI file ({reason(exc, path)})") from exc
     expected = tuple(image.original_shape or image.hu.shape)
     while data.ndim > len(expected) and data.shape[-1] == 1:  # (X, Y, 1) label of a 2D image
         data = data[..., 0]

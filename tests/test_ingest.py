@@ -243,6 +243,24 @@ def test_info_cli_bad_input(tmp_path, capsys):
     assert exc.value.code == 0
 
 
+def test_info_cli_without_ct_series_fails_with_the_reason(tmp_path, capsys):
+    """An MR-only folder is not "0 CT series" and success: it is an error naming what was skipped."""
+    write_series(tmp_path, _volume(n=2), [0.0, 2.5], modality="MR")
+    assert cli(["info", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no CT series found" in err and "MR (2 file(s))" in err and len(err.strip().splitlines()) == 1
+    assert cli(["info", "--json", str(tmp_path)]) == 1
+
+
+def test_nifti_with_nan_voxels_is_refused(tmp_path):
+    data = np.full((8, 8), 40.0, np.float32)
+    data[2:4, 2:4] = np.nan
+    data[0, 0] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(IngestError, match="5 voxel"):
+        ingest.load_image(tmp_path / "nan.nii.gz")
+
+
 AXIS_ORDERS = [(perm, flips) for perm in __import__("itertools").permutations(range(3))
                for flips in __import__("itertools").product((1, -1), repeat=3)]
 

@@ -36,6 +36,8 @@ from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
 from lib.infers.pseudo import PSEUDO_TASK, PseudoBatchInfer, PseudoLabelInfer  # noqa: E402
 from lib.activelearning import QueueStrategy, UncertaintyScorer, UncertaintyScoring  # noqa: E402
 from lib.loop_routes import loop_router  # noqa: E402
+from lib.datastore import HardenedDatastore  # noqa: E402
+from lib.guard import install_guard  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,15 @@ class SarcopeniaApp(MONAILabelApp):
             version=sarco_app.__version__,
             labels=dict(LABELS),
         )
+
+    def init_datastore(self):
+        # Checked ids, tags, paths and labels (lib/datastore.py); remote datastores stay stock.
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return HardenedDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def bodycomp_model_paths(self) -> list:
         """Checkpoints of the body-composition U-Net, preferred first: retrained, shipped."""
@@ -112,6 +123,7 @@ class SarcopeniaApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")
         if server is not None and hasattr(server, "app"):
             server.app.include_router(loop_router(self.rounds_path))
+            install_guard(server.app)  # checked ids, tags, params and uploads before the stock routes
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         trainers: Dict[str, TrainTask] = {}

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from sarco_app import ingest
+from sarco_app.errors import IngestError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def describe(path: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     summary = describe(args.path)
+    if not summary["series"]:
+        skipped = ", ".join(f"{o['modality'] or '?'} ({o['files']} file(s))" for o in summary["other_series"])
+        raise IngestError(f"{summary['path']}: no CT series found" + (f"; skipped {skipped}" if skipped else ""))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

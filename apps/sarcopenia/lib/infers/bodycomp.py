@@ -157,5 +157,9 @@ class BodyCompInfer(DirectInferTask):
         }
         if warnings:
             result_json["warnings"] = [f"{w}; used the next model" for w in warnings]
+        if not any(counts.values()):
+            # An empty label is an answer to check, not a result: say so in the JSON.
+            result_json.setdefault("warnings", []).append(
+                f"no tissue found on slice(s) {result.slices[:5]}: is this an abdominal CT slice in HU?")
         logger.info(f"bodycomp_{self.method} on {image_path}: slices {result.slices[:5]} ({source})")
         return out, result_json

@@ -27,7 +27,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from sarco_app import interactive
-from sarco_app.errors import SarcoError
+from sarco_app.errors import SarcoError, reason
 from sarco_app.ingest import load_image, save_label
 from sarco_app.labels import LABELS, NAMES
 
@@ -110,7 +110,7 @@ def _read_file_grid(path: str, image, name: str) -> np.ndarray:
     try:
         data = np.asarray(nib.load(str(path)).dataobj)
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise SarcoError(f"{name}: not a readable NIfTI file ({exc})") from None
+        raise SarcoError(f"{name}: not a readable NIfTI file ({reason(exc, path)})") from None
     while data.ndim > len(image.original_shape) and data.shape[-1] == 1:
         data = data[..., 0]
     if tuple(data.shape) != tuple(image.original_shape):
