@@ -36,7 +36,7 @@ from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
 from lib.infers.pseudo import PSEUDO_TASK, PseudoBatchInfer, PseudoLabelInfer  # noqa: E402
 from lib.activelearning import QueueStrategy, UncertaintyScorer, UncertaintyScoring  # noqa: E402
 from lib.loop_routes import loop_router  # noqa: E402
-from lib import limits  # noqa: E402
+from lib import limits, security  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,10 @@ class SarcopeniaApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")
         if server is not None and hasattr(server, "app"):
             server.app.include_router(loop_router(self.rounds_path))
-            # Bounded inputs and inference off the event loop (lib/limits.py); the middleware
-            # stack was built at startup, so it is rebuilt.
+            # Bounded inputs, inference off the event loop, CORS and auth (lib/limits.py,
+            # lib/security.py); the middleware stack was built at startup, so it is rebuilt.
             limits.install(server.app, self.config.get)
+            security.install(server.app, self.config.get)
             server.app.middleware_stack = server.app.build_middleware_stack()
 
     def init_trainers(self) -> Dict[str, TrainTask]:
