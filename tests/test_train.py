@@ -264,3 +264,28 @@ def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys
           "--iterations-per-epoch", "1", "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes",
           "--init", str(five)])
     assert "organ output classes added" in capsys.readouterr().out
+
+
+def test_compare_models_keeps_the_served_model_unless_beaten(phantom_samples, tmp_path):
+    """The safe-swap rule: an untrained network loses to the shipped model, a copy of the
+    served model does not beat it (a tie keeps it), and anything wins when nothing is served."""
+    from pathlib import Path
+
+    from sarco_app.network import new_model, save_checkpoint
+    from sarco_app.train import compare_models
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
+    if not shipped.is_file():
+        pytest.skip("no shipped model")
+    served = load_checkpoint(shipped)
+    untrained = save_checkpoint(new_model(served.config, served.spacing_mm, served.windows), tmp_path / "new.pt")
+    samples = phantom_samples[:1]
+    result = compare_models(untrained, shipped, samples)
+    assert result["replace"] is False and "does not beat" in result["reason"]
+    for output in ("hu_refined", "raw"):
+        assert result["candidate"][output]["score"] < result["served"][output]["score"]
+        assert result["served"][output]["score"] > 0.9
+    tie = compare_models(shipped, shipped, samples)
+    assert tie["replace"] is False and tie["candidate"] == tie["served"]
+    first = compare_models(untrained, None, samples)
+    assert first["replace"] is True and first["served"] is None
