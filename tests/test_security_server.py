@@ -166,14 +166,10 @@ def test_roles_on_save_train_and_delete(secured, issuer, studies, tmp_path):
     r = requests.delete(f"{secured}/datastore/label", params={"id": "case_a", "tag": "final"},
                         headers=bearer(admin), timeout=30)
     assert r.status_code == 200 and not (studies / "labels" / "final" / "case_a.nii.gz").exists()
-    # An admin may start training (bad params here: the task starts, then fails fast).
-    r = requests.post(f"{secured}/train/bodycomp_unet", json={"epochs": "ten"}, headers=bearer(admin), timeout=30)
+    # An admin may start training and stop it.
+    r = requests.post(f"{secured}/train/bodycomp_unet", json={"epochs": 1}, headers=bearer(admin), timeout=30)
     assert r.status_code == 200, r.text
-    deadline, status = time.time() + 120, {}
-    while time.time() < deadline and status.get("status") not in ("DONE", "ERROR"):
-        time.sleep(1)
-        status = requests.get(f"{secured}/train/", headers=bearer(admin), timeout=30).json()
-    assert status.get("status") == "ERROR" and "epochs must be an integer" in "\n".join(status.get("details", []))
+    assert requests.delete(f"{secured}/train/", headers=bearer(admin), timeout=60).status_code == 200
 
 
 def test_cors_allows_only_the_configured_origin(secured, issuer):
