@@ -140,3 +140,39 @@ def test_info_answers_while_an_inference_is_in_flight(server):
     assert info.status_code == 200 and finished["infer"][1] == 200
     # Ordering, not timing: /info/ came back before the inference it was sent after.
     assert finished["info"] < finished["infer"][0]
+
+
+def test_infers_in_worker_threads_and_saves_to_one_id_do_not_mix(server, studies, tmp_path):
+    """20 infers (the quantification reads the stored final label) alongside 10 saves of
+    different final labels to the same id: every answer is 200, the stored label is
+    byte-identical to one that was sent, and the datastore JSON stays valid."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = nib.load(str(studies / "small.nii.gz"))
+    sent = []
+    for k in range(10):
+        label = np.zeros(image.shape, np.uint8)
+        label[20 + k : 90 + k, 30:100] = 1
+        label[5:15, 5:150] = 2
+        path = tmp_path / f"label{k}.nii.gz"
+        nib.save(nib.Nifti1Image(label, image.affine), str(path))
+        sent.append(path.read_bytes())
+
+    def save(k):
+        return requests.put(f"{server}/datastore/label", params={"image": "small", "tag": "final"},
+                            files={"label": ("small.nii.gz", sent[k])}, timeout=300).status_code
+
+    def infer(k):
+        task = "quantification" if k % 2 else "bodycomp_threshold"
+        return requests.post(f"{server}/infer/{task}", params={"image": "small", "output": "json"},
+                             timeout=300).status_code
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        saves = [pool.submit(save, k) for k in range(10)]
+        infers = [pool.submit(infer, k) for k in range(20)]
+        statuses = [f.result() for f in saves + infers]
+    assert statuses == [200] * 30
+    assert (studies / "labels" / "final" / "small.nii.gz").read_bytes() in sent
+    assert "small" in json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    listing = requests.get(f"{server}/datastore/?output=all", timeout=30).json()["objects"]
+    assert "final" in listing["small"]["labels"]
