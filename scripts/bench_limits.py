@@ -17,6 +17,7 @@ a 512x512 phantom and a 2048x2048 one (the 512 phantom's HU upsampled, 0.2 mm pi
    median / 95th percentile / max and the ratio of the medians.
 
     .venv/bin/python scripts/bench_limits.py [--app apps/sarcopenia] [--clients 8] [--seconds 20]
+        [--volume-slices 2048] [--skip-memory] [--skip-latency]
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--volume-slices", type=int, default=0,
+                        help="also measure infers on a 512x512xN int16 volume (2048: the default 1 GiB limit)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -123,6 +127,10 @@ def main(argv=None) -> int:
     write_phantom(phantom, studies, "p512")
     big = np.kron(phantom.hu, np.ones((4, 4), dtype=phantom.hu.dtype))  # 2048 x 2048, 0.2 mm
     save_image(make_image(big[:, :, None], (0.2, 0.2, 3.0)), studies / "p2048.nii.gz")
+    if args.volume_slices:
+        volume = np.repeat(phantom.hu[:, :, None], args.volume_slices, axis=2)
+        save_image(make_image(volume, (0.8, 0.8, 0.5)), studies / "volume.nii.gz")
+        del volume
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -172,6 +180,15 @@ def main(argv=None) -> int:
                                           files={"file": ("bomb.nii.gz", bomb)}).status_code)
             measure("upload declaring Content-Length 10 GiB", lambda: declared_huge_body(port))
             measure("bodycomp_unet infer, 2048x2048", lambda: infer("p2048"))
+            if args.volume_slices:
+                mib = 512 * 512 * args.volume_slices * 2 / 2**20
+                measure(f"bodycomp_unet infer, 512x512x{args.volume_slices} int16 ({mib:.0f} MiB), one slice",
+                        lambda: requests.post(f"{url}/infer/bodycomp_unet", timeout=900,
+                                              params={"image": "volume", "output": "json"},
+                                              data={"params": '{"slice_index": 0}'}).status_code)
+
+        if args.skip_latency:
+            return 0
 
         def probe(seconds: float) -> list[float]:
             times, end = [], time.time() + seconds
