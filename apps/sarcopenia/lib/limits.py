@@ -33,6 +33,7 @@ from typing import Any, Callable
 import anyio
 from fastapi import HTTPException, UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 
 from sarco_app.errors import SarcoError
 from sarco_app.limits import MIB, InputLimits, InputTooLarge, check_image_file, check_image_path
@@ -219,8 +220,6 @@ def install(app, get: Callable[[str, str], str]) -> InputLimits:
             put_in_front(app, path, route, _offloaded_infer(names, limits, workers, route.endpoint))
         else:
             put_in_front(app, path, route, _checked_endpoint(route.endpoint, names, limits))
-    from starlette.middleware import Middleware
-
     app.user_middleware.insert(0, Middleware(BodySizeLimit, max_bytes=limits.max_upload_bytes))
     logger.info(f"input limits: upload {limits.max_upload_bytes // MIB} MiB, unpacked "
                 f"{limits.max_decompressed_bytes // MIB} MiB, matrix {limits.max_matrix}; {workers} infer worker(s)")
