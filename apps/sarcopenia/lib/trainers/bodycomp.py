@@ -4,8 +4,9 @@ datastore's final labels with :func:`sarco_app.train.train` (the code behind
 
 ``POST /train/bodycomp_unet`` runs it in MONAI Label's background process; one progress line per
 epoch (loss, validation Dice per tissue, time) appears in ``GET /train/`` details and the train
-log. The best checkpoint by validation Dice is written atomically to
-``<model_dir>/bodycomp_unet.pt``, which the ``bodycomp_unet`` infer task picks up at its next
+log. The best checkpoint by validation Dice becomes a candidate that replaces
+``<model_dir>/bodycomp_unet.pt`` (atomically) only when it beats the served model (see *Safe
+model swap* below); the ``bodycomp_unet`` infer task picks a replaced model up at its next
 request. By default training fine-tunes the current model (retrained, else shipped), which is
 what makes tens of slices enough on a 2-core CPU.
 
