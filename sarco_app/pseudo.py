@@ -497,6 +497,16 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def validation_dice(checkpoint: str | Path, val_samples, max_val: int) -> dict[str, float | None]:
+    """Validation Dice per tissue of ``checkpoint`` as :func:`sarco_app.train.train` scores its
+    epochs (raw network on the working grid)."""
+    from sarco_app.network import load_checkpoint
+    from sarco_app.train import to_working, validate
+
+    model = load_checkpoint(checkpoint)
+    return validate(model, [to_working(s, model.spacing_mm) for s in list(val_samples)[:max_val]])
+
+
 def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path: str | Path,
                   pseudo_weight: float = 0.5, log: Callable[[str], None] = print,
                   served_path: str | Path | None = None, gate: bool = False, val_seed: int | None = None,
@@ -526,6 +536,7 @@ def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path
     if not train_samples:
         raise SarcoError("nothing to train on: the only final label is kept for validation and no "
                          "pseudo-label is confident enough")
+    round_dice = None
     target = out_path.with_suffix(".candidate.pt") if gate else out_path
     if gate:
         target.unlink(missing_ok=True)  # a candidate of an earlier round must not be taken for this one's
@@ -545,9 +556,14 @@ def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path
         result["candidate"] = swap["candidate_path"]
         result["checkpoint"] = str(out_path) if swap["replaced"] else None
         extra["model_swap"] = swap
+        if not swap["replaced"] and served_path:
+            # The round reports the model in use: the served one, scored as train() scores.
+            extra["candidate_val_dice"] = result["best_dice"]
+            round_dice = validation_dice(served_path, val_samples, config.max_val)
     current = result["checkpoint"] or (served_path if gate else config.init_from)
     record = round_record(
-        checkpoint_id(current) if current and Path(current).is_file() else None, chosen, result["best_dice"],
+        checkpoint_id(current) if current and Path(current).is_file() else None, chosen,
+        result["best_dice"] if round_dice is None else round_dice,
         result["seconds"], checkpoint_path=str(current) if current else None,
         checkpoint_written=result["checkpoint"] is not None, train_slices=len(train_samples),
         pseudo_slices=n_pseudo_slices, val_slices=len(val_samples), pseudo_weight=pseudo_weight, **extra)

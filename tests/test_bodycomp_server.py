@@ -145,8 +145,11 @@ def test_from_scratch_run_does_not_replace_the_served_model(server, model_dir):
     ckpt = torch.load(candidate, weights_only=True)
     assert ckpt["meta"]["train_config"]["relabel_muscle_by_hu"] is True
     assert "split_head" in ckpt and ckpt["meta"]["split_head"]["iterations"] == 2
-    swap = requests.get(f"{server}/loop/rounds", timeout=30).json()["rounds"][-1]["model_swap"]
+    last_round = requests.get(f"{server}/loop/rounds", timeout=30).json()["rounds"][-1]
+    swap = last_round["model_swap"]
     assert swap["replaced"] is False and swap["served_model"] == str(SHIPPED_MODEL_PATH)
+    assert last_round["checkpoint"].startswith("bodycomp_unet.pt@")  # the round names the model in use
+    assert last_round["val_dice"]["sat"] > last_round["candidate_val_dice"]["sat"]
     for output in ("hu_refined", "raw"):
         assert swap["candidate"][output]["score"] < swap["served"][output]["score"]
     _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
