@@ -493,16 +493,38 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def validation_dice(checkpoint: str | Path, val_samples, max_val: int) -> dict[str, float | None]:
+    """Validation Dice per tissue of ``checkpoint`` as :func:`sarco_app.train.train` scores its
+    epochs (raw network on the working grid)."""
+    from sarco_app.network import load_checkpoint
+    from sarco_app.train import to_working, validate
+
+    model = load_checkpoint(checkpoint)
+    return validate(model, [to_working(s, model.spacing_mm) for s in list(val_samples)[:max_val]])
+
+
 def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path: str | Path,
-                  pseudo_weight: float = 0.5, log: Callable[[str], None] | None = None, **extra: Any) -> dict[str, Any]:
+                  pseudo_weight: float = 0.5, log: Callable[[str], None] | None = None,
+                  served_path: str | Path | None = None, gate: bool = False, val_seed: int | None = None,
+                  **extra: Any) -> dict[str, Any]:
     """One retrain of the loop: :func:`sarco_app.train.train` on ``chosen`` (finals weight 1,
     pseudo-labels ``pseudo_weight``; validation on finals only) and a round appended to
-    ``rounds_path``. Returns the train result with the stored ``round`` record."""
-    from sarco_app.train import train
+    ``rounds_path``. Returns the train result with the stored ``round`` record.
 
+    With ``gate`` (the server's safe model swap) training writes a candidate beside
+    ``out_path`` (``<name>.candidate.pt``), and the candidate replaces ``out_path`` only when it
+    beats ``served_path`` (the model being served; None when there is none) on the validation
+    slices (:func:`sarco_app.train.compare_models`). The comparison is logged and stored as
+    ``model_swap`` in the result and the round. ``val_seed`` (default ``config.seed``) chooses
+    the validation images, so a fixed seed keeps the same validation set from round to round.
+    """
+    from sarco_app.train import compare_models, train
+
+    out_path = Path(out_path)
     log = log or logger.info
+    seed = config.seed if val_seed is None else val_seed
     train_samples, val_samples = load_training_samples(chosen, pseudo_weight, config.val_fraction,
-                                                       config.max_val, config.seed,
+                                                       config.max_val, seed,
                                                        organ_classes=config.organ_classes)
     n_pseudo_slices = sum(1 for s in train_samples if s.weight != 1.0)
     log(f"round: {len(chosen.finals)} final images and {len(chosen.pseudo)} pseudo-labels "
@@ -511,10 +533,34 @@ def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path
     if not train_samples:
         raise SarcoError("nothing to train on: the only final label is kept for validation and no "
                          "pseudo-label is confident enough")
-    result = train(train_samples, out_path, config, val_samples=val_samples, log=log)
-    current = result["checkpoint"] or config.init_from
+    round_dice = None
+    target = out_path.with_suffix(".candidate.pt") if gate else out_path
+    if gate:
+        target.unlink(missing_ok=True)  # a candidate of an earlier round must not be taken for this one's
+    result = train(train_samples, target, config, val_samples=val_samples, log=log)
+    if gate:
+        swap: dict[str, Any] = {"replace": False, "served_model": str(served_path) if served_path else None}
+        if result["checkpoint"] is None:
+            swap["reason"] = "training wrote no candidate (no epoch beat the model it started from)"
+        else:
+            swap = compare_models(target, served_path, val_samples)
+            if swap["replace"]:
+                os.replace(target, out_path)  # atomic: the server never reads a half-written model
+        swap["replaced"] = bool(swap.pop("replace"))
+        swap["candidate_path"] = str(target) if target.is_file() else None
+        log(f"model swap: {'replaced' if swap['replaced'] else 'kept'} the served model: {swap['reason']}")
+        result["model_swap"] = swap
+        result["candidate"] = swap["candidate_path"]
+        result["checkpoint"] = str(out_path) if swap["replaced"] else None
+        extra["model_swap"] = swap
+        if not swap["replaced"] and served_path:
+            # The round reports the model in use: the served one, scored as train() scores.
+            extra["candidate_val_dice"] = result["best_dice"]
+            round_dice = validation_dice(served_path, val_samples, config.max_val)
+    current = result["checkpoint"] or (served_path if gate else config.init_from)
     record = round_record(
-        checkpoint_id(current) if current and Path(current).is_file() else None, chosen, result["best_dice"],
+        checkpoint_id(current) if current and Path(current).is_file() else None, chosen,
+        result["best_dice"] if round_dice is None else round_dice,
         result["seconds"], checkpoint_path=str(current) if current else None,
         checkpoint_written=result["checkpoint"] is not None, train_slices=len(train_samples),
         pseudo_slices=n_pseudo_slices, val_slices=len(val_samples), pseudo_weight=pseudo_weight, **extra)

@@ -673,6 +673,61 @@ def train(
     }
 
 
+def served_dice(model: BodyCompModel, samples: Sequence[Sample], hu_refine: bool = True) -> dict[str, float | None]:
+    """Dice per tissue of what the server answers (:func:`sarco_app.segment.segment_volume` on
+    each slice's own grid; ``hu_refine`` as the infer param), pooled over ``samples``."""
+    from sarco_app.segment import segment_volume
+
+    inter = {v: 0 for v in L.NAMES}
+    total = {v: 0 for v in L.NAMES}
+    for sample in samples:
+        pred = segment_volume(sample.hu, sample.spacing, method="unet", model=model, hu_refine=hu_refine,
+                              threads=1).label
+        for v in L.NAMES:
+            p, t = pred == v, sample.label == v
+            inter[v] += int((p & t).sum())
+            total[v] += int(p.sum()) + int(t.sum())
+    return {L.NAMES[v]: (2 * inter[v] / total[v] if total[v] else None) for v in L.NAMES}
+
+
+def compare_models(candidate: str | Path, served: str | Path | None, samples: Sequence[Sample]) -> dict[str, Any]:
+    """Should ``candidate`` replace the ``served`` checkpoint? Both label ``samples`` as the
+    server would, with the HU rule (the default answer) and without it (the raw network); the
+    score is the mean Dice of muscle, SAT and VAT. The candidate wins when it is at least as good
+    on both outputs and better on one (a head-only retrain changes only the raw output).
+
+    Returns ``{"replace", "reason", "candidate": {output: {"dice", "score"}}, "served": ...}``
+    (``served`` None when there is no served model: then the candidate always wins).
+    """
+    if not samples:
+        raise SarcoError("no validation slices to compare the models on")
+    outputs = {"hu_refined": True, "raw": False}
+
+    def scores(path) -> dict[str, Any]:
+        model = load_checkpoint(path)
+        out = {}
+        for name, hu_refine in outputs.items():
+            dice = served_dice(model, samples, hu_refine=hu_refine)
+            out[name] = {"dice": {k: (None if v is None else round(v, 5)) for k, v in dice.items()},
+                         "score": round(_main_score(dice), 5)}
+        return out
+
+    new = scores(candidate)
+    result: dict[str, Any] = {"candidate_model": str(candidate), "served_model": str(served) if served else None,
+                              "validation_slices": len(samples), "candidate": new, "served": None}
+    if served is None:
+        result.update(replace=True, reason="no model is served yet")
+        return result
+    old = scores(served)
+    result["served"] = old
+    diffs = {name: new[name]["score"] - old[name]["score"] for name in outputs}
+    result["replace"] = all(d >= 0 for d in diffs.values()) and any(d > 0 for d in diffs.values())
+    summary = ", ".join(f"{name} {new[name]['score']:.4f} vs {old[name]['score']:.4f}" for name in outputs)
+    result["reason"] = (f"the candidate beats the served model ({summary})" if result["replace"]
+                        else f"the candidate does not beat the served model ({summary})")
+    return result
+
+
 def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, dict]:
     """Pooled Dice per tissue of the raw arg-max on the samples' own grids, for the backbone
     alone (softmax of its resampled logits) and with the split head."""

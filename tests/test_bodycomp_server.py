@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import re
+import shutil
 import time
 
 import nibabel as nib
@@ -142,21 +143,36 @@ def run_training(server, params) -> tuple[str, str]:
     return status.get("status"), "\n".join(status.get("details", []))
 
 
-def test_train_writes_checkpoint_that_infer_picks_up(server, model_dir):
-    # From scratch: the first epoch is always written (a fine-tune is written only when it beats
-    # the model it starts from, tests/test_train.py).
-    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False,
+def test_from_scratch_run_does_not_replace_the_served_model(server, model_dir):
+    # Safe model swap: 10 iterations from scratch make a candidate that loses to the shipped
+    # model on the validation slices, so the shipped model stays served.
+    params = {"epochs": 1, "iterations_per_epoch": 10, "batch_size": 2, "crop": 64, "fine_tune": False,
               "relabel_muscle_by_hu": "true", "split_head_iterations": 2}
     status, log = run_training(server, params)
     assert status == "DONE", log
     assert "val dice" in log and "split head iter 2/2" in log
-    checkpoint = model_dir / "bodycomp_unet.pt"
-    assert checkpoint.is_file()
-    ckpt = torch.load(checkpoint, weights_only=True)
+    assert "model swap: kept the served model: the candidate does not beat the served model" in log
+    checkpoint, candidate = model_dir / "bodycomp_unet.pt", model_dir / "bodycomp_unet.candidate.pt"
+    assert not checkpoint.exists() and candidate.is_file()
+    ckpt = torch.load(candidate, weights_only=True)
     assert ckpt["meta"]["train_config"]["relabel_muscle_by_hu"] is True
     assert "split_head" in ckpt and ckpt["meta"]["split_head"]["iterations"] == 2
+    last_round = requests.get(f"{server}/loop/rounds", timeout=30).json()["rounds"][-1]
+    swap = last_round["model_swap"]
+    assert swap["replaced"] is False and swap["served_model"] == str(SHIPPED_MODEL_PATH)
+    assert last_round["checkpoint"].startswith("bodycomp_unet.pt@")  # the round names the model in use
+    assert last_round["val_dice"]["sat"] > last_round["candidate_val_dice"]["sat"]
+    for output in ("hu_refined", "raw"):
+        assert swap["candidate"][output]["score"] < swap["served"][output]["score"]
     _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
-    assert result["model"] == str(checkpoint)
+    assert result["model"] == str(SHIPPED_MODEL_PATH)
+    # An admin may still put the candidate in place by hand: it is served without a restart.
+    shutil.copyfile(candidate, checkpoint)
+    try:
+        _, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
+        assert result["model"] == str(checkpoint)
+    finally:
+        checkpoint.unlink()
 
 
 def test_damaged_retrained_checkpoint_falls_back_to_the_shipped_model(server, model_dir):
@@ -217,10 +233,15 @@ def test_train_with_organ_classes_serves_only_tissue_values(server, model_dir):
     assert status == "DONE", log
     counted = re.search(r"(\d+) of (\d+) training slices have organ maps", log)
     assert counted and int(counted.group(2)) == 1 and int(counted.group(1)) in (0, 1), log
-    ckpt = torch.load(model_dir / "bodycomp_unet.pt", weights_only=True)
+    candidate, checkpoint = model_dir / "bodycomp_unet.candidate.pt", model_dir / "bodycomp_unet.pt"
+    ckpt = torch.load(candidate, weights_only=True)  # two iterations do not beat the shipped model
     assert ckpt["class_names"][L.NUM_CLASSES:] == list(L.ORGAN_NAMES)
     assert ckpt["meta"]["train_config"]["organ_classes"] is True
-    for params in ({}, {"hu_refine": False}):
-        data, _, result = decode(infer(server, "bodycomp_unet", "ph_a", params))
-        assert result["model"] == str(model_dir / "bodycomp_unet.pt")
-        assert set(np.unique(data)) <= set(range(L.NUM_CLASSES))
+    shutil.copyfile(candidate, checkpoint)  # served by hand, to see what it answers
+    try:
+        for params in ({}, {"hu_refine": False}):
+            data, _, result = decode(infer(server, "bodycomp_unet", "ph_a", params))
+            assert result["model"] == str(checkpoint)
+            assert set(np.unique(data)) <= set(range(L.NUM_CLASSES))
+    finally:
+        checkpoint.unlink()

@@ -298,3 +298,28 @@ def test_learning_rate_follows_iterations_and_the_time_limit_only_stops(phantom_
     capped = train(phantom_samples[:2], tmp_path / "capped.pt", TrainConfig(**config, time_limit_s=1e-6),
                    val_samples=phantom_samples[2:], log=lines.append)
     assert capped["iterations"] == 0 and any("time limit" in line for line in lines)
+
+
+def test_compare_models_keeps_the_served_model_unless_beaten(phantom_samples, tmp_path):
+    """The safe-swap rule: an untrained network loses to the shipped model, a copy of the
+    served model does not beat it (a tie keeps it), and anything wins when nothing is served."""
+    from pathlib import Path
+
+    from sarco_app.network import new_model, save_checkpoint
+    from sarco_app.train import compare_models
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
+    if not shipped.is_file():
+        pytest.skip("no shipped model")
+    served = load_checkpoint(shipped)
+    untrained = save_checkpoint(new_model(served.config, served.spacing_mm, served.windows), tmp_path / "new.pt")
+    samples = phantom_samples[:1]
+    result = compare_models(untrained, shipped, samples)
+    assert result["replace"] is False and "does not beat" in result["reason"]
+    for output in ("hu_refined", "raw"):
+        assert result["candidate"][output]["score"] < result["served"][output]["score"]
+        assert result["served"][output]["score"] > 0.9
+    tie = compare_models(shipped, shipped, samples)
+    assert tie["replace"] is False and tie["candidate"] == tie["served"]
+    first = compare_models(untrained, None, samples)
+    assert first["replace"] is True and first["served"] is None

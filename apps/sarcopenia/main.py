@@ -38,6 +38,7 @@ from lib.activelearning import QueueStrategy, UncertaintyScorer, UncertaintyScor
 from lib.loop_routes import loop_router  # noqa: E402
 from lib.datastore import HardenedDatastore  # noqa: E402
 from lib.guard import install_guard  # noqa: E402
+from lib import limits, security  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,11 @@ class SarcopeniaApp(MONAILabelApp):
         if server is not None and hasattr(server, "app"):
             server.app.include_router(loop_router(self.rounds_path))
             install_guard(server.app)  # checked ids, tags, params and uploads before the stock routes
+            # Bounded inputs, inference off the event loop, CORS and auth (lib/limits.py,
+            # lib/security.py); the middleware stack was built at startup, so it is rebuilt.
+            limits.install(server.app, self.config.get)
+            security.install(server.app, self.config.get)
+            server.app.middleware_stack = server.app.build_middleware_stack()
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         trainers: Dict[str, TrainTask] = {}

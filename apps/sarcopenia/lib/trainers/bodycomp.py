@@ -4,8 +4,9 @@ datastore's final labels with :func:`sarco_app.train.train` (the code behind
 
 ``POST /train/bodycomp_unet`` runs it in MONAI Label's background process; one progress line per
 epoch (loss, validation Dice per tissue, time) appears in ``GET /train/`` details and the train
-log. The best checkpoint by validation Dice is written atomically to
-``<model_dir>/bodycomp_unet.pt``, which the ``bodycomp_unet`` infer task picks up at its next
+log. The best checkpoint by validation Dice becomes a candidate that replaces
+``<model_dir>/bodycomp_unet.pt`` (atomically) only when it beats the served model (see *Safe
+model swap* below); the ``bodycomp_unet`` infer task picks a replaced model up at its next
 request. By default training fine-tunes the current model (retrained, else shipped), which is
 what makes tens of slices enough on a 2-core CPU.
 
@@ -29,6 +30,12 @@ validation uses final labels only (one in seven final images, at least one when 
 Every run records a round (checkpoint id, finals and pseudo-labels used, validation Dice per
 tissue, seconds, time) in ``<model_dir>/rounds.json``: ``GET /loop/rounds`` and
 ``GET /loop/learning_curve.png``.
+
+Safe model swap: a run trains a candidate (``<model_dir>/bodycomp_unet.candidate.pt``) that
+replaces the served model only when it beats it on the validation slices, with and without the
+HU rule (:func:`sarco_app.train.compare_models`); a from-scratch run of a few iterations
+therefore never replaces a good model. The comparison is in the train log, the task's result
+(``model_swap``) and the round record.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ logger = logging.getLogger(__name__)
 #: TrainConfig settings a request may give (the others belong to the library or the checkpoint).
 _REQUEST_SETTINGS = ("epochs", "iterations_per_epoch", "batch_size", "crop", "lr", "seed", "time_limit_s",
                      "relabel_muscle_by_hu", "split_head_iterations", "organ_classes", "device")
+
+# The validation images are drawn with this seed whatever the request's ``seed``, so every run
+# on the same final labels is compared on the same validation set.
+VALIDATION_SEED = 0
 
 
 class BodyCompTrainer(TrainTask):
@@ -142,7 +153,10 @@ class BodyCompTrainer(TrainTask):
             raise ValueError("no final labels in the datastore: save some labels before training")
         chosen = training_pairs(images, finals, pseudos, loop["include_pseudo"], loop["min_confidence"])
         pairs = chosen.finals + chosen.pseudo
-        init = self._init_checkpoint(log) if fine_tune else None
+        # The model the infer task serves now: the one a fine-tune starts from, and the one a
+        # new model must beat on the validation slices before it replaces it.
+        served = self._init_checkpoint(log)
+        init = served if fine_tune else None
         config.init_from = str(init) if init else None
         if config.epochs == 0 and init is None:
             message = ("epochs 0 trains only the split head of the current model, but "
@@ -155,6 +169,7 @@ class BodyCompTrainer(TrainTask):
             f"{counts['pseudo_overridden_by_final']} with a final label); "
             f"{'fine-tuning ' + str(init) if init else 'training from scratch'} -> {self.output_path}")
         result = retrain_round(chosen, self.output_path, config, self.rounds_path, pseudo_weight=loop["pseudo_weight"],
-                               log=log, include_pseudo=loop["include_pseudo"], min_confidence=loop["min_confidence"])
+                               log=log, served_path=served, gate=True, val_seed=VALIDATION_SEED,
+                               include_pseudo=loop["include_pseudo"], min_confidence=loop["min_confidence"])
         result.pop("history", None)
         return result
