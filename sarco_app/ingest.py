@@ -651,6 +651,9 @@ def load_dicom(path: str | Path | Sequence[str | Path], series: str | int | None
         "patient_position": str(first.get("PatientPosition", "") or ""),
         "slice_thickness_mm": float(first.get("SliceThickness", dz) or dz),
         "num_series_found": len(found),
+        # The series' instances in the file's slice order (axis 2 of ``to_original``): what a
+        # DICOM SEG references frame by frame.
+        "sop_instance_uids": [str(ds.get("SOPInstanceUID", "") or "") for _, _, ds in placed],
     }
     return CTImage(
         hu=hu,
@@ -683,14 +686,9 @@ def load_image(path: str | Path | Sequence[str | Path], series: str | int | None
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def load_dicom_seg(path: str | Path, image: CTImage, segment: int | None = None) -> np.ndarray:
-    """A binary DICOM SEG (e.g. dcmqi's) as a boolean mask on ``image``'s canonical grid.
-
-    Every set pixel of every frame (of segment number ``segment``, or of any segment) is placed
-    by its frame's position and orientation (patient coordinates, mm) in the voxel of ``image``
-    that holds it; pixels outside the image are dropped. Raises :class:`IngestError` for a file
-    that is not a DICOM SEG or lacks the geometry.
-    """
+def read_dicom_seg(path: str | Path) -> Any:
+    """A DICOM Segmentation file as a pydicom Dataset; :class:`IngestError` for a file that is
+    not DICOM or not a SEG."""
     import pydicom
 
     path = Path(path)
@@ -700,6 +698,21 @@ def load_dicom_seg(path: str | Path, image: CTImage, segment: int | None = None)
         raise IngestError(f"{path.name}: not a DICOM file ({exc})") from exc
     if str(ds.get("SOPClassUID", "")) != SEGMENTATION_SOP_CLASS:
         raise IngestError(f"{path.name}: not a DICOM Segmentation (SOP class {ds.get('SOPClassUID', '?')})")
+    ds.filename_for_messages = path.name
+    return ds
+
+
+def load_dicom_seg(path: Any, image: CTImage, segment: int | None = None) -> np.ndarray:
+    """A binary DICOM SEG (e.g. dcmqi's) as a boolean mask on ``image``'s canonical grid.
+
+    ``path`` is a file or a Dataset from :func:`read_dicom_seg`. Every set pixel of every frame
+    (of segment number ``segment``, or of any segment) is placed by its frame's position and
+    orientation (patient coordinates, mm) in the voxel of ``image`` that holds it; pixels
+    outside the image are dropped. Raises :class:`IngestError` for a file that is not a DICOM
+    SEG or lacks the geometry.
+    """
+    ds = path if hasattr(path, "SOPClassUID") else read_dicom_seg(path)
+    path = Path(getattr(ds, "filename_for_messages", "SEG"))
     frames = np.asarray(ds.pixel_array)
     frames = frames[None] if frames.ndim == 2 else frames
     shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
