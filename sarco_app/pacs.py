@@ -1,0 +1,155 @@
+"""Putting DICOM into a PACS over DICOMweb: UID repair and upload (STOW-RS).
+
+A PACS such as Orthanc refuses instances whose StudyInstanceUID, SeriesInstanceUID or
+SOPInstanceUID is empty (anonymisers leave them so; the shared TotalSegmentator series is such a
+case). :func:`repair_uids` gives them UIDs derived from what the files hold, so uploading the
+same files twice yields the same UIDs and the series stays one series.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sarco_app import ingest
+from sarco_app.errors import SarcoError
+
+logger = logging.getLogger(__name__)
+
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _text(ds: Any, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def _generated(*parts: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def _pixel_digest(ds: Any) -> str:
+    data = ds.get("PixelData")
+    return hashlib.sha256(bytes(data) if data is not None else b"").hexdigest()
+
+
+def repair_uids(datasets: Sequence[Any], names: Sequence[str] | None = None) -> list[str]:
+    """Give every dataset with an empty Study, Series or SOP Instance UID a deterministic one.
+
+    The new UIDs are pydicom ``generate_uid`` hashes of the files' own content: the study's from
+    patient id, study date/time/id, accession number and frame of reference; the series' from
+    the study UID and the series' identity (its geometry when the UID is missing, as
+    :mod:`sarco_app.ingest` groups series); an instance's from the file meta's
+    MediaStorageSOPInstanceUID when it has one, else from the series UID, position, instance
+    number and a hash of the pixel data. ``datasets`` are changed in place (file meta too).
+
+    Returns one line per repaired instance (``name: StudyInstanceUID, SOPInstanceUID``), and
+    logs them as a warning.
+    """
+    names = list(names) if names is not None else [f"instance {i}" for i in range(len(datasets))]
+    repaired: list[str] = []
+    used_sop = {_text(ds, "SOPInstanceUID") for ds in datasets} - {""}
+    for ds, name in zip(datasets, names):
+        empty = [keyword for keyword in UID_KEYWORDS if not _text(ds, keyword)]
+        if not empty:
+            continue
+        if "StudyInstanceUID" in empty:
+            ds.StudyInstanceUID = _generated(
+                "sarco-study", *(_text(ds, k) for k in ("PatientID", "PatientName", "StudyDate", "StudyTime",
+                                                        "StudyID", "AccessionNumber", "FrameOfReferenceUID")))
+        if "SeriesInstanceUID" in empty:
+            ds.SeriesInstanceUID = _generated(
+                "sarco-series", ds.StudyInstanceUID, ingest._series_key(ds), _text(ds, "SeriesNumber"),
+                _text(ds, "SeriesDescription"))
+        if "SOPInstanceUID" in empty:
+            meta_uid = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "").strip()
+            if meta_uid and meta_uid not in used_sop:
+                ds.SOPInstanceUID = meta_uid
+            else:
+                ds.SOPInstanceUID = _generated(
+                    "sarco-sop", ds.SeriesInstanceUID, _text(ds, "ImagePositionPatient"),
+                    _text(ds, "InstanceNumber"), _pixel_digest(ds))
+            used_sop.add(str(ds.SOPInstanceUID))
+        if getattr(ds, "file_meta", None) is not None:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        repaired.append(f"{name}: {', '.join(empty)}")
+    if repaired:
+        listed = "; ".join(repaired[:10]) + (f"; ... ({len(repaired)} in all)" if len(repaired) > 10 else "")
+        logger.warning("generated UIDs for %d instance(s) with empty UIDs: %s", len(repaired), listed)
+    return repaired
+
+
+@dataclass
+class UploadResult:
+    """What :func:`upload` sent: instance count, repaired instances, series UIDs, skipped files."""
+
+    instances: int = 0
+    repaired: list[str] = field(default_factory=list)
+    series_uids: set[str] = field(default_factory=set)
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_datasets(path: str | Path) -> tuple[list[Any], list[str], list[str]]:
+    """(datasets, names, skipped names) of every DICOM file under a file or folder (recursive);
+    non-DICOM files are skipped, damaged DICOM files are an error."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    if not path.exists():
+        raise SarcoError(f"{path}: no such file or folder")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    datasets, names, skipped = [], [], []
+    for file in files:
+        name = str(file.relative_to(path)) if path.is_dir() else file.name
+        try:
+            ds = pydicom.dcmread(str(file))
+        except InvalidDicomError:
+            skipped.append(name)
+            continue
+        except Exception as exc:
+            raise SarcoError(f"{name}: damaged DICOM file ({type(exc).__name__}: {exc})") from exc
+        datasets.append(ds)
+        names.append(name)
+    if not datasets:
+        raise SarcoError(f"{path}: no DICOM files found")
+    return datasets, names, skipped
+
+
+def dicomweb_session(user: str | None = None, password: str | None = None):
+    """A requests Session with HTTP basic auth when ``user`` is given."""
+    import requests
+
+    session = requests.Session()
+    if user:
+        session.auth = (user, password or "")
+    return session
+
+
+def upload(dicomweb_root: str, path: str | Path, session: Any = None, batch: int = 50) -> UploadResult:
+    """Upload every DICOM file under ``path`` to a DICOMweb server (STOW-RS at ``dicomweb_root``),
+    repairing empty UIDs first (:func:`repair_uids`).
+
+    Raises :class:`SarcoError` when the server cannot be reached or refuses instances.
+    """
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    datasets, names, skipped = read_datasets(path)
+    result = UploadResult(repaired=repair_uids(datasets, names), skipped=skipped)
+    client = DICOMwebClient(url=dicomweb_root.rstrip("/"), session=session or dicomweb_session())
+    for start in range(0, len(datasets), batch):
+        chunk = datasets[start:start + batch]
+        try:
+            client.store_instances(chunk)
+        except requests.exceptions.ConnectionError as exc:
+            raise SarcoError(f"DICOMweb server {dicomweb_root} unreachable: {exc.__class__.__name__}") from exc
+        except requests.exceptions.HTTPError as exc:
+            raise SarcoError(f"DICOMweb server {dicomweb_root} refused the upload of {names[start]}...: {exc}") from exc
+        result.instances += len(chunk)
+        result.series_uids.update(str(ds.SeriesInstanceUID) for ds in chunk)
+    return result
