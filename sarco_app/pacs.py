@@ -153,3 +153,122 @@ def upload(dicomweb_root: str, path: str | Path, session: Any = None, batch: int
         result.instances += len(chunk)
         result.series_uids.update(str(ds.SeriesInstanceUID) for ds in chunk)
     return result
+
+
+# --------------------------------------------------------------------------- Orthanc
+
+ORTHANC_BINARY = "Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def orthanc_available() -> str | None:
+    """Why Orthanc with its DICOMweb plugin cannot run here (``None`` when it can)."""
+    import shutil
+
+    if shutil.which(ORTHANC_BINARY) is None:
+        return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        return f"the Orthanc DICOMweb plugin is missing ({DICOMWEB_PLUGIN}; apt-get install orthanc-dicomweb)"
+    return None
+
+
+def orthanc_config(storage: str | Path, http_port: int = 8042, user: str | None = None,
+                   password: str | None = None) -> dict:
+    """An Orthanc configuration: its own storage folder, DICOMweb at ``/dicom-web/``, loopback
+    clients only, no DICOM (DIMSE) port, HTTP basic authentication when ``user`` is given, and
+    instances overwritten by a new upload with the same SOP Instance UID (how a label saved
+    again replaces its SEG, see :func:`sarco_app.dicom_seg.seg_uids`)."""
+    storage = Path(storage).resolve()
+    config = {
+        "Name": "sarco",
+        "StorageDirectory": str(storage / "db"),
+        "IndexDirectory": str(storage / "db"),
+        "HttpPort": int(http_port),
+        "DicomServerEnabled": False,
+        # Orthanc 1.10 has no bind address: it listens on every interface but answers only
+        # clients on this machine.
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": bool(user),
+        "OverwriteInstances": True,
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                     "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+    }
+    if user:
+        config["RegisteredUsers"] = {user: password or ""}
+    return config
+
+
+class Orthanc:
+    """An Orthanc process on 127.0.0.1 with its own storage folder; use as a context manager
+    or call :meth:`stop`."""
+
+    def __init__(self, storage: str | Path, http_port: int = 8042, user: str | None = None,
+                 password: str | None = None, log_path: str | Path | None = None):
+        self.storage = Path(storage).resolve()
+        self.http_port = int(http_port)
+        self.user, self.password = user, password
+        self.log_path = Path(log_path) if log_path else self.storage / "orthanc.log"
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_root(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def session(self):
+        return dicomweb_session(self.user, self.password)
+
+    def start(self, timeout: float = 30.0) -> "Orthanc":
+        import json
+        import subprocess
+        import time
+
+        import requests
+
+        problem = orthanc_available()
+        if problem:
+            raise SarcoError(problem)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        config_path = self.storage / "orthanc.json"
+        config_path.write_text(json.dumps(orthanc_config(self.storage, self.http_port, self.user, self.password),
+                                          indent=2))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([ORTHANC_BINARY, str(config_path)], stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        session = self.session()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SarcoError(f"Orthanc exited at start-up (status {self.proc.returncode}); see {self.log_path}")
+            try:
+                if session.get(f"{self.url}/system", timeout=2).status_code == 200:
+                    return self
+            except requests.exceptions.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SarcoError(f"Orthanc did not answer on {self.url} within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "Orthanc":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

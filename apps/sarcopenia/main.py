@@ -36,6 +36,7 @@ from lib.trainers.bodycomp import BodyCompTrainer  # noqa: E402
 from lib.infers.pseudo import PSEUDO_TASK, PseudoBatchInfer, PseudoLabelInfer  # noqa: E402
 from lib.activelearning import QueueStrategy, UncertaintyScorer, UncertaintyScoring  # noqa: E402
 from lib.loop_routes import loop_router  # noqa: E402
+from lib.dicomweb import SarcoDICOMWebDatastore  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,40 @@ class SarcopeniaApp(MONAILabelApp):
             version=sarco_app.__version__,
             labels=dict(LABELS),
         )
+
+    def _init_dicomweb_datastore(self):
+        """The DICOMweb branch of ``init_datastore`` (``--studies http://.../dicom-web``): MONAI
+        Label's client and settings (``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD`` for a PACS
+        with authentication), our datastore writing DICOM SEG with highdicom."""
+        from monailabel.config import settings
+        from monailabel.datastore.dicom import DICOMwebClientX
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        return SarcoDICOMWebDatastore(
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache_path or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+        )
+
+    def _download_dcmqi_tools(self):
+        # The stock DICOMweb start-up downloads dcmqi from GitHub (and fails offline); our SEGs
+        # are written by highdicom (sarco_app.dicom_seg), so dcmqi is never needed.
+        logger.info("DICOM SEG by highdicom: dcmqi not needed")
 
     def bodycomp_model_paths(self) -> list:
         """Checkpoints of the body-composition U-Net, preferred first: retrained, shipped."""
