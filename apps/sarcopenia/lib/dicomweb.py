@@ -57,6 +57,12 @@ def check_uid(value: str, what: str = "image id") -> str:
 class SarcoDICOMWebDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore with sarco's ingest and highdicom SEG (no dcmqi)."""
 
+    def __init__(self, client, *args, **kwargs):
+        # dicomweb-client retries every failed request 5 times with exponential back-off (about
+        # 30 s when the PACS is down); one quick retry lets the user see the error at once.
+        client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=100)
+        super().__init__(client, *args, **kwargs)
+
     def _pacs_call(self, what: str, call, *args, **kwargs):
         """``call(*args)``; a PACS that cannot be reached or refuses answers 502."""
         try:
@@ -139,13 +145,41 @@ class SarcoDICOMWebDatastore(DICOMWebDatastore):
                                   StudyInstanceUID=str(seg.StudyInstanceUID), Modality="SEG")
             return LocalDatastore.save_label(self, image_id, label_nii, label_tag, label_info)
 
+    def seg_series_of(self, image_id: str) -> Optional[str]:
+        """The SEG series in the PACS that is ``image_id``'s label: ours (sarco's UIDs) when
+        there is one, else the last SEG that references the series; ``None`` when none does."""
+        from pydicom.dataset import Dataset
+
+        ours = dicom_seg.seg_uids(image_id, DefaultLabelTag.FINAL)[0]
+        found = []
+        for item in self._pacs_call("list SEGs", self._client.search_for_series, search_filters={"Modality": "SEG"}):
+            seg = Dataset.from_json(item)
+            meta = Dataset.from_json(self._pacs_call(
+                "SEG metadata", self._client.retrieve_series_metadata, str(seg.StudyInstanceUID),
+                str(seg.SeriesInstanceUID))[0])
+            if image_id in dicom_seg.referenced_series(meta):
+                found.append(str(seg.SeriesInstanceUID))
+        return ours if ours in found else (found[-1] if found else None)
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        if label_tag != DefaultLabelTag.FINAL or not image_id:
+        """The label NIfTI of an image. MONAI Label asks with ``label_id`` = the SEG series and
+        ``image_id`` = the image series (datalist), or with ``label_id`` = the image series alone
+        (``GET /datastore/label``): then the SEG is looked up by its reference."""
+        if label_tag != DefaultLabelTag.FINAL:
             return LocalDatastore.get_label_uri(self, label_id, label_tag)
+        if not image_id:
+            image_id = check_uid(label_id)
+            cached = LocalDatastore.get_label_uri(self, image_id, label_tag)
+            if cached and os.path.exists(cached):
+                return cached
+            label_id = self.seg_series_of(image_id)
+            if label_id is None:
+                return ""
         label_nii = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz"))
         if os.path.exists(label_nii):
             return label_nii
         check_uid(label_id, "label id")
+        self.get_image_uri(image_id)  # registers the image in the cache, which LocalDatastore.save_label needs
         seg_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
         if not os.path.isdir(seg_dir) or not os.listdir(seg_dir):
             self._pacs_call(f"fetch SEG {label_id}", dicom_web_download_series, None, label_id, seg_dir,

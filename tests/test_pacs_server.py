@@ -1,0 +1,168 @@
+"""The server on a real PACS: Orthanc with DICOMweb (and authentication), phantom series
+uploaded, ``bodycomp_unet`` over HTTP, the label saved back as a DICOM SEG in Orthanc."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+from sarco_app import dicom_seg, ingest, pacs
+from sarco_app.labels import LABELS
+from sarco_app.phantom import generate, write_phantom
+from sarco_app.quantify import load_label
+
+USER, PASSWORD = "annotator", "s3cret"
+
+if pacs.orthanc_available():
+    pytest.skip(f"Orthanc server tests skipped: {pacs.orthanc_available()}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pacs_dicom")
+    for case, seed in (("ph_a", 606061), ("ph_b", 606062)):
+        write_phantom(generate(seed, spacing_mm=1.5, size=256), root, case, format="dicom")
+    return root
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, phantoms):
+    from conftest import free_port
+
+    server = pacs.Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), USER, PASSWORD)
+    server.start()
+    pacs.upload(server.dicomweb_root, phantoms, session=server.session())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(start_server, orthanc, tmp_path_factory):
+    env = {"MONAI_LABEL_DICOMWEB_USERNAME": USER, "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache"))}
+    return start_server(orthanc.dicomweb_root, conf={"model_dir": str(tmp_path_factory.mktemp("model"))}, env=env)
+
+
+def series_uid(folder) -> str:
+    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def seg_instances(orthanc, source_series: str) -> list:
+    """Every SEG in Orthanc that references ``source_series``, as pydicom datasets."""
+    session = orthanc.session()
+    found = []
+    for item in session.get(f"{orthanc.dicomweb_root}/series", params={"Modality": "SEG"}).json():
+        study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
+        response = session.get(f"{orthanc.dicomweb_root}/studies/{study}/series/{series}",
+                                headers={"Accept": 'multipart/related; type="application/dicom"'})
+        response.raise_for_status()
+        for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
+            ds = pydicom.dcmread(io.BytesIO(part.content))
+            if source_series in dicom_seg.referenced_series(ds):
+                found.append(ds)
+    return found
+
+
+def infer_label(server, image_id: str) -> bytes:
+    response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": image_id, "output": "image"},
+                             data={"params": "{}"}, timeout=300)
+    assert response.status_code == 200, response.text[:500]
+    return response.content
+
+
+def test_orthanc_requires_the_credentials_the_server_was_given(orthanc):
+    assert requests.get(f"{orthanc.dicomweb_root}/series", timeout=10).status_code == 401
+    assert orthanc.session().get(f"{orthanc.dicomweb_root}/series", timeout=10).status_code == 200
+
+
+def test_infer_and_save_store_a_seg_equal_to_the_prediction(server, orthanc, phantoms, tmp_path):
+    folder = phantoms / "ph_a"
+    image_id = series_uid(folder)
+    predicted = tmp_path / "pred.nii.gz"
+    predicted.write_bytes(infer_label(server, image_id))
+    image = ingest.load_image(folder)
+    prediction = load_label(predicted, image)
+    assert set(np.unique(prediction)) >= {1, 2, 3}  # a real body-composition label, not empty
+    with open(predicted, "rb") as f:
+        response = requests.put(f"{server}/datastore/label", params={"image": image_id, "tag": "final"},
+                                files={"label": ("label.nii.gz", f)},
+                                data={"params": json.dumps({"model": "bodycomp_unet"})}, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    segs = seg_instances(orthanc, image_id)
+    assert len(segs) == 1
+    seg = segs[0]
+    assert [(int(s.SegmentNumber), s.SegmentLabel) for s in seg.SegmentSequence] == sorted(
+        (v, k) for k, v in LABELS.items())
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "127954009"
+    assert seg.StudyInstanceUID == pydicom.dcmread(next(folder.glob("*.dcm"))).StudyInstanceUID
+    assert np.array_equal(dicom_seg.seg_to_label(seg, image), prediction)
+
+    # The server reads the label back (from its cache, which holds the same pixels).
+    back = requests.get(f"{server}/datastore/label", params={"label": image_id, "tag": "final"}, timeout=60)
+    assert back.status_code == 200
+    (tmp_path / "back.nii.gz").write_bytes(back.content)
+    assert np.array_equal(load_label(tmp_path / "back.nii.gz", image), prediction)
+
+    # Saving the same series' label again replaces its SEG; the other series has none.
+    edited = prediction.copy()
+    edited[edited == LABELS["imat"]] = LABELS["muscle"]
+    ingest.save_label(edited, image, tmp_path / "edited.nii.gz")
+    with open(tmp_path / "edited.nii.gz", "rb") as f:
+        response = requests.put(f"{server}/datastore/label", params={"image": image_id, "tag": "final"},
+                                files={"label": ("label.nii.gz", f)}, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    segs = seg_instances(orthanc, image_id)
+    assert len(segs) == 1 and segs[0].SOPInstanceUID == seg.SOPInstanceUID
+    assert np.array_equal(dicom_seg.seg_to_label(segs[0], image), edited)
+    assert seg_instances(orthanc, series_uid(phantoms / "ph_b")) == []
+
+
+def test_a_seg_already_in_orthanc_is_the_series_label(server, orthanc, phantoms, tmp_path):
+    folder = phantoms / "ph_b"
+    image = ingest.load_image(folder)
+    label = np.zeros(image.hu.shape, np.uint8)
+    label[40:80, 50:90] = LABELS["sat"]
+    label[100:120, 100:130] = LABELS["vat"]
+    seg = dicom_seg.build_seg(dicom_seg.series_datasets(folder, image), image, label, tag="from-slicer")
+    seg.save_as(tmp_path / "seg.dcm")
+    pacs.upload(orthanc.dicomweb_root, tmp_path / "seg.dcm", session=orthanc.session())
+    response = requests.get(f"{server}/datastore/label", params={"label": image.meta["series_uid"], "tag": "final"},
+                            timeout=60)
+    assert response.status_code == 200, response.text[:500]
+    (tmp_path / "label.nii.gz").write_bytes(response.content)
+    assert np.array_equal(load_label(tmp_path / "label.nii.gz", image), label)
+
+
+def test_bad_saves_are_clear_errors_and_store_nothing(server, orthanc, phantoms, tmp_path):
+    image_id = series_uid(phantoms / "ph_b")
+    before = len(seg_instances(orthanc, image_id))
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((30, 30, 1), np.uint8), np.eye(4)), tmp_path / "small.nii.gz")
+    with open(tmp_path / "small.nii.gz", "rb") as f:
+        response = requests.put(f"{server}/datastore/label", params={"image": image_id, "tag": "final"},
+                                files={"label": ("label.nii.gz", f)}, timeout=60)
+    assert response.status_code == 400
+    assert "shape (30, 30, 1)" in response.json()["detail"]
+    assert len(seg_instances(orthanc, image_id)) == before
+    response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": "x/../not-a-uid"}, timeout=60)
+    assert response.status_code == 400 and "not a DICOM series UID" in response.json()["detail"]
+    response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": "1.2.3.999"}, timeout=60)
+    assert response.status_code == 404 and "no such series" in response.json()["detail"]
+
+
+def test_orthanc_unreachable_is_a_clear_error(server, orthanc):
+    orthanc.stop()
+    try:  # a series the server has not cached yet must come from Orthanc
+        response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": "1.2.3.4.5"}, timeout=60)
+        assert response.status_code == 502
+        assert "unreachable" in response.json()["detail"] and orthanc.dicomweb_root in response.json()["detail"]
+    finally:
+        orthanc.start()
+    assert len(orthanc.session().get(f"{orthanc.dicomweb_root}/series").json()) >= 2  # storage kept
