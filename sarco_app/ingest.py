@@ -375,6 +375,28 @@ def save_label(label: np.ndarray, image: CTImage, path: str | Path) -> Path:
     return save_nifti(image.to_original(label).astype(np.uint8), affine, path)
 
 
+def save_label_nrrd(label: np.ndarray, image: CTImage, path: str | Path, compress: bool = True) -> Path:
+    """Write a canonical-grid label map as a uint8 NRRD on the image's own grid (what OHIF's
+    MONAI Label panel reads: voxels of the file's grid, first axis fastest; LPS geometry)."""
+    import nrrd
+
+    if label.shape != image.hu.shape:
+        raise ValueError(f"label shape {label.shape} differs from image shape {image.hu.shape}")
+    data = image.to_original(label).astype(np.uint8)
+    affine = image.original_affine if image.original_affine is not None else image.affine
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)  # RAS -> LPS
+    n = data.ndim
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :n].T.tolist(),
+        "space origin": lps[:3, 3].tolist(),
+        "encoding": "gzip" if compress else "raw",
+    }
+    path = Path(path)
+    nrrd.write(str(path), data, header, index_order="F")
+    return path
+
+
 def save_image(image: CTImage, path: str | Path, patient_sidecar: bool = True) -> Path:
     """Write the HU image (int16 NIfTI, original grid) and its patient data as a JSON sidecar."""
     affine = image.original_affine if image.original_affine is not None else image.affine

@@ -155,6 +155,23 @@ def upload(dicomweb_root: str, path: str | Path, session: Any = None, batch: int
     return result
 
 
+def segs_of_series(dicomweb_root: str, source_series: str, session: Any = None) -> list:
+    """Every DICOM SEG on a DICOMweb server that references ``source_series``, as pydicom
+    datasets (QIDO for SEG series, WADO-RS for their instances)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from sarco_app.dicom_seg import referenced_series
+
+    client = DICOMwebClient(url=dicomweb_root.rstrip("/"), session=session or dicomweb_session())
+    found = []
+    for item in client.search_for_series(search_filters={"Modality": "SEG"}):
+        study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
+        for ds in client.retrieve_series(study, series):
+            if source_series in referenced_series(ds):
+                found.append(ds)
+    return found
+
+
 # --------------------------------------------------------------------------- Orthanc
 
 ORTHANC_BINARY = "Orthanc"

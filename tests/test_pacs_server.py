@@ -3,14 +3,12 @@ uploaded, ``bodycomp_unet`` over HTTP, the label saved back as a DICOM SEG in Or
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pydicom
 import pytest
 import requests
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from sarco_app import dicom_seg, ingest, pacs
 from sarco_app.labels import LABELS
@@ -54,19 +52,7 @@ def series_uid(folder) -> str:
 
 
 def seg_instances(orthanc, source_series: str) -> list:
-    """Every SEG in Orthanc that references ``source_series``, as pydicom datasets."""
-    session = orthanc.session()
-    found = []
-    for item in session.get(f"{orthanc.dicomweb_root}/series", params={"Modality": "SEG"}).json():
-        study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
-        response = session.get(f"{orthanc.dicomweb_root}/studies/{study}/series/{series}",
-                                headers={"Accept": 'multipart/related; type="application/dicom"'})
-        response.raise_for_status()
-        for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
-            ds = pydicom.dcmread(io.BytesIO(part.content))
-            if source_series in dicom_seg.referenced_series(ds):
-                found.append(ds)
-    return found
+    return pacs.segs_of_series(orthanc.dicomweb_root, source_series, orthanc.session())
 
 
 def infer_label(server, image_id: str) -> bytes:
@@ -166,3 +152,33 @@ def test_orthanc_unreachable_is_a_clear_error(server, orthanc):
     finally:
         orthanc.start()
     assert len(orthanc.session().get(f"{orthanc.dicomweb_root}/series").json()) >= 2  # storage kept
+
+
+def test_ohif_asks_for_nrrd_and_label_lists(server, orthanc, phantoms, tmp_path):
+    """What OHIF's MONAI Label panel needs: /info/ labels as a list, the label as raw NRRD,
+    and a saved label.bin with its own segment indices mapped by name (label_info)."""
+    import nrrd
+
+    assert requests.get(f"{server}/info/", timeout=30).json()["labels"] == ["muscle", "sat", "vat", "imat"]
+    folder = phantoms / "ph_b"
+    image_id, image = series_uid(folder), ingest.load_image(folder)
+    response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": image_id, "output": "image"},
+                             data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8",
+                                                         "result_compress": False})}, timeout=300)
+    assert response.status_code == 200, response.text[:300]
+    (tmp_path / "pred.nrrd").write_bytes(response.content)
+    data, header = nrrd.read(str(tmp_path / "pred.nrrd"), index_order="F")
+    assert header["encoding"] == "raw" and data.shape == image.original_shape
+    prediction = image.from_original(data)
+    # OHIF numbers segments alphabetically (imat 1, muscle 2, sat 3, vat 4) and says so.
+    ohif_index = {"imat": 1, "muscle": 2, "sat": 3, "vat": 4}
+    raw = np.zeros(data.shape, np.uint8)
+    for name, value in LABELS.items():
+        raw[data == value] = ohif_index[name]
+    (tmp_path / "label.bin").write_bytes(raw.tobytes(order="F"))
+    info = {"label_info": [{"name": k, "idx": v} for k, v in ohif_index.items()]}
+    with open(tmp_path / "label.bin", "rb") as f:
+        response = requests.put(f"{server}/datastore/label", params={"image": image_id, "tag": "final"},
+                                files={"label": ("label.bin", f)}, data={"params": json.dumps(info)}, timeout=120)
+    assert response.status_code == 200, response.text[:300]
+    assert any(np.array_equal(dicom_seg.seg_to_label(seg, image), prediction) for seg in seg_instances(orthanc, image_id))

@@ -99,6 +99,14 @@ class SarcopeniaApp(MONAILabelApp):
             convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
         )
 
+    def info(self):
+        meta = super().info()
+        if str(self.studies).startswith(("http://", "https://")):
+            # OHIF's MONAI Label panel (the DICOMweb client) needs the app's labels as a list;
+            # ordered by value it says the same as the dict (each task still reports its dict).
+            meta["labels"] = [name for name, _ in sorted(LABELS.items(), key=lambda item: item[1])]
+        return meta
+
     def _download_dcmqi_tools(self):
         # The stock DICOMweb start-up downloads dcmqi from GitHub (and fails offline); our SEGs
         # are written by highdicom (sarco_app.dicom_seg), so dcmqi is never needed.

@@ -112,23 +112,41 @@ class SarcoDICOMWebDatastore(DICOMWebDatastore):
                     sidecar.replace(ingest.sidecar_path(image_nii))
         return image_nii
 
-    def _label_array(self, image: ingest.CTImage, label_filename: str) -> np.ndarray:
+    def _label_array(self, image: ingest.CTImage, label_filename: str, label_info: Dict[str, Any]) -> np.ndarray:
         """The canonical label of a saved file: a NIfTI on the image's grid, or OHIF's raw
-        ``label.bin`` (uint8, the series' voxels with columns fastest, then rows, then slices)."""
+        ``label.bin`` (uint8, the series' voxels with columns fastest, then rows, then slices).
+
+        A client whose values are its own segment indices says so in ``label_info``
+        (``[{"name": "muscle", "idx": 2}, ...]``, MONAI Label's convention): they are mapped to
+        sarco's values by name.
+        """
         if label_filename.endswith(".bin"):
             raw = np.fromfile(label_filename, dtype=np.uint8)
             shape = tuple(image.original_shape or image.hu.shape)
             if raw.size != int(np.prod(shape)):
                 raise SarcoError(f"label has {raw.size} voxels but the series has {int(np.prod(shape))} {shape}")
-            return check_label(image.from_original(raw.reshape(shape, order="F")))
-        return load_label(label_filename, image)
+            data = image.from_original(raw.reshape(shape, order="F"))
+        else:
+            data = load_label(label_filename, image, max_value=255)
+        segments = (label_info or {}).get("label_info")
+        if segments:
+            from sarco_app.labels import LABELS
+
+            mapped = np.zeros(data.shape, dtype=np.uint8)
+            for item in segments:
+                name = str(item.get("name", "")).strip().lower()
+                if name not in LABELS:
+                    raise SarcoError(f"segment {item.get('name')!r} is not one of {', '.join(LABELS)}")
+                mapped[data == int(item["idx"])] = LABELS[name]
+            data = mapped
+        return check_label(data)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
         image_dir, image = self._load_series(image_id)
         self.get_image_uri(image_id)  # registers the image in the cache, which LocalDatastore.save_label needs
         try:
-            label = self._label_array(image, label_filename)
+            label = self._label_array(image, label_filename, label_info)
         except SarcoError as exc:
             raise _fail(400, f"label for series {image_id}: {exc}") from exc
         with tempfile.TemporaryDirectory() as tmp:
