@@ -5,7 +5,8 @@
 1. starts Orthanc on 127.0.0.1 (``--orthanc-port``, default 8043: Debian's own Orthanc service
    keeps 8042) with the DICOMweb plugin and its own storage folder (``--storage``, default
    ``.pacs/``); HTTP basic authentication when ``--auth`` (or ``SARCO_PACS_AUTH``) is given;
-2. uploads the demo phantom DICOM series (written to ``demo_dicom/`` when missing) and every
+2. uploads the demo phantom DICOM series (written to ``demo_dicom/`` when missing: one-slice
+   L3 phantoms and an L1-L5 volume phantom) and every
    ``--upload`` folder, repairing empty UIDs (:func:`sarco_app.pacs.repair_uids`);
 3. starts ``monailabel start_server --studies <Orthanc DICOMweb root>`` on ``--host``/``--port``
    with the credentials passed through (``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD``), and
@@ -49,10 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ensure_demo(folder: Path, count: int) -> Path:
+    """One-slice L3 phantoms and one L1-L5 volume phantom (OHIF's MONAI Label mode needs a
+    series of several slices to build its volume)."""
     if not any(folder.glob("*/*.dcm")):
-        from sarco_app.phantom.writing import write_cohort
+        from sarco_app.phantom.writing import write_cohort, write_volume_dicom
+        from sarco_app.phantom3d import make_volume_phantom
 
         write_cohort(folder, count=count, seed=2024, format="dicom")
+        volume, _ = make_volume_phantom(2024, slice_thickness=5.0, matrix=256, coverage="mid")
+        write_volume_dicom(volume, folder / "volume_L1_L5", "volume_L1_L5", seed=2024,
+                           description="Synthetic abdomen L1-L5")
     return folder
 
 

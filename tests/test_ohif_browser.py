@@ -9,6 +9,7 @@ checked for the segment colours), saves OHIF's labelmap to the server as the pan
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -18,11 +19,9 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from pydicom.uid import generate_uid
 
 from sarco_app import dicom_seg, ingest, pacs
 from sarco_app.labels import LABELS
-from sarco_app.phantom import generate, write_phantom
 from sarco_app.quantify import load_label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,29 +41,15 @@ if not (CHROMIUM and CHROMEDRIVER):
 webdriver = pytest.importorskip("selenium.webdriver", reason="browser test skipped: selenium is not installed")
 
 
-def write_volume_series(folder: Path, slices: int = 3) -> Path:
-    """A short axial phantom series (OHIF's MONAI Label mode builds a volume: one slice is not
-    enough): the same 256x256 phantom slice at 5 mm steps."""
-    source = folder.parent / "single"
-    write_phantom(generate(707071, spacing_mm=1.5, size=256), source, "ph", format="dicom")
-    base = pydicom.dcmread(next((source / "ph").glob("*.dcm")))
-    series_uid = generate_uid(entropy_srcs=["sarco-browser-test", "series"])
-    folder.mkdir(parents=True)
-    for k in range(slices):
-        ds = base.copy()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-            entropy_srcs=["sarco-browser-test", str(k)])
-        ds.SeriesInstanceUID, ds.InstanceNumber = series_uid, k + 1
-        z = 5.0 * k
-        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], f"{z:.4f}"]
-        ds.SliceLocation, ds.SliceThickness = f"{z:.4f}", "5.00"
-        ds.save_as(folder / f"IM{k:03d}.dcm")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    return write_volume_series(tmp_path_factory.mktemp("browser_dicom") / "vol")
+    """An L1-L5 volume phantom (OHIF's MONAI Label mode builds a volume: one slice is not
+    enough), 256x256 at 1.5 mm, 5 mm slices."""
+    from sarco_app.phantom.writing import write_volume_dicom
+    from sarco_app.phantom3d import make_volume_phantom
+
+    volume, _ = make_volume_phantom(707071, slice_thickness=5.0, matrix=256, coverage="mid")
+    return write_volume_dicom(volume, tmp_path_factory.mktemp("browser_dicom") / "vol", "vol", seed=707071)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +126,17 @@ for (const [index, s] of Object.entries(seg.segments || {})) {
   if (s) segments[index] = [s.label, Array.from(window.services.segmentationService.getSegmentColor(
     viewportId, seg.segmentationId, Number(index))).slice(0, 3)];
 }
-return {set: set, dims: volume.dimensions, segments: segments};
+const ct = window.cornerstone.cache.getVolumes().find(
+  v => v.volumeId !== lm.volumeId && v.imageIds && !String(v.imageIds[0]).startsWith('derived'));
+const sops = ct ? ct.imageIds : [];
+const perSlice = [];
+const sliceSize = volume.dimensions[0] * volume.dimensions[1];
+for (let k = 0; k < volume.dimensions[2]; k++) {
+  let n = 0;
+  for (let i = k * sliceSize; i < (k + 1) * sliceSize; i++) if (data[i]) n++;
+  perSlice.push(n);
+}
+return {set: set, dims: volume.dimensions, segments: segments, sops: sops, perSlice: perSlice};
 """
 
 # What the MONAI Label panel's client does in save_label: PUT the labelmap as label.bin.
@@ -205,8 +200,15 @@ def test_ohif_runs_bodycomp_and_the_saved_label_arrives_as_seg(server, orthanc, 
     (tmp_path / "pred.nii.gz").write_bytes(response.content)
     image = ingest.load_image(series)
     prediction = load_label(tmp_path / "pred.nii.gz", image)
+    # OHIF drew it on the slice the server labelled: OHIF's volume holds the instances in the
+    # series' file order (the order of the NRRD it was given) and the labelled slice is that one.
+    sops = [re.search(r"instances/([0-9.]+)|objectUID=([0-9.]+)", i) for i in state["sops"]]
+    assert [m and (m.group(1) or m.group(2)) for m in sops] == image.meta["sop_instance_uids"], state["sops"][:2]
+    labelled = [k for k, n in enumerate(state["perSlice"]) if n]
+    assert labelled == [image.file_slice(k) for k in range(image.hu.shape[2]) if prediction[:, :, k].any()]
     segs = pacs.segs_of_series(orthanc.dicomweb_root, series_uid, orthanc.session())
     assert len(segs) == 1
     assert [s.SegmentLabel for s in segs[0].SegmentSequence] == list(LABELS)
     assert np.array_equal(dicom_seg.seg_to_label(segs[0], image), prediction)
-    (ARTIFACTS / "result.json").write_text(json.dumps({"segments": state["segments"], "set_voxels": state["set"]}))
+    (ARTIFACTS / "result.json").write_text(json.dumps({"segments": state["segments"], "set_voxels": state["set"],
+                                                        "labelled_slices": labelled}))
