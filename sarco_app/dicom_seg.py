@@ -22,7 +22,6 @@ other tools with the same terms read too.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,8 +31,6 @@ from sarco_app import __version__, ingest
 from sarco_app.errors import SarcoError
 from sarco_app.labels import COLORS, IMAT, LABELS, MUSCLE, NAMES, SAT, VAT
 from sarco_app.quantify import check_label
-
-logger = logging.getLogger(__name__)
 
 #: (scheme, value, meaning) of each tissue's property type and optional anatomic region.
 TISSUE_TYPE_CODES: dict[int, tuple[str, str, str]] = {

@@ -11,7 +11,7 @@ import pytest
 from sarco_app import dicom_seg, ingest
 from sarco_app.__main__ import main as cli
 from sarco_app.labels import COLORS, LABELS
-from dicom_factory import write_series
+from dicom_factory import write_ct_slice
 
 RNG = np.random.default_rng(17)
 
@@ -22,8 +22,6 @@ def _series(folder, orientation=(1, 0, 0, 0, 1, 0), z_step=2.5, n=4, rows=12, co
     normal = np.cross(row_dir, col_dir)
     positions = [np.array([-20.0, 15.0, 40.0]) + k * z_step * normal for k in range(n)]
     for k in range(n):
-        from dicom_factory import write_ct_slice
-
         write_ct_slice(folder / f"s{k:02d}.dcm", raw[k], position=positions[k], orientation=orientation,
                        series_uid=series_uid, SOPInstanceUID=pydicom.uid.generate_uid(),
                        SeriesNumber=3, InstanceNumber=k + 1)
