@@ -182,3 +182,14 @@ def test_ohif_asks_for_nrrd_and_label_lists(server, orthanc, phantoms, tmp_path)
                                 files={"label": ("label.bin", f)}, data={"params": json.dumps(info)}, timeout=120)
     assert response.status_code == 200, response.text[:300]
     assert any(np.array_equal(dicom_seg.seg_to_label(seg, image), prediction) for seg in seg_instances(orthanc, image_id))
+
+
+def test_series_without_pixel_data_is_a_clear_error(server, orthanc, tmp_path):
+    from dicom_factory import write_ct_slice
+
+    write_ct_slice(tmp_path / "nopix.dcm", np.zeros((4, 4), np.int16), position=(0, 0, 0),
+                   series_uid="1.2.3.4.77", pixel_data=False)
+    pacs.upload(orthanc.dicomweb_root, tmp_path / "nopix.dcm", session=orthanc.session())
+    response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": "1.2.3.4.77"}, timeout=60)
+    assert response.status_code == 400
+    assert "series 1.2.3.4.77" in response.json()["detail"] and "without pixel data" in response.json()["detail"]
