@@ -54,6 +54,13 @@ def check_uid(value: str, what: str = "image id") -> str:
     return value
 
 
+def model_name(label_info: Dict[str, Any] | None) -> Optional[str]:
+    """The model a client says made the label (``params={"model": ...}``), fit for the SEG's
+    AlgorithmName (LO: 64 characters); ``None`` for a manual label."""
+    name = str((label_info or {}).get("model") or "").strip()
+    return name[:64] or None
+
+
 class SarcoDICOMWebDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore with sarco's ingest and highdicom SEG (no dcmqi)."""
 
@@ -154,7 +161,7 @@ class SarcoDICOMWebDatastore(DICOMWebDatastore):
             if label_tag == DefaultLabelTag.FINAL:
                 try:
                     seg = dicom_seg.build_seg(dicom_seg.series_datasets(image_dir, image), image, label,
-                                              tag=label_tag, algorithm=(label_info or {}).get("model"))
+                                              tag=label_tag, algorithm=model_name(label_info))
                 except SarcoError as exc:
                     raise _fail(400, f"label for series {image_id}: {exc}") from exc
                 self._pacs_call(f"store SEG of {image_id}", self._client.store_instances, [seg])
