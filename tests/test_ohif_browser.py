@@ -212,3 +212,54 @@ def test_ohif_runs_bodycomp_and_the_saved_label_arrives_as_seg(server, orthanc, 
     assert np.array_equal(dicom_seg.seg_to_label(segs[0], image), prediction)
     (ARTIFACTS / "result.json").write_text(json.dumps({"segments": state["segments"], "set_voxels": state["set"],
                                                         "labelled_slices": labelled}))
+
+
+def test_ohif_displays_the_seg_stored_in_orthanc(server, orthanc, series, browser, tmp_path):
+    """Our highdicom SEG is a SEG viewers read: OHIF lists it with the CT, loads its four
+    segments, and puts its pixels on the slice the server labelled."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    first = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
+    study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    response = requests.post(f"{server}/infer/bodycomp_unet", params={"image": series_uid, "output": "image"},
+                             data={"params": "{}"}, timeout=300)
+    (tmp_path / "pred.nii.gz").write_bytes(response.content)
+    with open(tmp_path / "pred.nii.gz", "rb") as f:
+        saved = requests.put(f"{server}/datastore/label", params={"image": series_uid, "tag": "final"},
+                             files={"label": ("label.nii.gz", f)}, timeout=120)
+    assert saved.status_code == 200, saved.text[:300]
+    image = ingest.load_image(series)
+    prediction = load_label(tmp_path / "pred.nii.gz", image)
+    per_file_slice = [int(prediction[:, :, image.canonical_slice(k)].astype(bool).sum())
+                      for k in range(image.hu.shape[2])]
+
+    browser.get(f"{server}/ohif/viewer?StudyInstanceUIDs={study_uid}")
+    seg_thumb = wait_for("the SEG in the study browser", lambda: [
+        t for t in browser.find_elements(By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']")
+        if "SEG" in t.text])
+    ActionChains(browser).double_click(seg_thumb[0]).perform()
+    yes = wait_for("OHIF's offer to open the SEG", lambda: [
+        b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Yes"])
+    yes[0].click()
+    loaded = wait_for("the SEG's labelmap", lambda: browser.execute_script("""
+      const seg = window.services.segmentationService.getSegmentations()[0];
+      if (!seg) return null;
+      const rd = seg.representationData;
+      const lm = rd.Labelmap || rd.LABELMAP || rd.labelmap || {};
+      const ids = lm.imageIds || (lm.volumeId ? window.cornerstone.cache.getVolume(lm.volumeId).imageIds : []);
+      const counts = [];
+      for (const id of ids) {
+        const im = window.cornerstone.cache.getImage(id);
+        if (!im) return null;
+        const d = im.voxelManager ? im.voxelManager.getScalarData() : im.getPixelData();
+        let n = 0;
+        for (let i = 0; i < d.length; i++) if (d[i]) n++;
+        counts.push(n);
+      }
+      return counts.length ? {segments: Object.values(seg.segments || {}).filter(x => x).map(x => x.label),
+                              counts: counts} : null;
+    """), timeout=60)
+    screenshot(browser, "seg_in_ohif.png")
+    assert loaded["segments"] == list(LABELS)
+    assert loaded["counts"] == per_file_slice
