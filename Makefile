@@ -8,7 +8,7 @@ DEMO_COUNT ?= 8
 # MONAI Label re-launches `python` from PATH, so the venv's bin must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test venv demo clean-demo
+.PHONY: run run-pacs pacs-deps test venv demo clean-demo
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,19 @@ $(STUDIES)/manifest.csv: | venv
 run: venv demo
 	$(VENV)/bin/monailabel start_server --app apps/sarcopenia --studies $(STUDIES) \
 		--host $(HOST) --port $(PORT)
+
+# The web workflow: Orthanc (DICOMweb, loopback, storage in .pacs/) + server + OHIF.
+# UPLOAD=/path/to/dicom adds a folder; PACS_AUTH=user:password turns Orthanc's authentication on.
+ORTHANC_PORT ?= 8043
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+pacs-deps:
+	@command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+		$(SUDO) apt-get install -y orthanc orthanc-dicomweb
+
+run-pacs: venv pacs-deps
+	$(PY) scripts/run_pacs.py --host $(HOST) --port $(PORT) --orthanc-port $(ORTHANC_PORT) \
+		$(if $(UPLOAD),--upload $(UPLOAD)) $(if $(PACS_AUTH),--auth $(PACS_AUTH))
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

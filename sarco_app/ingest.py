@@ -380,6 +380,28 @@ def save_label(label: np.ndarray, image: CTImage, path: str | Path) -> Path:
     return save_nifti(image.to_original(label).astype(np.uint8), affine, path)
 
 
+def save_label_nrrd(label: np.ndarray, image: CTImage, path: str | Path, compress: bool = True) -> Path:
+    """Write a canonical-grid label map as a uint8 NRRD on the image's own grid (what OHIF's
+    MONAI Label panel reads: voxels of the file's grid, first axis fastest; LPS geometry)."""
+    import nrrd
+
+    if label.shape != image.hu.shape:
+        raise ValueError(f"label shape {label.shape} differs from image shape {image.hu.shape}")
+    data = image.to_original(label).astype(np.uint8)
+    affine = image.original_affine if image.original_affine is not None else image.affine
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)  # RAS -> LPS
+    n = data.ndim
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :n].T.tolist(),
+        "space origin": lps[:3, 3].tolist(),
+        "encoding": "gzip" if compress else "raw",
+    }
+    path = Path(path)
+    nrrd.write(str(path), data, header, index_order="F")
+    return path
+
+
 def save_image(image: CTImage, path: str | Path, patient_sidecar: bool = True) -> Path:
     """Write the HU image (int16 NIfTI, original grid) and its patient data as a JSON sidecar."""
     affine = image.original_affine if image.original_affine is not None else image.affine
@@ -656,6 +678,9 @@ def load_dicom(path: str | Path | Sequence[str | Path], series: str | int | None
         "patient_position": str(first.get("PatientPosition", "") or ""),
         "slice_thickness_mm": float(first.get("SliceThickness", dz) or dz),
         "num_series_found": len(found),
+        # The series' instances in the file's slice order (axis 2 of ``to_original``): what a
+        # DICOM SEG references frame by frame.
+        "sop_instance_uids": [str(ds.get("SOPInstanceUID", "") or "") for _, _, ds in placed],
     }
     return CTImage(
         hu=hu,
@@ -688,14 +713,9 @@ def load_image(path: str | Path | Sequence[str | Path], series: str | int | None
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def load_dicom_seg(path: str | Path, image: CTImage, segment: int | None = None) -> np.ndarray:
-    """A binary DICOM SEG (e.g. dcmqi's) as a boolean mask on ``image``'s canonical grid.
-
-    Every set pixel of every frame (of segment number ``segment``, or of any segment) is placed
-    by its frame's position and orientation (patient coordinates, mm) in the voxel of ``image``
-    that holds it; pixels outside the image are dropped. Raises :class:`IngestError` for a file
-    that is not a DICOM SEG or lacks the geometry.
-    """
+def read_dicom_seg(path: str | Path) -> Any:
+    """A DICOM Segmentation file as a pydicom Dataset; :class:`IngestError` for a file that is
+    not DICOM or not a SEG."""
     import pydicom
 
     path = Path(path)
@@ -705,6 +725,21 @@ def load_dicom_seg(path: str | Path, image: CTImage, segment: int | None = None)
         raise IngestError(f"{path.name}: not a DICOM file ({exc})") from exc
     if str(ds.get("SOPClassUID", "")) != SEGMENTATION_SOP_CLASS:
         raise IngestError(f"{path.name}: not a DICOM Segmentation (SOP class {ds.get('SOPClassUID', '?')})")
+    ds.filename_for_messages = path.name
+    return ds
+
+
+def load_dicom_seg(path: Any, image: CTImage, segment: int | None = None) -> np.ndarray:
+    """A binary DICOM SEG (e.g. dcmqi's) as a boolean mask on ``image``'s canonical grid.
+
+    ``path`` is a file or a Dataset from :func:`read_dicom_seg`. Every set pixel of every frame
+    (of segment number ``segment``, or of any segment) is placed by its frame's position and
+    orientation (patient coordinates, mm) in the voxel of ``image`` that holds it; pixels
+    outside the image are dropped. Raises :class:`IngestError` for a file that is not a DICOM
+    SEG or lacks the geometry.
+    """
+    ds = path if hasattr(path, "SOPClassUID") else read_dicom_seg(path)
+    path = Path(getattr(ds, "filename_for_messages", "SEG"))
     frames = np.asarray(ds.pixel_array)
     frames = frames[None] if frames.ndim == 2 else frames
     shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]

@@ -35,7 +35,7 @@ def free_port() -> int:
 class RunningServer:
     """A ``monailabel start_server`` process in its own process group."""
 
-    def __init__(self, studies: Path, log_path: Path, conf: dict | None = None,
+    def __init__(self, studies: Path | str, log_path: Path, conf: dict | None = None,
                  env: dict | None = None, timeout: float = 180.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -99,9 +99,11 @@ def start_server(tmp_path_factory):
     """
     servers: list[RunningServer] = []
 
-    def _start(studies: Path, conf: dict | None = None, env: dict | None = None) -> str:
+    def _start(studies: Path | str, conf: dict | None = None, env: dict | None = None) -> str:
         log = tmp_path_factory.mktemp("server") / "server.log"
-        server = RunningServer(Path(studies), log, conf=conf, env=env)
+        # A DICOMweb URL stays a string (Path would fold its "//").
+        url = str(studies).startswith(("http://", "https://"))
+        server = RunningServer(studies if url else Path(studies), log, conf=conf, env=env)
         servers.append(server)
         return server.url
 

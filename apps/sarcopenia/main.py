@@ -39,6 +39,7 @@ from lib.loop_routes import loop_router  # noqa: E402
 from lib.datastore import HardenedDatastore  # noqa: E402
 from lib.guard import install_guard  # noqa: E402
 from lib import limits, security  # noqa: E402
+from lib.dicomweb import SarcoDICOMWebDatastore  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,56 @@ class SarcopeniaApp(MONAILabelApp):
         )
 
     def init_datastore(self):
-        # Checked ids, tags, paths and labels (lib/datastore.py); remote datastores stay stock.
+        # Checked ids, tags, paths and labels (lib/datastore.py); a DICOMweb URL goes through
+        # MONAI Label to _init_dicomweb_datastore below (lib/dicomweb.py).
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
         from monailabel.config import settings
 
         return HardenedDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _init_dicomweb_datastore(self):
+        """The DICOMweb branch of ``init_datastore`` (``--studies http://.../dicom-web``): MONAI
+        Label's client and settings (``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD`` for a PACS
+        with authentication), our datastore writing DICOM SEG with highdicom."""
+        from monailabel.config import settings
+        from monailabel.datastore.dicom import DICOMwebClientX
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        return SarcoDICOMWebDatastore(
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache_path or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+        )
+
+    def info(self):
+        meta = super().info()
+        if str(self.studies).startswith(("http://", "https://")):
+            # OHIF's MONAI Label panel (the DICOMweb client) needs the app's labels as a list;
+            # ordered by value it says the same as the dict (each task still reports its dict).
+            meta["labels"] = [name for name, _ in sorted(LABELS.items(), key=lambda item: item[1])]
+        return meta
+
+    def _download_dcmqi_tools(self):
+        # The stock DICOMweb start-up downloads dcmqi from GitHub (and fails offline); our SEGs
+        # are written by highdicom (sarco_app.dicom_seg), so dcmqi is never needed.
+        logger.info("DICOM SEG by highdicom: dcmqi not needed")
 
     def bodycomp_model_paths(self) -> list:
         """Checkpoints of the body-composition U-Net, preferred first: retrained, shipped."""

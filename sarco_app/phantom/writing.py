@@ -174,6 +174,55 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
     save_dataset(ds, path)
 
 
+def write_volume_dicom(image, folder: str | Path, case_id: str, seed: int = 0,
+                       description: str = "Synthetic abdomen volume") -> Path:
+    """Write a canonical 3D :class:`~sarco_app.ingest.CTImage` (e.g. from
+    :func:`sarco_app.phantom3d.make_volume_phantom`) as an axial DICOM series: one CT Image
+    Storage file per slice in ``folder``, geometry from the image's affine, patient data from
+    ``image.patient``, UIDs derived from ``seed`` and ``case_id``. Returns the folder."""
+    if image.hu.ndim != 3:
+        raise SarcoError(f"a DICOM series needs a 3D image, got shape {image.hu.shape}")
+    folder = Path(folder)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=float)  # RAS -> LPS
+    spacing = image.spacing
+    row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+    p = image.patient
+    for k in range(image.hu.shape[2]):
+        ds = new_ct_dataset(folder / f"IM{k + 1:04d}.dcm", _uid(seed, case_id, f"sop-{k}"),
+                            implementation_name="SARCO_PHANTOM")
+        ds.StudyInstanceUID = _uid(seed, case_id, "study")
+        ds.SeriesInstanceUID = _uid(seed, case_id, "series")
+        ds.FrameOfReferenceUID = _uid(seed, case_id, "frame")
+        ds.Modality, ds.Manufacturer = "CT", "sarco synthetic phantom"
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
+        ds.SeriesDescription = description
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"Phantom^{case_id}", case_id, ""
+        ds.PatientSex = p.sex or ""
+        ds.PatientAge = f"{int(round(p.age)):03d}Y" if p.age is not None else ""
+        if p.height_cm is not None:
+            ds.PatientSize = f"{p.height_cm / 100.0:.3f}"
+        if p.weight_kg is not None:
+            ds.PatientWeight = f"{p.weight_kg:.1f}"
+        ds.PatientPosition, ds.BodyPartExamined = "HFS", "ABDOMEN"
+        position = lps @ np.array([0.0, 0.0, k, 1.0])
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in position[:3]]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
+        ds.SliceLocation = f"{position[2]:.4f}"
+        ds.SliceThickness = f"{spacing[2]:.2f}"
+        ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # row spacing, column spacing
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        # Stored (rows, columns): the canonical slice transposed.
+        hu = image.hu[:, :, k]
+        set_int16_pixels(ds, np.clip(np.round(hu.T) + 1024, -32768, 32767).astype(np.int16))
+        save_dataset(ds, folder / f"IM{k + 1:04d}.dcm")
+    return folder
+
+
 def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nifti", *,
                  size: int = 512, level: str = "L3", organs: bool = False) -> Path:
     """Write ``count`` phantoms (alternating sex, a third sarcopenic, random BMI) and

@@ -14,6 +14,8 @@ Request params (all optional):
 * ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only; default
   true, false gives the raw network labels: the backbone with its split head, if it has one);
 * ``device`` - ``auto`` (default: CUDA when the server has a GPU), ``cpu``, ``cuda`` or ``cuda:N``.
+* ``result_extension`` - ``.nrrd`` returns the label as NRRD (what OHIF's MONAI Label panel
+  reads; ``result_compress`` false: raw voxels), default NIfTI.
 
 The JSON has ``slices`` (canonical), ``file_slices``, ``confidence`` (mean probability per
 tissue, ``bodycomp_unet`` only), ``model`` (checkpoint path), ``method`` and ``slice_source``.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,7 +38,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from sarco_app.errors import SarcoError
 from sarco_app.labels import LABELS
 
-from lib.infers.common import DirectInferTask, as_bool, http_error
+from lib.infers.common import DirectInferTask, as_bool, http_error, write_label_result
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class BodyCompInfer(DirectInferTask):
         return choice.index, choice.source
 
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
-        from sarco_app.ingest import load_image, save_label
+        from sarco_app.ingest import load_image
         from sarco_app.segment import segment_image
 
         begin = time.time()
@@ -136,8 +137,7 @@ class BodyCompInfer(DirectInferTask):
             t_segment = time.time() - t0
         except SarcoError as exc:
             raise http_error(400, str(exc)) from exc
-        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        save_label(result.label, image, out)
+        out = write_label_result(result.label, image, req)
         file_slices = result.slices
         if image.hu.ndim == 3:
             from sarco_app.l3 import file_slice_index

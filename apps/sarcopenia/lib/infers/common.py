@@ -43,6 +43,23 @@ class DirectInferTask(BasicInferTask):
         return req, image_path
 
 
+def write_label_result(label: Any, image: Any, request: dict) -> str:
+    """A temporary label file on the image's own grid in the format the client asked for:
+    NRRD when ``result_extension`` is ``.nrrd`` (OHIF's MONAI Label panel; ``result_compress``
+    false gives raw voxels), else NIfTI."""
+    import tempfile
+
+    from sarco_app.ingest import save_label, save_label_nrrd
+
+    if str(request.get("result_extension") or "").lower() == ".nrrd":
+        out = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False).name
+        save_label_nrrd(label, image, out, compress=as_bool(request.get("result_compress", True)))
+        return out
+    out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+    save_label(label, image, out)
+    return out
+
+
 def datastore_image_id(store: Any, image_path: str) -> str | None:
     """The id of the datastore image stored at ``image_path`` (None for an uploaded file)."""
     wanted = os.path.realpath(image_path)
