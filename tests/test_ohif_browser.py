@@ -88,8 +88,13 @@ def browser():
 
 def wait_for(what: str, check, timeout: float = 60.0, step: float = 0.5):
     deadline = time.time() + timeout
+    from selenium.common.exceptions import StaleElementReferenceException
+
     while time.time() < deadline:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:  # OHIF re-rendered the element meanwhile: look again
+            value = None
         if value:
             return value
         time.sleep(step)

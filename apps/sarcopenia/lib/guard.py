@@ -42,6 +42,7 @@ from sarco_app.errors import SarcoError
 
 from lib.datastore import (
     DatastoreError,
+    HardenedDatastore,
     UnknownImageError,
     check_id,
     check_tag,
@@ -194,7 +195,11 @@ def save_label(
         check_id(image)
         tag = check_tag(tag or DefaultLabelTag.FINAL.value)
         info = parse_params(params)
-        _, ext = split_extension(_upload_name(label))
+        name = _upload_name(label)
+        if name.lower().endswith(".bin") and not isinstance(store, HardenedDatastore):
+            ext = ".bin"  # OHIF's raw labelmap: the DICOMweb datastore maps it onto the series (lib/dicomweb.py)
+        else:
+            _, ext = split_extension(name)
         if not store.get_image_uri(image):
             raise UnknownImageError(f"image {image} not found")
         with upload_to_temp(label, ext) as path:

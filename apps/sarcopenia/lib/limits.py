@@ -220,9 +220,11 @@ def install(app, get: Callable[[str, str], str]) -> InputLimits:
     for path, route in list(api_routes(app)):
         names = _upload_params(route.endpoint)
         key = (path, tuple(sorted(route.methods)))
-        if not names or key in seen:
+        if key in seen:  # only the first route of a path answers (e.g. the request guard's)
             continue
         seen.add(key)
+        if not names:
+            continue
         if path == "/infer/{model}" and "POST" in route.methods:
             put_in_front(app, path, route, _offloaded_infer(names, limits, workers, route.endpoint))
         else:
