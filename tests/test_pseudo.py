@@ -138,12 +138,18 @@ def test_simulate_loop_quick(tmp_path):
     assert script.main(["--quick", "--out", str(out)]) == 0
     with open(f"{out}.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["arm"], int(r["round"])) for r in rows] == [("loop", 0), ("loop", 1), ("loop", 2),
-                                                          ("finals", 0), ("finals", 1), ("finals", 2)]
+    assert [(r["arm"], int(r["round"])) for r in rows] == [
+        (arm, k) for arm in ("loop", "finals", "review_finals", "random_pseudo") for k in range(3)]
+    # Finals-only arms never train on pseudo-labels; the pseudo arms do from round 1.
+    assert all(int(r["pseudo_used"]) == 0 for r in rows if r["arm"] in ("finals", "review_finals"))
+    assert all(int(r["pseudo_used"]) > 0 for r in rows if r["arm"] in ("loop", "random_pseudo") and r["round"] == "1")
     for r in rows:
         assert 0 <= float(r["heldout_dice_sat"]) <= 1 and 0 <= float(r["pseudo_share_iou90"]) <= 1
         if int(r["round"]) > 0:
             assert int(r["corrected_this_round"]) >= 1 and float(r["interactions_per_image"]) >= 1
+            # Reaching 0.90 never takes more interactions than reaching 0.95 in the same session.
+            assert 1 <= float(r["interactions_to_090"]) <= float(r["interactions_per_image"])
+            assert r["model_replaced"] in ("0", "1")
     assert int(rows[2]["corrected_total"]) == 2 * int(rows[1]["corrected_total"])
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
