@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     import requests
     import torch
 
-    from sarco_app.network import load_checkpoint
-    from sarco_app.phantom import generate, write_phantom
-    from sarco_app.segment import preprocess
+    from sarco_app.segmentation.network import load_checkpoint
+    from sarco_app.synthesis.phantom import generate, write_phantom
+    from sarco_app.segmentation.segment import preprocess
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))

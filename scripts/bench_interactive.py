@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sarco_app import interactive  # noqa: E402
-from sarco_app.ingest import load_image, make_image, save_image  # noqa: E402
+from sarco_app.interaction import interactive  # noqa: E402
+from sarco_app.inputs.ingest import load_image, make_image, save_image  # noqa: E402
 from sarco_app.labels import LABELS  # noqa: E402
 
 import simulate_annotator  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     import requests
 
     cv2.setNumThreads(2)
-    from sarco_app import phantom
+    from sarco_app.synthesis import phantom
 
     ph = phantom.generate(args.seed, size=args.size)
     hu = np.asarray(ph.hu, np.float32)

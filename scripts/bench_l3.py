@@ -2,7 +2,7 @@
 
 Builds a volume phantom (256 x 256 pixels of 1.5 mm, 100 slices of 3 mm), upsamples it in
 plane to 512 x 512 (0.75 mm pixels, a typical abdominal CT matrix) and times
-:func:`sarco_app.l3.locate_l3` (best and median of ``--repeats`` runs, one thread).
+:func:`sarco_app.spine.l3.locate_l3` (best and median of ``--repeats`` runs, one thread).
 
 Usage: ``python scripts/bench_l3.py [--repeats 3] [--csv docs/l3_bench.csv]``
 """
@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from sarco_app.ingest import make_image  # noqa: E402
-from sarco_app.l3 import locate_l3  # noqa: E402
-from sarco_app.phantom3d import make_volume_phantom  # noqa: E402
+from sarco_app.inputs.ingest import make_image  # noqa: E402
+from sarco_app.spine.l3 import locate_l3  # noqa: E402
+from sarco_app.synthesis.phantom3d import make_volume_phantom  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

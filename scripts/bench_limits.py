@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     import numpy as np
     import requests
 
-    from sarco_app.ingest import make_image, save_image
-    from sarco_app.phantom import generate, write_phantom
+    from sarco_app.inputs.ingest import make_image, save_image
+    from sarco_app.synthesis.phantom import generate, write_phantom
 
     work = Path(tempfile.mkdtemp(prefix="bench_limits_"))
     studies = work / "studies"

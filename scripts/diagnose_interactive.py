@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sarco_app import interactive, metrics  # noqa: E402
+from sarco_app import metrics  # noqa: E402
+
+from sarco_app.interaction import interactive  # noqa: E402
 from sarco_app.labels import FAT_HU, LABELS, MUSCLE_HU  # noqa: E402
 
 import simulate_annotator as sim  # noqa: E402

@@ -21,7 +21,7 @@
    like the real L3 slice (3 mm pixels, muscle 18 HU) give the same raw share next to the
    default output's Dice against their truth.
 
-3. **Real CT at every level, label-free plausibility** (:mod:`sarco_app.plausibility`): the
+3. **Real CT at every level, label-free plausibility** (:mod:`sarco_app.segmentation.plausibility`): the
    default output on the middle slice of each vertebra of ``ct_lower.nii.gz`` (L2..S1 from
    ``vertebrae_lower.nii.gz``), on slices 0, 5, 10, 15 and 19 of the DICOM series (T11-T12) and on
    the 3 dcmqi slices: muscle share of the body, muscle components, muscle inside the abdominal
@@ -54,13 +54,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sarco_app import labels as L  # noqa: E402
-from sarco_app.ingest import load_dicom_seg, load_image  # noqa: E402
-from sarco_app.network import load_checkpoint  # noqa: E402
-from sarco_app.overlay import overlay_png  # noqa: E402
-from sarco_app.phantom import generate  # noqa: E402
-from sarco_app.plausibility import slice_measures  # noqa: E402
+from sarco_app.inputs.ingest import load_dicom_seg, load_image  # noqa: E402
+from sarco_app.segmentation.network import load_checkpoint  # noqa: E402
+from sarco_app.figures.overlay import overlay_png  # noqa: E402
+from sarco_app.synthesis.phantom import generate  # noqa: E402
+from sarco_app.segmentation.plausibility import slice_measures  # noqa: E402
 from sarco_app.metrics import PooledOverlap, dice_per_tissue  # noqa: E402
-from sarco_app.segment import resample_hu, segment_volume, working_logits, working_shape  # noqa: E402
+from sarco_app.segmentation.segment import (  # noqa: E402
+    resample_hu,
+    segment_volume,
+    working_logits,
+    working_shape,
+)
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 TISSUES = ("muscle", "sat", "vat", "imat")
@@ -76,7 +81,7 @@ FLAG_SHARE = 0.03
 
 def overlay(hu, label, spacing, path, title, areas=None):
     try:
-        from sarco_app.overlay import overlay_png
+        from sarco_app.figures.overlay import overlay_png
     except ImportError:  # pragma: no cover - overlay module is part of the repository
         overlay_png = None
     if overlay_png is not None:

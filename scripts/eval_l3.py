@@ -35,9 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarco_app.ingest import load_image  # noqa: E402
-from sarco_app.l3 import file_slice_index, locate_l3  # noqa: E402
-from sarco_app.phantom3d import make_volume_phantom, resample_z, save_volume  # noqa: E402
+from sarco_app.inputs.ingest import load_image  # noqa: E402
+from sarco_app.spine.l3 import file_slice_index, locate_l3  # noqa: E402
+from sarco_app.synthesis.phantom3d import make_volume_phantom, resample_z, save_volume  # noqa: E402
 
 REAL = ROOT.parent / "shared/data/real"
 TOLERANCE_MM = 5.0

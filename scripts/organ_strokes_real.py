@@ -2,7 +2,7 @@
 """One background stroke on a liver labelled muscle, on real upper-abdomen CT.
 
 The real scans in ``../shared/data/real`` (``totalsegmentator-dicom-series``,
-``dcmqi-ct-3slice``) are labelled with the shipped model (``sarco_app.segment.segment_volume``,
+``dcmqi-ct-3slice``) are labelled with the shipped model (``sarco_app.segmentation.segment.segment_volume``,
 middle slice). Where the model does not take the liver for muscle on that slice, the failure is
 made by hand, as on the phantoms (``scripts/simulate_organ_strokes.py``): the liver part within
 ``--reach-mm`` of the model's muscle (and in the muscle HU range) is added to the muscle label.
@@ -35,7 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sarco_app import interactive, metrics, threshold  # noqa: E402
+from sarco_app import metrics  # noqa: E402
+
+from sarco_app.interaction import interactive  # noqa: E402
+
+from sarco_app.segmentation import threshold  # noqa: E402
 from sarco_app.labels import MUSCLE, MUSCLE_HU, SAT  # noqa: E402
 from simulate_annotator import next_scribble  # noqa: E402
 
@@ -82,9 +86,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sarco_app.ingest import load_image
-    from sarco_app.overlay import label_rgba
-    from sarco_app.segment import segment_volume
+    from sarco_app.inputs.ingest import load_image
+    from sarco_app.figures.overlay import label_rgba
+    from sarco_app.segmentation.segment import segment_volume
 
     panels = []
     for name in SCANS:

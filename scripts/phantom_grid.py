@@ -28,8 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarco_app import labels, phantom  # noqa: E402
-from sarco_app.ingest import load_image  # noqa: E402
+from sarco_app import labels  # noqa: E402
+
+from sarco_app.synthesis import phantom  # noqa: E402
+from sarco_app.inputs.ingest import load_image  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 WINDOW = (40 - 200, 40 + 200)  # W400 / L40
@@ -96,7 +98,7 @@ def wall_contact(label: np.ndarray, organ: np.ndarray, spacing: float) -> float:
 
 
 def upper_abdomen_figure(args, plt) -> None:
-    from sarco_app.segment import segment_volume
+    from sarco_app.segmentation.segment import segment_volume
 
     phantoms = {lv: [phantom.generate(args.seed + i, level=lv) for i in range(args.count)] for lv in UPPER_LEVELS}
     solid = [labels.ORGAN_NAMES.index(n) + 1 for n in ("liver", "spleen", "kidney", "diaphragm")]

@@ -7,7 +7,7 @@
    ``.pacs/``); HTTP basic authentication when ``--auth`` (or ``SARCO_PACS_AUTH``) is given;
 2. uploads the demo phantom DICOM series (written to ``demo_dicom/`` when missing: one-slice
    L3 phantoms and an L1-L5 volume phantom) and every
-   ``--upload`` folder, repairing empty UIDs (:func:`sarco_app.pacs.repair_uids`);
+   ``--upload`` folder, repairing empty UIDs (:func:`sarco_app.inputs.pacs.repair_uids`);
 3. starts ``monailabel start_server --studies <Orthanc DICOMweb root>`` on ``--host``/``--port``
    with the credentials passed through (``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD``), and
    prints the OHIF URL. Ctrl-C stops both.
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarco_app import pacs  # noqa: E402
+from sarco_app.inputs import pacs  # noqa: E402
 from sarco_app.errors import SarcoError  # noqa: E402
 
 
@@ -53,8 +53,8 @@ def ensure_demo(folder: Path, count: int) -> Path:
     """One-slice L3 phantoms and one L1-L5 volume phantom (OHIF's MONAI Label mode needs a
     series of several slices to build its volume)."""
     if not any(folder.glob("*/*.dcm")):
-        from sarco_app.phantom.writing import write_cohort, write_volume_dicom
-        from sarco_app.phantom3d import make_volume_phantom
+        from sarco_app.synthesis.phantom.writing import write_cohort, write_volume_dicom
+        from sarco_app.synthesis.phantom3d import make_volume_phantom
 
         write_cohort(folder, count=count, seed=2024, format="dicom")
         volume, _ = make_volume_phantom(2024, slice_thickness=5.0, matrix=256, coverage="mid")

@@ -9,11 +9,11 @@ Scribbles accumulate, as in Slicer/OHIF, and each tool call gets all of them plu
 
 Compared on the same phantoms and the same interactions:
 
-* ``backprojection`` and ``grabcut`` from :mod:`sarco_app.interactive` (called in-process);
+* ``backprojection`` and ``grabcut`` from :mod:`sarco_app.interaction.interactive` (called in-process);
 * MONAI Label's built-in ``HistogramBasedGraphCut`` task (its own pre/post transforms, run
   through the task's ``__call__`` on NIfTI files like the server does, with ``pix_dim`` set to
   the phantom's spacing instead of its 2.5 mm default); its foreground mask is merged into the
-  label map with the same rules as our tools (:func:`sarco_app.interactive.merge`).
+  label map with the same rules as our tools (:func:`sarco_app.interaction.interactive.merge`).
 
 Protocol ``--start empty`` (default): muscle and SAT are labelled on an empty label map; VAT and
 IMAT on a map that already holds the true muscle and SAT (the order a person works in).
@@ -43,7 +43,9 @@ from skimage.morphology import skeletonize
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarco_app import interactive, metrics  # noqa: E402
+from sarco_app import metrics  # noqa: E402
+
+from sarco_app.interaction import interactive  # noqa: E402
 from sarco_app.labels import LABELS, MUSCLE, SAT  # noqa: E402
 
 TISSUES = ("muscle", "sat", "vat", "imat")
@@ -95,7 +97,7 @@ def scribble_with_brush(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0),
     the brush (a person cannot paint inside a 1-pixel sliver without marking right pixels).
     The stroke runs along the region's middle (skeleton), never marking a pixel wrongly.
     """
-    from sarco_app.threshold import ellipse_kernel
+    from sarco_app.segmentation.threshold import ellipse_kernel
 
     brush = ellipse_kernel(brush_mm / 2.0, spacing) if brush_mm > 0 else np.ones((1, 1), bool)
     best = None
@@ -248,7 +250,7 @@ def starting_label(truth_label: np.ndarray, tissue: str) -> np.ndarray:
 
 def load_phantom(seed: int, size: int):
     """(hu (X, Y), label, spacing) of phantom ``seed`` at ``size`` x ``size``."""
-    from sarco_app import phantom
+    from sarco_app.synthesis import phantom
 
     ph = phantom.generate(seed, size=size)
     hu = np.asarray(ph.hu, dtype=np.float32)
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     tissues = [t for t in args.tissues.split(",") if t]
     model = None
     if args.start == "auto":
-        from sarco_app.segment import get_model, segment_volume
+        from sarco_app.segmentation.segment import get_model, segment_volume
 
         model = get_model(args.model)
         print(f"start: automatic label of {model.path}")

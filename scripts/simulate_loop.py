@@ -10,7 +10,7 @@ corrected images, and do corrections get cheaper round after round?
   (the anatomical map with the HU rule, :func:`sarco_app.labels.apply_hu_ranges`). A held-out
   set of ``--heldout`` phantoms from the same shifted distribution measures Dice.
 * **Each round** (``--rounds``): every pool image without a final label gets a pseudo-label with
-  its entropy confidence (:func:`sarco_app.pseudo.pseudo_label_image`); the strategy picks ``-k``
+  its entropy confidence (:func:`sarco_app.segmentation.pseudo.pseudo_label_image`); the strategy picks ``-k``
   images; the simulated annotator of ``scripts/simulate_annotator.py`` (``--start auto``
   protocol: the pseudo-label is the first interaction, then back-projection strokes) corrects
   muscle, SAT and VAT of each to IoU >= 0.95 (cap 10 per tissue) and its interactions are counted
@@ -60,13 +60,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from sarco_app import labels as L  # noqa: E402
-from sarco_app import pseudo  # noqa: E402
-from sarco_app.evaluate import agreement  # noqa: E402
+from sarco_app.segmentation import pseudo  # noqa: E402
+from sarco_app.measurement.evaluate import agreement  # noqa: E402
 from sarco_app.metrics import PooledOverlap  # noqa: E402
-from sarco_app.network import DEFAULT_NETWORK  # noqa: E402
-from sarco_app.phantom import generate  # noqa: E402
-from sarco_app.segment import get_model  # noqa: E402
-from sarco_app.train import Sample, TrainConfig, train  # noqa: E402
+from sarco_app.segmentation.network import DEFAULT_NETWORK  # noqa: E402
+from sarco_app.synthesis.phantom import generate  # noqa: E402
+from sarco_app.segmentation.segment import get_model  # noqa: E402
+from sarco_app.segmentation.train import Sample, TrainConfig, train  # noqa: E402
 
 TISSUES_CORRECTED = ("muscle", "sat", "vat")
 #: arm -> (review order, pseudo-labels used). ``loop`` and ``finals`` are the issue's comparison;
@@ -276,8 +276,8 @@ def real_loop(real_dir: Path, start_finals, start_model: str, args, out: Path, l
     """The CLI loop with the real scans as the unlabelled pool; overlays of the pseudo-labels of
     round 0 (start model) and of the model after the last round."""
     from sarco_app.__main__ import main as cli
-    from sarco_app.ingest import load_image, make_image, save_image, save_label
-    from sarco_app.overlay import overlay_png
+    from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+    from sarco_app.figures.overlay import overlay_png
 
     studies = Path(tempfile.mkdtemp(prefix="sarco_real_loop_"))
     try:

@@ -71,7 +71,7 @@ def organ_failure_label(truth: np.ndarray, organ_label: np.ndarray, hu: np.ndarr
 
 
 def load(seed: int, size: int, level: str):
-    from sarco_app import phantom
+    from sarco_app.synthesis import phantom
 
     ph = phantom.generate(seed, size=size, level=level)
     return (np.asarray(ph.hu, np.float32), np.asarray(ph.label, np.uint8),

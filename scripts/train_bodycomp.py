@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sarco_app.phantom import generate  # noqa: E402
-from sarco_app.network import DEFAULT_NETWORK  # noqa: E402
-from sarco_app.train import Sample, TrainConfig, train  # noqa: E402
+from sarco_app.synthesis.phantom import generate  # noqa: E402
+from sarco_app.segmentation.network import DEFAULT_NETWORK  # noqa: E402
+from sarco_app.segmentation.train import Sample, TrainConfig, train  # noqa: E402
 
 
 def parse_levels(text: str | None) -> dict[str, float] | None:
@@ -51,7 +51,7 @@ def parse_levels(text: str | None) -> dict[str, float] | None:
 
 def phantom_plan(count: int, seed: int, coarse_fraction: float = 0.35,
                  levels: dict[str, float] | None = None) -> list[dict]:
-    """Arguments of :func:`sarco_app.phantom.generate` for ``count`` phantoms from ``seed``.
+    """Arguments of :func:`sarco_app.synthesis.phantom.generate` for ``count`` phantoms from ``seed``.
     ``levels`` weights the vertebral levels (default: L3 70 %, L1/L2/L4 10 % each)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB0D1]))
     plan = []

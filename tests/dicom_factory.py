@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from sarco_app.phantom.writing import new_ct_dataset, save_dataset, set_int16_pixels
+from sarco_app.synthesis.phantom.writing import new_ct_dataset, save_dataset, set_int16_pixels
 
 
 def write_ct_slice(path: Path, raw: np.ndarray, position, orientation=(1, 0, 0, 0, 1, 0),

@@ -18,10 +18,10 @@ import torch
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from sarco_app import labels as L
-from sarco_app.ingest import load_image, make_image, save_image
-from sarco_app.phantom import generate, write_phantom
+from sarco_app.inputs.ingest import load_image, make_image, save_image
+from sarco_app.synthesis.phantom import generate, write_phantom
 from sarco_app.metrics import dice_per_tissue
-from sarco_app.segment import SHIPPED_MODEL_PATH
+from sarco_app.segmentation.segment import SHIPPED_MODEL_PATH
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_info_lists_tasks(server):
 
 def test_trainer_defaults_are_the_cli_defaults(server):
     """One set of training defaults: the server's trainer shows TrainConfig's, which the CLI uses."""
-    from sarco_app.train import TrainConfig
+    from sarco_app.segmentation.train import TrainConfig
 
     shown = requests.get(f"{server}/info/", timeout=30).json()["trainers"]["bodycomp_unet"]["config"]
     defaults = TrainConfig.param_defaults()

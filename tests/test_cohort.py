@@ -10,9 +10,9 @@ import pytest
 
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
-from sarco_app.cohort import column_from_header, quantify_studies
-from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, save_label
-from sarco_app.quantify import load_label, quantify_scan
+from sarco_app.measurement.cohort import column_from_header, quantify_studies
+from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.measurement.quantify import load_label, quantify_scan
 
 
 def ring_phantom(nx=160, ny=120, seed=0):
@@ -214,7 +214,7 @@ def test_reference_derived_from_cohort_export(exported, tmp_path, capsys):
     capsys.readouterr()
     scans = pd.read_csv(out.with_suffix(".csv"))
     ok = scans[scans.status == "ok"]
-    from sarco_app.reference import load_reference
+    from sarco_app.measurement.reference import load_reference
 
     table = load_reference(table_path)
     for sex in ("M", "F"):

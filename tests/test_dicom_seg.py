@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from sarco_app import dicom_seg, ingest
+from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.__main__ import main as cli
 from sarco_app.labels import COLORS, LABELS
 from dicom_factory import write_ct_slice
@@ -72,7 +72,7 @@ def test_seg_of_a_phantom_names_tissues_codes_colours_and_the_source(tmp_path):
         assert item.SegmentAlgorithmType == "AUTOMATIC"
     # The SEG read back equals the phantom's label.
     image = ingest.load_image(series)
-    from sarco_app.quantify import load_label
+    from sarco_app.measurement.quantify import load_label
 
     assert np.array_equal(dicom_seg.seg_to_label(tmp_path / "seg.dcm", image), load_label(label_path, image))
 

@@ -8,8 +8,8 @@ import pytest
 
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
-from sarco_app.evaluate import agreement, table3, table3_counts
-from sarco_app.ingest import make_image, save_label
+from sarco_app.measurement.evaluate import agreement, table3, table3_counts
+from sarco_app.inputs.ingest import make_image, save_label
 
 
 def test_known_iou_and_dice():
@@ -147,7 +147,7 @@ def test_studies_folder_means_its_final_labels(tmp_path, capsys):
     hu[2:10, 2:10] = 40.0
     truth = np.zeros((16, 12), np.uint8)
     truth[2:10, 2:10] = L.MUSCLE
-    from sarco_app.ingest import save_image
+    from sarco_app.inputs.ingest import save_image
 
     image = make_image(hu, (1, 1))
     save_image(image, tmp_path / "studies" / "a.nii.gz")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import requests
 
-from sarco_app.phantom import generate, write_phantom
+from sarco_app.synthesis.phantom import generate, write_phantom
 
 LABELLED = ("lab", "lab3")  # images with a stored final label
 SERVER_FILES = ("README.md", "tests", "apps", "pyproject.toml")  # exist in the server's working dir

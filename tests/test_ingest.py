@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sarco_app import ingest
+from sarco_app.inputs import ingest
 from sarco_app.__main__ import main as cli
 from sarco_app.errors import IngestError
 from dicom_factory import write_ct_slice, write_series

@@ -1,4 +1,4 @@
-"""Semi-automatic tools (sarco_app.interactive) and the simulated annotator, as a library."""
+"""Semi-automatic tools (sarco_app.interaction.interactive) and the simulated annotator, as a library."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sarco_app import interactive, metrics, scribble_regions
+from sarco_app import metrics
+
+from sarco_app.interaction import interactive, scribble_regions
 from sarco_app.errors import SarcoError
 from sarco_app.labels import IMAT, MUSCLE, SAT, VAT
 
@@ -116,7 +118,7 @@ def test_muscle_bowel_separated_by_background_scribble(tool):
 
 
 def test_phantom_sat_and_vat_from_rectangle():
-    phantom = pytest.importorskip("sarco_app.phantom")
+    phantom = pytest.importorskip("sarco_app.synthesis.phantom")
     ph = phantom.generate(1000, size=256)
     truth = np.asarray(ph.label)
     out = interactive.back_projection(ph.hu, "sat", roi=bbox(truth == SAT), spacing=ph.spacing)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from sarco_app.__main__ import main
-from sarco_app.ingest import load_image
+from sarco_app.inputs.ingest import load_image
 from sarco_app.errors import SarcoError
-from sarco_app.l3 import choose_slice, file_slice_index, locate_l3
-from sarco_app.phantom3d import VERTEBRA_LABELS, make_volume_phantom, resample_z, save_volume
-from sarco_app.views import L3_COLOUR, render_l3_views
+from sarco_app.spine.l3 import choose_slice, file_slice_index, locate_l3
+from sarco_app.synthesis.phantom3d import VERTEBRA_LABELS, make_volume_phantom, resample_z, save_volume
+from sarco_app.figures.views import L3_COLOUR, render_l3_views
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 CT_LOWER = REAL / "totalsegmentator-ct-lower"
@@ -121,7 +121,7 @@ def test_z_flipped_nifti_gives_the_same_anatomy_and_a_mirrored_file_index(phanto
 
 def test_2d_input_is_refused():
     from sarco_app.errors import SarcoError
-    from sarco_app.ingest import make_image
+    from sarco_app.inputs.ingest import make_image
 
     with pytest.raises(SarcoError, match="3D"):
         locate_l3(make_image(np.zeros((32, 32), np.float32), (1.0, 1.0)))

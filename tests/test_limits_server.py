@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import requests
 
-from sarco_app.ingest import make_image, save_image
-from sarco_app.limits import InputLimits, InputTooLarge, check_image_file, read_image_header
-from sarco_app.phantom import generate, write_phantom
+from sarco_app.inputs.ingest import make_image, save_image
+from sarco_app.inputs.limits import InputLimits, InputTooLarge, check_image_file, read_image_header
+from sarco_app.synthesis.phantom import generate, write_phantom
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from sarco_app import pacs
+from sarco_app.inputs import pacs
 from dicom_factory import write_series
 
 
@@ -27,7 +27,7 @@ def test_empty_uids_get_deterministic_valid_uids_with_a_warning(tmp_path, caplog
         ds.save_as(ds_path)
     ok, ok_names, _ = pacs.read_datasets(tmp_path / "ok")
     before_ok = _uids(ok)
-    with caplog.at_level(logging.WARNING, logger="sarco_app.pacs"):
+    with caplog.at_level(logging.WARNING, logger="sarco_app.inputs.pacs"):
         first, names, _ = pacs.read_datasets(tmp_path / "anon")
         repaired = pacs.repair_uids(first, names)
     assert pacs.repair_uids(ok, ok_names) == [] and _uids(ok) == before_ok  # complete UIDs untouched
@@ -44,7 +44,7 @@ def test_empty_uids_get_deterministic_valid_uids_with_a_warning(tmp_path, caplog
 
 
 def test_repair_of_the_real_anonymised_series(real_data, tmp_path):
-    from sarco_app import ingest
+    from sarco_app.inputs import ingest
 
     folder = real_data / "totalsegmentator-dicom-series"
     datasets, names, _ = pacs.read_datasets(folder)
@@ -61,9 +61,9 @@ def test_repair_of_the_real_anonymised_series(real_data, tmp_path):
 
 def test_volume_phantom_as_a_dicom_series_reads_back_exactly(tmp_path):
     """The run-pacs demo's volume: HU, geometry and patient data survive the DICOM series."""
-    from sarco_app import ingest
-    from sarco_app.phantom.writing import write_volume_dicom
-    from sarco_app.phantom3d import make_volume_phantom
+    from sarco_app.inputs import ingest
+    from sarco_app.synthesis.phantom.writing import write_volume_dicom
+    from sarco_app.synthesis.phantom3d import make_volume_phantom
 
     volume, _ = make_volume_phantom(11, slice_thickness=5.0, matrix=96, coverage="mid")
     write_volume_dicom(volume, tmp_path / "vol", "vol", seed=11)

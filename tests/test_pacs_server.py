@@ -10,10 +10,10 @@ import pydicom
 import pytest
 import requests
 
-from sarco_app import dicom_seg, ingest, pacs
+from sarco_app.inputs import dicom_seg, ingest, pacs
 from sarco_app.labels import LABELS
-from sarco_app.phantom import generate, write_phantom
-from sarco_app.quantify import load_label
+from sarco_app.synthesis.phantom import generate, write_phantom
+from sarco_app.measurement.quantify import load_label
 
 USER, PASSWORD = "annotator", "s3cret"
 

@@ -8,10 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from sarco_app import labels, phantom
+from sarco_app import labels
+
+from sarco_app.synthesis import phantom
 from sarco_app.__main__ import main as cli
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import load_image
+from sarco_app.inputs.ingest import load_image
 
 SMALL = 160  # matrix for fast tests (the default spacing range scales with it)
 
@@ -376,8 +378,8 @@ def test_upper_abdomen_organs_lie_against_the_wall_and_come_with_organ_maps():
 
 
 def test_organ_maps_are_written_on_request(tmp_path):
-    from sarco_app.ingest import load_image
-    from sarco_app.quantify import load_label
+    from sarco_app.inputs.ingest import load_image
+    from sarco_app.measurement.quantify import load_label
 
     manifest = phantom.write_cohort(tmp_path, 1, seed=4, size=96, level="T12", organs=True)
     image = load_image(tmp_path / "phantom_0000.nii.gz")

@@ -1,4 +1,5 @@
-"""Label-free plausibility measures (``sarco_app.plausibility``) and ``python -m sarco_app plausibility``."""
+"""Label-free plausibility measures (``sarco_app.segmentation.plausibility``) and
+``python -m sarco_app plausibility``."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from scipy import ndimage as ndi
 from sarco_app import labels as L
 from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import load_image, make_image, save_image, save_label
-from sarco_app.phantom import generate
-from sarco_app.plausibility import slice_measures, volume_measures
+from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+from sarco_app.synthesis.phantom import generate
+from sarco_app.segmentation.plausibility import slice_measures, volume_measures
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The issue's bounds on real CT (#15): muscle at most this share of the body at any level.
@@ -227,8 +228,8 @@ def test_cli_on_real_ct_keeps_the_issue_bounds(real_data, tmp_path):
 
 def test_liver_labelled_muscle_on_real_ct_is_flagged(real_data, tmp_path, capsys):
     """The issue's failure on a real slice: the dcmqi sample's liver (its DICOM SEG) labelled muscle."""
-    from sarco_app.ingest import IngestError, load_dicom_seg
-    from sarco_app.segment import segment_volume
+    from sarco_app.inputs.ingest import IngestError, load_dicom_seg
+    from sarco_app.segmentation.segment import segment_volume
 
     folder = real_data / "dcmqi-ct-3slice"
     image = load_image(folder)

@@ -1,4 +1,4 @@
-"""The pseudo-label loop's library (:mod:`sarco_app.pseudo`), ``python -m sarco_app loop`` and
+"""The pseudo-label loop's library (:mod:`sarco_app.segmentation.pseudo`), ``python -m sarco_app loop`` and
 ``scripts/simulate_loop.py --quick``."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sarco_app import pseudo
+from sarco_app.segmentation import pseudo
 from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
-from sarco_app.phantom import generate, write_phantom
-from sarco_app.segment import SHIPPED_MODEL_PATH, get_model
-from sarco_app.train import Sample, TrainConfig, train
+from sarco_app.synthesis.phantom import generate, write_phantom
+from sarco_app.segmentation.segment import SHIPPED_MODEL_PATH, get_model
+from sarco_app.segmentation.train import Sample, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_simulate_loop_quick(tmp_path):
 
 
 def test_pseudo_label_is_the_default_segmentation_output():
-    from sarco_app.segment import segment_volume
+    from sarco_app.segmentation.segment import segment_volume
 
     ph = generate(7300, size=128)
     model = get_model(SHIPPED_MODEL_PATH)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import requests
 
-from sarco_app.phantom import generate, write_phantom
+from sarco_app.synthesis.phantom import generate, write_phantom
 from sarco_app.metrics import dice_per_tissue
-from sarco_app.segment import SHIPPED_MODEL_PATH
+from sarco_app.segmentation.segment import SHIPPED_MODEL_PATH
 
 FINALS = [f"fin{k}" for k in range(3)]
 UNLABELLED = [f"unl{k:02d}" for k in range(12)]

@@ -1,4 +1,5 @@
-"""Known-answer tests for sarco_app.quantify / sarco_app.reference and the quantify / reference CLI."""
+"""Known-answer tests for sarco_app.measurement.quantify / sarco_app.measurement.reference and the
+quantify / reference CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, save_label
-from sarco_app.quantify import load_label, quantify_scan, tissue_measures
-from sarco_app.reference import category, load_cutoffs, load_reference, t_score
+from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.measurement.quantify import load_label, quantify_scan, tissue_measures
+from sarco_app.measurement.reference import category, load_cutoffs, load_reference, t_score
 from dicom_factory import write_ct_slice
 
 
@@ -424,7 +425,7 @@ def test_reference_command_needs_enough_rows(tmp_path, capsys):
 def test_phantom_areas_and_martin_flag_agree():
     """Cross-check with the independent phantom generator: its exact areas and its
     sarcopenic flag (drawn against Martin 2013) must match what quantify measures."""
-    phantom = pytest.importorskip("sarco_app.phantom")
+    phantom = pytest.importorskip("sarco_app.synthesis.phantom")
     for seed, sarcopenic in ((3, True), (4, False)):
         p = phantom.generate(seed, sex="M", height_cm=178, weight_kg=92, sarcopenic=sarcopenic,
                              muscle_hu=25, size=256)
@@ -437,8 +438,8 @@ def test_phantom_areas_and_martin_flag_agree():
 
 def test_3d_scan_labelled_on_every_slice_is_measured_at_l3():
     """Without --slice, a volume labelled on all slices is measured at the L3 slice."""
-    from sarco_app.l3 import locate_l3
-    from sarco_app.phantom3d import make_volume_phantom
+    from sarco_app.spine.l3 import locate_l3
+    from sarco_app.synthesis.phantom3d import make_volume_phantom
 
     image, truth = make_volume_phantom(21, slice_thickness=3.0, variants=[], matrix=160, pixel_spacing=2.4)
     label = np.where((image.hu > -29) & (image.hu < 150), 1, 0).astype(np.uint8)
@@ -456,7 +457,7 @@ def test_3d_scan_labelled_on_every_slice_is_measured_at_l3():
 
 def test_height_in_metres_is_refused_not_measured(tmp_path, capsys):
     """A height of 1.7 'cm' is a unit mix-up: a one-line error, not an SMI of 500000."""
-    from sarco_app.quantify import patient_from_params
+    from sarco_app.measurement.quantify import patient_from_params
 
     folder, label_path = _dicom_scan(tmp_path, PatientSex="M", PatientWeight="80")
     code = cli(["quantify", "--image", str(folder), "--label", str(label_path),

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from sarco_app import metrics
-from sarco_app.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
 from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from conftest import RunningServer, free_port
-from sarco_app.phantom import generate, write_phantom
+from sarco_app.synthesis.phantom import generate, write_phantom
 
 ROLES = {"user": "monailabel-user", "annotator": "monailabel-annotator", "reviewer": "monailabel-reviewer",
          "admin": "monailabel-admin"}

@@ -1,4 +1,4 @@
-"""Inference, pre/post-processing and the ``segment`` command (``sarco_app.segment``)."""
+"""Inference, pre/post-processing and the ``segment`` command (``sarco_app.segmentation.segment``)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from sarco_app import labels as L
 from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
-from sarco_app.ingest import load_image, make_image, save_image
-from sarco_app.network import load_checkpoint, new_model, save_checkpoint
+from sarco_app.inputs.ingest import load_image, make_image, save_image
+from sarco_app.segmentation.network import load_checkpoint, new_model, save_checkpoint
 from sarco_app.metrics import dice_per_tissue
-from sarco_app.phantom import generate
-from sarco_app.segment import (
+from sarco_app.synthesis.phantom import generate
+from sarco_app.segmentation.segment import (
     SHIPPED_MODEL_PATH,
     get_model,
     postprocess,
@@ -53,7 +53,7 @@ def test_checkpoint_round_trip_is_weights_only(untrained):
 
 
 def test_split_head_round_trip_and_clear_error(tmp_path):
-    from sarco_app.network import TissueSplitHead
+    from sarco_app.segmentation.network import TissueSplitHead
 
     torch.manual_seed(1)
     model = new_model()

@@ -1,4 +1,4 @@
-"""Stroke regions (sarco_app.strokes): one stroke removes an organ glued to the muscle wall, one
+"""Stroke regions (sarco_app.interaction.strokes): one stroke removes an organ glued to the muscle wall, one
 adds a missed muscle piece; and the same through the interactive tools."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sarco_app import interactive, metrics, scribble_regions, strokes
+from sarco_app import metrics
+
+from sarco_app.interaction import interactive, scribble_regions, strokes
 from sarco_app.labels import MUSCLE, SAT, VAT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

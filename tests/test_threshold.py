@@ -1,4 +1,4 @@
-"""The rule-based baseline (``sarco_app.threshold``) on a synthetic slice with a known answer and
+"""The rule-based baseline (``sarco_app.segmentation.threshold``) on a synthetic slice with a known answer and
 on phantoms."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from sarco_app import labels as L
-from sarco_app.phantom import generate
+from sarco_app.synthesis.phantom import generate
 from sarco_app.metrics import dice_per_tissue
-from sarco_app.segment import segment_volume
-from sarco_app.threshold import body_mask, threshold_segment
+from sarco_app.segmentation.segment import segment_volume
+from sarco_app.segmentation.threshold import body_mask, threshold_segment
 
 
 def ring_slice(spacing=1.0, n=400):

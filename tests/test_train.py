@@ -1,4 +1,4 @@
-"""Training (``sarco_app.train`` and ``python -m sarco_app train``): data loading, augmentation
+"""Training (``sarco_app.segmentation.train`` and ``python -m sarco_app train``): data loading, augmentation
 and a short real run whose checkpoint inference then loads."""
 
 from __future__ import annotations
@@ -10,10 +10,17 @@ import torch
 from sarco_app import labels as L
 from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
-from sarco_app.network import load_checkpoint
-from sarco_app.phantom import generate, write_cohort
-from sarco_app.segment import segment_volume
-from sarco_app.train import Sample, augment_intensity, load_studies, relabel_muscle_by_hu, sample_crop, to_working
+from sarco_app.segmentation.network import load_checkpoint
+from sarco_app.synthesis.phantom import generate, write_cohort
+from sarco_app.segmentation.segment import segment_volume
+from sarco_app.segmentation.train import (
+    Sample,
+    augment_intensity,
+    load_studies,
+    relabel_muscle_by_hu,
+    sample_crop,
+    to_working,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,7 @@ def test_train_cli_errors(tmp_path, capsys):
 
 
 def test_train_config_from_params_reads_request_text():
-    from sarco_app.train import TrainConfig
+    from sarco_app.segmentation.train import TrainConfig
 
     config = TrainConfig.from_params({"epochs": "3", "lr": "0.01", "iterations_per_epoch": 0,
                                       "time_limit_s": "0", "organ_classes": "true", "crop": None})
@@ -104,7 +111,7 @@ def test_train_config_from_params_reads_request_text():
 
 
 def test_train_config_check_names_every_bad_setting():
-    from sarco_app.train import TrainConfig, train
+    from sarco_app.segmentation.train import TrainConfig, train
 
     TrainConfig().check()  # the defaults are valid
     with pytest.raises(SarcoError) as err:
@@ -138,7 +145,7 @@ def test_fine_tune_that_does_not_improve_keeps_the_model(studies, tmp_path, caps
 def test_split_head_only_training_keeps_the_backbone(studies, tmp_path, capsys):
     """``--epochs 0 --split-head-iterations N``: the backbone of --init is kept bit for bit, the
     checkpoint gains a trained split head and inference uses it."""
-    from sarco_app.segment import predict_probabilities
+    from sarco_app.segmentation.segment import predict_probabilities
 
     init = tmp_path / "init.pt"
     code = main(["train", "--data", str(studies), "--out", str(init), "--epochs", "1",
@@ -175,7 +182,7 @@ def test_split_head_only_training_keeps_the_backbone(studies, tmp_path, capsys):
     raw_headed = segment_volume(ph.hu, ph.spacing, model=headed, hu_refine=False).label
     assert not np.array_equal(raw_headed, segment_volume(ph.hu, ph.spacing, model=plain, hu_refine=False).label)
     # A head-only run replaces an existing head only when its raw validation Dice is higher.
-    from sarco_app.train import TrainConfig, load_studies, train
+    from sarco_app.segmentation.train import TrainConfig, load_studies, train
 
     lines = []
     again = train(load_studies(studies), tmp_path / "again.pt",
@@ -194,7 +201,7 @@ def test_train_split_head_learns(phantom_samples):
     """The head's loss falls and the backbone's weights stay as they were."""
     from pathlib import Path
 
-    from sarco_app.train import train_split_head
+    from sarco_app.segmentation.train import train_split_head
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
     if not shipped.is_file():
@@ -209,8 +216,8 @@ def test_train_split_head_learns(phantom_samples):
 
 
 def test_retraining_the_backbone_drops_a_head_that_no_longer_fits(phantom_samples, tmp_path):
-    from sarco_app.network import TissueSplitHead, new_model, save_checkpoint
-    from sarco_app.train import TrainConfig, train
+    from sarco_app.segmentation.network import TissueSplitHead, new_model, save_checkpoint
+    from sarco_app.segmentation.train import TrainConfig, train
 
     torch.manual_seed(0)
     init = new_model()
@@ -228,7 +235,13 @@ def test_retraining_the_backbone_drops_a_head_that_no_longer_fits(phantom_sample
 
 
 def test_add_organ_classes_keeps_the_served_output():
-    from sarco_app.network import CLASS_NAMES, ORGAN_CLASS_NAMES, add_organ_classes, new_model, tissue_logits
+    from sarco_app.segmentation.network import (
+        CLASS_NAMES,
+        ORGAN_CLASS_NAMES,
+        add_organ_classes,
+        new_model,
+        tissue_logits,
+    )
 
     torch.manual_seed(0)
     model = new_model()  # a five-class network
@@ -246,7 +259,7 @@ def test_add_organ_classes_keeps_the_served_output():
 
 
 def test_training_label_puts_organs_on_background_only():
-    from sarco_app.train import training_label
+    from sarco_app.segmentation.train import training_label
 
     ph = generate(12, size=96, level="T12")
     sample = Sample(ph.hu, ph.label, ph.spacing, organs=ph.organ_label)
@@ -258,7 +271,7 @@ def test_training_label_puts_organs_on_background_only():
 
 
 def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys):
-    from sarco_app.network import ORGAN_CLASS_NAMES, new_model, save_checkpoint
+    from sarco_app.segmentation.network import ORGAN_CLASS_NAMES, new_model, save_checkpoint
 
     data = tmp_path / "studies"
     assert main(["phantom", "--count", "3", "--seed", "6", "--size", "128", "--level", "T12", "--organs",
@@ -287,7 +300,7 @@ def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys
 def test_learning_rate_follows_iterations_and_the_time_limit_only_stops(phantom_samples, tmp_path):
     """Two runs with the same settings are the same run (the schedule counts iterations, not
     seconds); a time limit stops a run early without changing its schedule."""
-    from sarco_app.train import TrainConfig, train
+    from sarco_app.segmentation.train import TrainConfig, train
 
     config = dict(epochs=2, iterations_per_epoch=3, batch_size=2, crop=64, lr=1e-2, threads=1, seed=4)
     runs = [train(phantom_samples[:2], tmp_path / f"run{k}.pt", TrainConfig(**config), val_samples=phantom_samples[2:],
@@ -305,8 +318,8 @@ def test_compare_models_keeps_the_served_model_unless_beaten(phantom_samples, tm
     served model does not beat it (a tie keeps it), and anything wins when nothing is served."""
     from pathlib import Path
 
-    from sarco_app.network import new_model, save_checkpoint
-    from sarco_app.train import compare_models
+    from sarco_app.segmentation.network import new_model, save_checkpoint
+    from sarco_app.segmentation.train import compare_models
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
     if not shipped.is_file():

@@ -122,7 +122,7 @@ class SarcopeniaApp(MONAILabelApp):
 
     def _download_dcmqi_tools(self):
         # The stock DICOMweb start-up downloads dcmqi from GitHub (and fails offline); our SEGs
-        # are written by highdicom (sarco_app.dicom_seg), so dcmqi is never needed.
+        # are written by highdicom (sarco_app.inputs.dicom_seg), so dcmqi is never needed.
         logger.info("DICOM SEG by highdicom: dcmqi not needed")
 
     def bodycomp_model_paths(self) -> list:

@@ -18,7 +18,7 @@ def add_parser(subparsers):
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--studies", type=Path, help="studies folder (MONAI Label layout)")
-    # --input: raw scans without labels (sarco_app.cohort_raw): find L3, segment, quantify.
+    # --input: raw scans without labels (sarco_app.measurement.cohort_raw): find L3, segment, quantify.
     source.add_argument("--input", type=Path, default=None,
                         help="folder of raw NIfTI files and DICOM studies without labels: find L3 "
                         "in each series, segment it, quantify (status column: ok / no L3 / "
@@ -37,8 +37,8 @@ def add_parser(subparsers):
 
 def run_raw(args) -> int:
     """``cohort --input DIR``: L3, segmentation and quantification of raw scans."""
-    from sarco_app.cohort_raw import quantify_raw_folder
-    from sarco_app.reference import find_reference
+    from sarco_app.measurement.cohort_raw import quantify_raw_folder
+    from sarco_app.measurement.reference import find_reference
 
     result = quantify_raw_folder(args.input, args.out, reference=find_reference(args.reference),
                                  method=args.method, overlays=not args.no_overlays)
@@ -56,8 +56,8 @@ def run_raw(args) -> int:
 def run(args) -> int:
     if getattr(args, "input", None) is not None:
         return run_raw(args)
-    from sarco_app.cohort import quantify_studies
-    from sarco_app.reference import find_reference
+    from sarco_app.measurement.cohort import quantify_studies
+    from sarco_app.measurement.reference import find_reference
 
     result = quantify_studies(
         args.studies,

@@ -27,7 +27,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     import pandas as pd
 
-    from sarco_app.evaluate import evaluate_files, to_markdown
+    from sarco_app.measurement.evaluate import evaluate_files, to_markdown
 
     result = evaluate_files(args.pred, args.truth)
     text = to_markdown(result["rows"], result["table3"])

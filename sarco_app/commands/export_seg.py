@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sarco_app import dicom_seg, ingest
-from sarco_app.quantify import load_label
+from sarco_app.inputs import dicom_seg, ingest
+from sarco_app.measurement.quantify import load_label
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

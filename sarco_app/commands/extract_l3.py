@@ -48,7 +48,7 @@ def default_id(path: Path) -> str:
 
 def slice_image(image, canonical_index: int):
     """The canonical axial slice ``canonical_index`` as a 2D CTImage with its world position."""
-    from sarco_app.ingest import CTImage
+    from sarco_app.inputs.ingest import CTImage
 
     affine = image.affine.copy()
     affine[:3, 3] = image.affine[:3, :3] @ np.array([0.0, 0.0, float(canonical_index)]) + image.affine[:3, 3]
@@ -58,7 +58,7 @@ def slice_image(image, canonical_index: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sarco_app import ingest
+    from sarco_app.inputs import ingest
     from sarco_app.commands.l3 import locate_file
 
     study_id = args.study_id or default_id(args.image)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sarco_app import dicom_seg, ingest
+from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.labels import NAMES
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sarco_app import ingest
+from sarco_app.inputs import ingest
 from sarco_app.errors import IngestError
 
 

@@ -2,7 +2,7 @@
 
 The JSON answer's ``slice_index`` is the index in the **file's own voxel order** (what a viewer
 shows for that file); ``canonical_slice_index`` is the same slice in sarco's canonical order
-(axis 2 toward superior, as :func:`sarco_app.ingest.load_image` returns it). They differ for
+(axis 2 toward superior, as :func:`sarco_app.inputs.ingest.load_image` returns it). They differ for
 z-flipped files (e.g. feet-first or NIfTI written top-down). For a DICOM series the "file
 order" is the slices sorted by ImagePositionPatient along the slice normal (ascending), never
 by file name or InstanceNumber. ``z_mm`` is the slice centre's world z (RAS / DICOM patient
@@ -48,8 +48,8 @@ def locate_file(path: Path, series: str | None = None) -> tuple[Any, Any, dict]:
 
     Returns ``(image, result, answer)``.
     """
-    from sarco_app import ingest
-    from sarco_app.l3 import answer_json, locate_l3
+    from sarco_app.inputs import ingest
+    from sarco_app.spine.l3 import answer_json, locate_l3
 
     image = ingest.load_image(path, series=series)
     if image.hu.ndim != 3 or image.num_slices < 3:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(text + "\n")
     if args.png:
-        from sarco_app.views import save_l3_views
+        from sarco_app.figures.views import save_l3_views
 
         save_l3_views(image, result, args.png)
     return 0 if result.found else NOT_IN_FOV

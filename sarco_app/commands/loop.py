@@ -47,11 +47,11 @@ def add_parser(subparsers):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from sarco_app import pseudo
+    from sarco_app.segmentation import pseudo
     from sarco_app.errors import SarcoError
-    from sarco_app.ingest import load_image
-    from sarco_app.segment import default_model_path, get_model
-    from sarco_app.train import TrainConfig
+    from sarco_app.inputs.ingest import load_image
+    from sarco_app.segmentation.segment import default_model_path, get_model
+    from sarco_app.segmentation.train import TrainConfig
 
     if args.rounds < 1:
         raise SarcoError(f"--rounds must be >= 1 (got {args.rounds})")

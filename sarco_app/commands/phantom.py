@@ -32,7 +32,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from sarco_app import phantom
+    from sarco_app.synthesis import phantom
 
     if args.count < 1:
         raise SarcoError(f"--count must be at least 1, got {args.count}")

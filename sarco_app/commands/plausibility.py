@@ -74,9 +74,9 @@ def _table(rows) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from sarco_app.ingest import load_image
-    from sarco_app.plausibility import volume_measures
-    from sarco_app.quantify import clean_json, load_label
+    from sarco_app.inputs.ingest import load_image
+    from sarco_app.segmentation.plausibility import volume_measures
+    from sarco_app.measurement.quantify import clean_json, load_label
 
     image = load_image(args.image, series=args.series)
     depth = 1 if image.hu.ndim == 2 else image.hu.shape[2]
@@ -89,7 +89,7 @@ def run(args) -> int:
             slices = labelled or list(range(depth))
         source["label"] = str(args.label)
     else:
-        from sarco_app.segment import segment_image
+        from sarco_app.segmentation.segment import segment_image
 
         slices = slices if slices is not None else list(range(depth))
         result = segment_image(image, slices if image.hu.ndim == 3 else None, method="unet", model=args.model)

@@ -22,7 +22,7 @@ def positive_float(text: str) -> float:
 
 
 def sex_value(text: str) -> str:
-    from sarco_app.ingest import normalise_sex
+    from sarco_app.inputs.ingest import normalise_sex
 
     sex = normalise_sex(text)
     if sex is None:
@@ -62,13 +62,13 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from sarco_app.ingest import PLAUSIBLE_PATIENT, PatientInfo, check_plausible, load_image
-    from sarco_app.quantify import clean_json, load_label, quantify_scan
+    from sarco_app.inputs.ingest import PLAUSIBLE_PATIENT, PatientInfo, check_plausible, load_image
+    from sarco_app.measurement.quantify import clean_json, load_label, quantify_scan
 
     image = load_image(args.image)
     label = load_label(args.label, image)
     manual = PatientInfo(sex=args.sex, **{key: check_plausible(key, getattr(args, key)) for key in PLAUSIBLE_PATIENT})
-    from sarco_app.reference import find_reference
+    from sarco_app.measurement.reference import find_reference
 
     reference = find_reference(args.reference)
     result = clean_json(quantify_scan(image, label, args.slice_index, manual, reference))
@@ -80,7 +80,7 @@ def run(args) -> int:
         except OSError as exc:
             raise SarcoError(f"--json {args.json_out}: cannot write ({exc.strerror})") from exc
     if args.overlay:
-        from sarco_app.overlay import overlay_png
+        from sarco_app.figures.overlay import overlay_png
 
         k = result["slice_index"]
         hu_xy = image.hu if image.hu.ndim == 2 else image.hu[:, :, k]

@@ -42,7 +42,7 @@ def _print_table(table) -> None:
 
 def run(args) -> int:
     from sarco_app.errors import SarcoError
-    from sarco_app.reference import derive_reference, load_reference, write_reference
+    from sarco_app.measurement.reference import derive_reference, load_reference, write_reference
 
     if args.cohort is None:
         if args.out is not None:

@@ -33,8 +33,8 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from sarco_app.errors import SarcoError
-    from sarco_app.ingest import load_image, save_label
-    from sarco_app.segment import segment_image
+    from sarco_app.inputs.ingest import load_image, save_label
+    from sarco_app.segmentation.segment import segment_image
 
     text = str(args.slice).strip().lower()
     if text == "all":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from sarco_app.train import TrainConfig
+    from sarco_app.segmentation.train import TrainConfig
 
     default = TrainConfig.param_defaults()
     parser = subparsers.add_parser(
@@ -49,7 +49,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from sarco_app.train import TrainConfig, train_from_folder
+    from sarco_app.segmentation.train import TrainConfig, train_from_folder
 
     # Bad settings fail here, before the studies are read.
     config = TrainConfig.from_params({

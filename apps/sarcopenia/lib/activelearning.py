@@ -2,7 +2,7 @@
 
 Strategies (``POST /activelearning/{name}``), all over the images without a ``final`` label
 (saving a final label takes an image out of the queue); the order logic is
-:func:`sarco_app.pseudo.next_image`:
+:func:`sarco_app.segmentation.pseudo.next_image`:
 
 * ``random``, ``first`` (smallest id);
 * ``uncertainty``: the highest model uncertainty (1 - overall entropy confidence) of the current
@@ -41,9 +41,9 @@ class UncertaintyScorer:
         self._model_paths = model_paths
 
     def current_model(self):
-        from sarco_app.network import first_readable_model
-        from sarco_app.pseudo import checkpoint_id
-        from sarco_app.segment import get_model
+        from sarco_app.segmentation.network import first_readable_model
+        from sarco_app.segmentation.pseudo import checkpoint_id
+        from sarco_app.segmentation.segment import get_model
 
         paths = [p for p in self._model_paths() if p and os.path.isfile(p)]
         model, _ = first_readable_model(paths, load=get_model)
@@ -55,8 +55,8 @@ class UncertaintyScorer:
         """Uncertainty of one image, stored in its image info; returns it."""
         import torch
 
-        from sarco_app.ingest import load_image
-        from sarco_app.pseudo import now_iso, pseudo_label_image
+        from sarco_app.inputs.ingest import load_image
+        from sarco_app.segmentation.pseudo import now_iso, pseudo_label_image
 
         torch.set_num_threads(1)  # a background job on a shared CPU
         image = load_image(datastore.get_image_uri(image_id))
@@ -81,7 +81,7 @@ class UncertaintyScoring(ScoringMethod):
         self.scorer = scorer
 
     def __call__(self, request, datastore):
-        from sarco_app.pseudo import candidates
+        from sarco_app.segmentation.pseudo import candidates
 
         model, model_id = self.scorer.current_model()
         with datastore_lock(datastore):
@@ -95,7 +95,7 @@ class UncertaintyScoring(ScoringMethod):
 
 
 class QueueStrategy(Strategy):
-    """One of :data:`sarco_app.pseudo.STRATEGIES` over the images without a final label."""
+    """One of :data:`sarco_app.segmentation.pseudo.STRATEGIES` over the images without a final label."""
 
     def __init__(self, name: str, scorer: UncertaintyScorer | None = None, description: str = ""):
         super().__init__(description or f"{name}: next image without a final label")
@@ -104,7 +104,7 @@ class QueueStrategy(Strategy):
         self._rng = random.Random()
 
     def _scores(self, datastore, queue: list[str]) -> dict[str, Any]:
-        from sarco_app.pseudo import PSEUDO_TAG, overall_confidence
+        from sarco_app.segmentation.pseudo import PSEUDO_TAG, overall_confidence
 
         if self.name == "pseudo_review":
             scores = {}
@@ -122,7 +122,7 @@ class QueueStrategy(Strategy):
         return {}
 
     def __call__(self, request, datastore):
-        from sarco_app.pseudo import candidates, next_image, nothing_left_message
+        from sarco_app.segmentation.pseudo import candidates, next_image, nothing_left_message
 
         with datastore_lock(datastore):  # the endpoint then writes image info from a fresh copy
             images = datastore.list_images()

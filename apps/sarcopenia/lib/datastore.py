@@ -38,7 +38,7 @@ from sarco_app.labels import ID_PATTERN, check_label_file, check_name, max_label
 
 logger = logging.getLogger(__name__)
 
-#: The file types the datastore serves: what ``sarco_app.ingest`` and the label checks read.
+#: The file types the datastore serves: what ``sarco_app.inputs.ingest`` and the label checks read.
 EXTENSIONS = (".nii.gz", ".nii")
 #: Where a replaced image and its labels go, inside the studies folder (not a label tag folder).
 REPLACED_DIR = "replaced"
@@ -260,7 +260,7 @@ class HardenedDatastore(LocalDatastore):
         if os.path.exists(image):
             os.makedirs(folder, exist_ok=True)
             shutil.copy2(image, os.path.join(folder, os.path.basename(image)))
-        # The patient sidecar (sarco_app.ingest.sidecar_path) described the old pixels too.
+        # The patient sidecar (sarco_app.inputs.ingest.sidecar_path) described the old pixels too.
         sidecar = os.path.join(os.path.dirname(image), f"{image_id}.json")
         if os.path.isfile(sidecar) and not os.path.islink(sidecar):
             os.makedirs(folder, exist_ok=True)

@@ -1,8 +1,8 @@
 """The DICOMweb datastore of the app (``--studies http://.../dicom-web``): MONAI Label's, with
-labels stored as DICOM SEG written by :mod:`sarco_app.dicom_seg` (highdicom) instead of dcmqi.
+labels stored as DICOM SEG written by :mod:`sarco_app.inputs.dicom_seg` (highdicom) instead of dcmqi.
 
 * Images: a CT series fetched over WADO-RS into the cache, converted to NIfTI by
-  :mod:`sarco_app.ingest` (HU, canonical geometry, patient data sidecar) - the same grid every
+  :mod:`sarco_app.inputs.ingest` (HU, canonical geometry, patient data sidecar) - the same grid every
   sarco task and label uses.
 * ``save_label`` (tag ``final``): the label (NIfTI on the image's grid, or the raw ``label.bin``
   OHIF sends) becomes a SEG with one segment per tissue referencing the series, stored with
@@ -32,9 +32,9 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from sarco_app import dicom_seg, ingest
+from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.errors import SarcoError
-from sarco_app.quantify import check_label, load_label
+from sarco_app.measurement.quantify import check_label, load_label
 
 logger = logging.getLogger(__name__)
 

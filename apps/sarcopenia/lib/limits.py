@@ -10,7 +10,7 @@ changes that, at server start:
   streams in and cut off at the limit).
 * **Image size.** Every uploaded file (infer ``file`` / ``label``, datastore image and label,
   sessions) and the datastore image an infer names are checked from their headers
-  (:mod:`sarco_app.limits`): unpacked pixel data over ``max_decompressed_mb``, or a slice over
+  (:mod:`sarco_app.inputs.limits`): unpacked pixel data over ``max_decompressed_mb``, or a slice over
   ``max_matrix`` pixels along either axis, gives 413; a gzip stream that is not NIfTI gives 400.
 * **Inference off the event loop.** ``POST /infer/{model}`` runs in worker threads, at most
   ``infer_workers`` at a time (default: half the CPU cores, at least one), so ``/info/`` and
@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
 from sarco_app.errors import SarcoError
-from sarco_app.limits import MIB, InputLimits, InputTooLarge, check_image_file, check_image_path
+from sarco_app.inputs.limits import MIB, InputLimits, InputTooLarge, check_image_file, check_image_path
 
 from lib.routes import api_routes, put_in_front
 

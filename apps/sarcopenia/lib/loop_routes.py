@@ -1,7 +1,7 @@
 """HTTP routes of the pseudo-label loop's round history (added to MONAI Label's FastAPI app).
 
 * ``GET /loop/rounds`` - ``{"rounds": [...]}``, one record per retrain (see
-  :func:`sarco_app.pseudo.round_record`);
+  :func:`sarco_app.segmentation.pseudo.round_record`);
 * ``GET /loop/learning_curve.png`` - validation Dice per tissue and labels used by round
   (404 with the reason while no round is recorded).
 """
@@ -21,7 +21,7 @@ def loop_router(rounds_path: Callable[[], Path]) -> APIRouter:
     @router.get("/rounds", summary="Round history of the pseudo-label retraining loop")
     def rounds():
         from sarco_app.errors import SarcoError
-        from sarco_app.pseudo import read_rounds
+        from sarco_app.segmentation.pseudo import read_rounds
 
         try:
             return {"rounds": read_rounds(rounds_path())}
@@ -31,7 +31,7 @@ def loop_router(rounds_path: Callable[[], Path]) -> APIRouter:
     @router.get("/learning_curve.png", summary="Learning curve of the pseudo-label loop (PNG)")
     def learning_curve():
         from sarco_app.errors import SarcoError
-        from sarco_app.pseudo import plot_learning_curve, read_rounds
+        from sarco_app.segmentation.pseudo import plot_learning_curve, read_rounds
 
         try:
             history = read_rounds(rounds_path())

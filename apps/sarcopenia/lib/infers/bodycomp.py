@@ -1,15 +1,15 @@
 """MONAI Label infer tasks ``bodycomp_unet`` and ``bodycomp_threshold``: automatic muscle, SAT,
 VAT and IMAT labels (the paper's "Sarcopenia Predict" button).
 
-Both load the request's image with :func:`sarco_app.ingest.load_image` (NIfTI file or DICOM
-series folder), label it with :func:`sarco_app.segment.segment_image` and return a uint8 NIfTI
+Both load the request's image with :func:`sarco_app.inputs.ingest.load_image` (NIfTI file or DICOM
+series folder), label it with :func:`sarco_app.segmentation.segment.segment_image` and return a uint8 NIfTI
 on the image file's own grid (same shape, voxel order and affine), plus JSON.
 
 Request params (all optional):
 
 * ``slice_index`` - canonical axial slice (axis 2 toward superior, as everywhere in sarco);
-  default: L3 found by :func:`sarco_app.l3.locate_l3`, else the middle slice
-  (:func:`sarco_app.l3.choose_slice`);
+  default: L3 found by :func:`sarco_app.spine.l3.locate_l3`, else the middle slice
+  (:func:`sarco_app.spine.l3.choose_slice`);
 * ``all_slices`` - label every slice (bool);
 * ``hu_refine`` - apply the HU rule to the network's regions (``bodycomp_unet`` only; default
   true, false gives the raw network labels: the backbone with its split head, if it has one);
@@ -90,8 +90,8 @@ class BodyCompInfer(DirectInferTask):
     def _load_model(self) -> tuple[Any, list[str]]:
         """The first readable checkpoint of the candidates, and a warning for each damaged one
         skipped (a retrained checkpoint that cannot be read falls back to the shipped model)."""
-        from sarco_app.network import first_readable_model
-        from sarco_app.segment import get_model
+        from sarco_app.segmentation.network import first_readable_model
+        from sarco_app.segmentation.segment import get_model
 
         existing = self._existing_models()
         if not existing:
@@ -111,14 +111,14 @@ class BodyCompInfer(DirectInferTask):
             return 0, "2d"
         if as_bool(req.get("all_slices", False)):
             return "all", "all_slices"
-        from sarco_app.l3 import choose_slice
+        from sarco_app.spine.l3 import choose_slice
 
         choice = choose_slice(image, req.get("slice_index", ""))  # request, else L3, else middle
         return choice.index, choice.source
 
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
-        from sarco_app.ingest import load_image
-        from sarco_app.segment import segment_image
+        from sarco_app.inputs.ingest import load_image
+        from sarco_app.segmentation.segment import segment_image
 
         begin = time.time()
         req, image_path = self.request_with_image(request, f"bodycomp_{self.method}")
@@ -140,7 +140,7 @@ class BodyCompInfer(DirectInferTask):
         out = write_label_result(result.label, image, req)
         file_slices = result.slices
         if image.hu.ndim == 3:
-            from sarco_app.l3 import file_slice_index
+            from sarco_app.spine.l3 import file_slice_index
 
             file_slices = [file_slice_index(image, k) for k in result.slices]
         counts = {name: int((result.label == value).sum()) for name, value in LABELS.items()}

@@ -49,7 +49,7 @@ def write_label_result(label: Any, image: Any, request: dict) -> str:
     false gives raw voxels), else NIfTI."""
     import tempfile
 
-    from sarco_app.ingest import save_label, save_label_nrrd
+    from sarco_app.inputs.ingest import save_label, save_label_nrrd
 
     if str(request.get("result_extension") or "").lower() == ".nrrd":
         out = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False).name

@@ -1,7 +1,7 @@
 """MONAI Label infer task ``l3_locator``: the axial slice at the middle of L3 in a 3D image.
 
-Loads the request's image with :func:`sarco_app.ingest.load_image`, runs
-:func:`sarco_app.l3.locate_l3` and returns
+Loads the request's image with :func:`sarco_app.inputs.ingest.load_image`, runs
+:func:`sarco_app.spine.l3.locate_l3` and returns
 
 * a uint8 label NIfTI on the image file's own grid (shape, voxel order and affine) with value 1
   on every voxel of the L3 slice (all zeros when L3 is not in the field of view), and
@@ -54,9 +54,9 @@ class L3LocatorInfer(DirectInferTask):
         import cv2
         import numpy as np
 
-        from sarco_app.l3 import answer_json
-        from sarco_app.ingest import load_image, save_label
-        from sarco_app.l3 import locate_l3
+        from sarco_app.spine.l3 import answer_json
+        from sarco_app.inputs.ingest import load_image, save_label
+        from sarco_app.spine.l3 import locate_l3
 
         begin = time.time()
         req, image_path = self.request_with_image(request, "l3_locator")
@@ -74,7 +74,7 @@ class L3LocatorInfer(DirectInferTask):
         save_label(label, image, out)
         answer = answer_json(image, result, source=os.path.basename(image_path))
         if as_bool(req.get("views", True)):
-            from sarco_app.views import render_l3_views
+            from sarco_app.figures.views import render_l3_views
 
             ok, png = cv2.imencode(".png", render_l3_views(image, result))
             if ok:

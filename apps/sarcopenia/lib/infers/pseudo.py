@@ -3,7 +3,7 @@
 ``POST /infer/bodycomp_pseudo?image=ID`` returns the U-Net's label (exactly ``bodycomp_unet``'s
 default output) with the label info of a pseudo-label: ``checkpoint`` (file name and SHA-256
 prefix), ``time``, ``confidence`` per tissue and ``overall`` (1 - normalised softmax entropy, see
-:mod:`sarco_app.pseudo`), ``uncertainty``, ``slices``.
+:mod:`sarco_app.segmentation.pseudo`), ``uncertainty``, ``slices``.
 
 ``POST /batch/infer/bodycomp_pseudo`` (MONAI Label's batch endpoint) labels every image that
 has no ``final`` label and stores each result under the label tag ``pseudo`` with that info
@@ -47,9 +47,9 @@ class PseudoLabelInfer(BodyCompInfer):
         self._config.pop("hu_refine", None)  # pseudo-labels are always the default output
 
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
-        from sarco_app.ingest import load_image, save_label
-        from sarco_app.pseudo import checkpoint_id, pseudo_label_image
-        from sarco_app.segment import resolve_slices
+        from sarco_app.inputs.ingest import load_image, save_label
+        from sarco_app.segmentation.pseudo import checkpoint_id, pseudo_label_image
+        from sarco_app.segmentation.segment import resolve_slices
 
         begin = time.time()
         req, image_path = self.request_with_image(request, PSEUDO_TASK)
@@ -91,7 +91,7 @@ def datastore_lock(datastore):
 def save_pseudo_label(datastore, image_id: str, label_file: str, info: dict) -> bool:
     """Store ``label_file`` as image ``image_id``'s ``pseudo`` label with ``info``; False (nothing
     written) when the image got a final label meanwhile."""
-    from sarco_app.pseudo import FINAL_TAG, PSEUDO_TAG
+    from sarco_app.segmentation.pseudo import FINAL_TAG, PSEUDO_TAG
 
     with datastore_lock(datastore):
         if datastore.get_label_by_image_id(image_id, FINAL_TAG):
@@ -108,7 +108,7 @@ class PseudoBatchInfer(BatchInferTask):
         self.pseudo_models = tuple(pseudo_models)
 
     def __call__(self, request, datastore, infer: Callable):
-        from sarco_app.pseudo import FINAL_TAG, PSEUDO_TAG, candidates
+        from sarco_app.segmentation.pseudo import FINAL_TAG, PSEUDO_TAG, candidates
 
         if str(request.get("label_tag", "")) == FINAL_TAG:
             raise http_error(400, "batch inference never writes final labels: final labels come from annotators "
@@ -140,8 +140,8 @@ class PseudoBatchInfer(BatchInferTask):
 
 def datastore_pseudos(datastore) -> tuple[dict, dict, dict]:
     """``(images, finals, pseudos)`` of a MONAI Label datastore for
-    :func:`sarco_app.pseudo.training_pairs` (read under :func:`datastore_lock`)."""
-    from sarco_app.pseudo import FINAL_TAG, PSEUDO_TAG
+    :func:`sarco_app.segmentation.pseudo.training_pairs` (read under :func:`datastore_lock`)."""
+    from sarco_app.segmentation.pseudo import FINAL_TAG, PSEUDO_TAG
 
     with datastore_lock(datastore):
         images, finals, pseudos = {}, {}, {}

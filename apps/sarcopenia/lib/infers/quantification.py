@@ -2,11 +2,11 @@
 
 Post-processing only (no network): for the request's image and either the label sent with
 the request or the image's stored label (tag ``final`` by default, ``label_tag`` to choose
-another), it returns the JSON of :func:`sarco_app.quantify.quantify_scan` and no label file.
+another), it returns the JSON of :func:`sarco_app.measurement.quantify.quantify_scan` and no label file.
 
 Request params (all optional): ``height_cm``, ``weight_kg``, ``sex`` (M/F), ``age`` (years)
 override or fill the image's patient data; ``slice`` picks the axial slice of a 3D image;
-``reference`` names a T-score table (a file stem in ``sarco_app/references/`` or
+``reference`` names a T-score table (a file stem in ``sarco_app/measurement/references/`` or
 ``<studies>/references/``; not a path: a client must not make the server read its files);
 ``label_tag`` the stored label used. The label comes as an uploaded file (``label``), never as a
 server path in ``params``.
@@ -94,7 +94,7 @@ class QuantificationInfer(DirectInferTask):
         return dirs
 
     def __call__(self, request, callbacks: dict[Any, Callable] | None = None):
-        from sarco_app.quantify import clean_json, quantify_request
+        from sarco_app.measurement.quantify import clean_json, quantify_request
 
         begin = time.time()
         req, image_path = self.request_with_image(request, "quantification")

@@ -1,5 +1,5 @@
 """MONAI Label scribbles tasks ``backprojection`` and ``grabcut`` (the work is in
-:mod:`sarco_app.interactive`).
+:mod:`sarco_app.interaction.interactive`).
 
 Request (``POST /infer/<model>?image=<id>``), following MONAI Label's scribbles convention:
 
@@ -26,9 +26,9 @@ import numpy as np
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from sarco_app import interactive
+from sarco_app.interaction import interactive
 from sarco_app.errors import SarcoError, reason
-from sarco_app.ingest import load_image, save_label
+from sarco_app.inputs.ingest import load_image, save_label
 from sarco_app.labels import LABELS, NAMES
 
 from lib.infers.common import DirectInferTask, datastore_image_id, http_error
@@ -164,7 +164,7 @@ def label_from_files(method: str, image_path: str, output_path: str, *, tissue: 
     Parameters
     ----------
     method : 'backprojection' or 'grabcut'
-    image_path : CT image (NIfTI or DICOM, see :func:`sarco_app.ingest.load_image`).
+    image_path : CT image (NIfTI or DICOM, see :func:`sarco_app.inputs.ingest.load_image`).
     output_path : where the merged uint8 label map is written (NIfTI, the image's own grid).
     tissue : target tissue.
     scribbles_path : NIfTI on the image grid with background scribbles = ``bg_value`` and

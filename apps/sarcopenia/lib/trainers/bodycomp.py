@@ -1,5 +1,5 @@
 """MONAI Label trainer ``bodycomp_unet``: (re)train the body-composition U-Net on the
-datastore's final labels with :func:`sarco_app.train.train` (the code behind
+datastore's final labels with :func:`sarco_app.segmentation.train.train` (the code behind
 ``python -m sarco_app train``).
 
 ``POST /train/bodycomp_unet`` runs it in MONAI Label's background process; one progress line per
@@ -10,7 +10,7 @@ model swap* below); the ``bodycomp_unet`` infer task picks a replaced model up a
 request. By default training fine-tunes the current model (retrained, else shipped), which is
 what makes tens of slices enough on a 2-core CPU.
 
-Request params (defaults and checks: :meth:`sarco_app.train.TrainConfig.from_params`, the same
+Request params (defaults and checks: :meth:`sarco_app.segmentation.train.TrainConfig.from_params`, the same
 as the CLI's): ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
 ``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none; it
 stops a run, the learning rate follows iterations), ``device`` (``auto``: CUDA when there),
@@ -22,7 +22,7 @@ head, which would no longer fit it; ``epochs`` 0 retrains only the head, which r
 current one only if its raw validation Dice is higher), ``organ_classes`` (bool: also learn the
 organ classes of ``labels/organs/`` where an image has one; the served label keeps values 0-4).
 
-Pseudo-label loop params (:mod:`sarco_app.pseudo`): ``include_pseudo`` (bool, default false: add
+Pseudo-label loop params (:mod:`sarco_app.segmentation.pseudo`): ``include_pseudo`` (bool, default false: add
 the ``pseudo`` labels of images without a final label), ``pseudo_min_confidence`` (only those
 whose overall confidence is at or above it, default 0.9) and ``pseudo_weight`` (their loss weight,
 finals 1; default 0.5). A final label always wins over a pseudo-label of the same image, and
@@ -33,7 +33,7 @@ tissue, seconds, time) in ``<model_dir>/rounds.json``: ``GET /loop/rounds`` and
 
 Safe model swap: a run trains a candidate (``<model_dir>/bodycomp_unet.candidate.pt``) that
 replaces the served model only when it beats it on the validation slices, with and without the
-HU rule (:func:`sarco_app.train.compare_models`); a from-scratch run of a few iterations
+HU rule (:func:`sarco_app.segmentation.train.compare_models`); a from-scratch run of a few iterations
 therefore never replaces a good model. The comparison is in the train log, the task's result
 (``model_swap``) and the round record.
 """
@@ -68,7 +68,7 @@ class BodyCompTrainer(TrainTask):
         self.rounds_path = Path(rounds_path) if rounds_path else self.output_path.parent / "rounds.json"
 
     def config(self) -> dict[str, Any]:
-        from sarco_app.train import TrainConfig
+        from sarco_app.segmentation.train import TrainConfig
 
         # The library's one set of training defaults; 0 stands for "none" in a JSON form.
         defaults = TrainConfig.param_defaults()
@@ -78,7 +78,7 @@ class BodyCompTrainer(TrainTask):
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
         """The first readable candidate; a damaged retrained checkpoint is skipped (logged)."""
-        from sarco_app.network import first_readable_model
+        from sarco_app.segmentation.network import first_readable_model
 
         paths = self._init_paths() if callable(self._init_paths) else self._init_paths
         model, skipped = first_readable_model(paths)
@@ -87,10 +87,11 @@ class BodyCompTrainer(TrainTask):
         return Path(model.path) if model else None
 
     def _train_config(self, request: dict[str, Any]):
-        """Request params -> :class:`~sarco_app.train.TrainConfig` (:meth:`~sarco_app.train.TrainConfig.from_params`),
-        checked before any data is read."""
+        """Request params -> :class:`~sarco_app.segmentation.train.TrainConfig`
+        (:meth:`~sarco_app.segmentation.train.TrainConfig.from_params`), checked before any data
+        is read."""
         from sarco_app.errors import SarcoError
-        from sarco_app.train import TrainConfig
+        from sarco_app.segmentation.train import TrainConfig
 
         req = dict(self.config())
         req.update({k: v for k, v in request.items() if k in req})
@@ -115,7 +116,7 @@ class BodyCompTrainer(TrainTask):
         return config, fine_tune, loop
 
     def stats(self) -> dict[str, Any]:
-        from sarco_app.pseudo import read_rounds
+        from sarco_app.segmentation.pseudo import read_rounds
 
         try:
             rounds = read_rounds(self.rounds_path)
@@ -125,7 +126,7 @@ class BodyCompTrainer(TrainTask):
         if not self.output_path.is_file():
             return {"loop": loop} if rounds else {}
         try:
-            from sarco_app.network import load_checkpoint
+            from sarco_app.segmentation.network import load_checkpoint
 
             meta = load_checkpoint(self.output_path).meta
         except Exception as exc:  # a damaged file must not break /info/
@@ -136,7 +137,7 @@ class BodyCompTrainer(TrainTask):
 
     def __call__(self, request, datastore):
         from sarco_app.errors import SarcoError
-        from sarco_app.pseudo import retrain_round, training_pairs
+        from sarco_app.segmentation.pseudo import retrain_round, training_pairs
 
         from lib.infers.pseudo import datastore_pseudos
 
