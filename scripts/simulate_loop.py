@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -172,14 +173,20 @@ def run_arm(arm: str, start_model: str, finals0, pool, heldout, args, work: Path
             hu, truth, spacing = pool[i]
             label, confidence = pseudo.pseudo_label_volume(hu, spacing, model, [0])
             preds[i], scores[i] = label, pseudo.overall_confidence(confidence)
-        share90 = float(np.mean([(agreement(preds[i], pool[i][1])["MSV"]["iou"] or 0) >= 0.90 for i in queue])) if queue else float("nan")
+        pool_iou = {i: agreement(preds[i], pool[i][1])["MSV"]["iou"] or 0.0 for i in queue}
+        share90 = float(np.mean([pool_iou[i] >= 0.90 for i in queue])) if queue else float("nan")
+        # How well the overall confidence ranks the pseudo-labels' quality (what pseudo_review
+        # and the confidence threshold rely on): Spearman's rho over the pool.
+        ranked = [i for i in queue if scores[i] is not None]
+        rho = (float(spearmanr([scores[i] for i in ranked], [pool_iou[i] for i in ranked]).statistic)
+               if len(ranked) >= 3 else float("nan"))
         dice = heldout_dice(model, heldout) if round_index == 0 else {k: float("nan") for k in L.LABELS}
         confidences = [scores[i] for i in queue if scores[i] is not None]
         row = {"arm": arm, "round": round_index, "corrected_total": len(final_ids), "corrected_this_round": 0,
                "interactions_per_image": "", "interactions_to_090": "", "tissues_reaching_095": "", "msv_iou_before_correction": "",
                "pseudo_used": 0, "model_replaced": "", "min_confidence": round(min_confidence, 4), "pool_left": len(queue),
                "confidence_median": round(float(np.median(confidences)), 4) if confidences else "",
-               "pseudo_share_iou90": round(share90, 4),
+               "pseudo_share_iou90": round(share90, 4), "confidence_iou_spearman": round(rho, 3),
                **{f"heldout_dice_{k}": round(v, 4) for k, v in dice.items()},
                "heldout_dice_msv_mean": round(float(np.mean([dice[k] for k in TISSUES_CORRECTED])), 4)}
         if round_index > 0:
@@ -262,7 +269,7 @@ def write_csv(rows, path: Path) -> None:
 
 def markdown_table(rows) -> str:
     cols = ["arm", "round", "corrected_total", "interactions_per_image", "interactions_to_090", "tissues_reaching_095",
-            "msv_iou_before_correction", "pseudo_used", "model_replaced", "confidence_median", "pseudo_share_iou90",
+            "msv_iou_before_correction", "pseudo_used", "model_replaced", "confidence_median", "pseudo_share_iou90", "confidence_iou_spearman",
             "heldout_dice_muscle", "heldout_dice_sat", "heldout_dice_vat", "heldout_dice_imat", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

@@ -150,6 +150,7 @@ def test_simulate_loop_quick(tmp_path):
             # Reaching 0.90 never takes more interactions than reaching 0.95 in the same session.
             assert 1 <= float(r["interactions_to_090"]) <= float(r["interactions_per_image"])
             assert r["model_replaced"] in ("0", "1")
+        assert -1 <= float(r["confidence_iou_spearman"]) <= 1 or r["confidence_iou_spearman"] == "nan"
     assert int(rows[2]["corrected_total"]) == 2 * int(rows[1]["corrected_total"])
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
