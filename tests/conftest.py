@@ -32,6 +32,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Credentials of the test PACS (Orthanc with authentication on).
+PACS_USER, PACS_PASSWORD = "annotator", "s3cret"
+
+
+def running_orthanc(tmp_path_factory, folder):
+    """Orthanc (DICOMweb, authentication on) with ``folder``'s DICOM uploaded: a generator for
+    a module fixture (``yield from``), stopped when the fixture ends."""
+    from sarco_app.inputs import pacs
+
+    server = pacs.Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), PACS_USER, PACS_PASSWORD)
+    server.start()
+    try:
+        pacs.upload(server.dicomweb_root, folder, session=server.session())
+        yield server
+    finally:
+        server.stop()
+
+
+def start_dicomweb_server(start_server, orthanc, tmp_path_factory):
+    """The app on ``orthanc``'s DICOMweb root, with the PACS credentials and its own cache."""
+    env = {"MONAI_LABEL_DICOMWEB_USERNAME": PACS_USER, "MONAI_LABEL_DICOMWEB_PASSWORD": PACS_PASSWORD,
+           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache"))}
+    return start_server(orthanc.dicomweb_root, conf={"model_dir": str(tmp_path_factory.mktemp("model"))}, env=env)
+
+
 class RunningServer:
     """A ``monailabel start_server`` process in its own process group."""
 

@@ -27,7 +27,6 @@ from sarco_app.measurement.quantify import load_label
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "ohif"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-USER, PASSWORD = "annotator", "s3cret"
 # Headless, no GPU, and nothing that reaches the network on its own.
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -54,20 +53,16 @@ def series(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, series):
-    from conftest import free_port
+    from conftest import running_orthanc
 
-    server = pacs.Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), USER, PASSWORD)
-    server.start()
-    pacs.upload(server.dicomweb_root, series, session=server.session())
-    yield server
-    server.stop()
+    yield from running_orthanc(tmp_path_factory, series)
 
 
 @pytest.fixture(scope="module")
 def server(start_server, orthanc, tmp_path_factory):
-    env = {"MONAI_LABEL_DICOMWEB_USERNAME": USER, "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache"))}
-    return start_server(orthanc.dicomweb_root, conf={"model_dir": str(tmp_path_factory.mktemp("model"))}, env=env)
+    from conftest import start_dicomweb_server
+
+    return start_dicomweb_server(start_server, orthanc, tmp_path_factory)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from sarco_app.labels import LABELS
 from sarco_app.synthesis.phantom import generate, write_phantom
 from sarco_app.measurement.quantify import load_label
 
-USER, PASSWORD = "annotator", "s3cret"
 
 if pacs.orthanc_available():
     pytest.skip(f"Orthanc server tests skipped: {pacs.orthanc_available()}", allow_module_level=True)
@@ -31,20 +30,16 @@ def phantoms(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, phantoms):
-    from conftest import free_port
+    from conftest import running_orthanc
 
-    server = pacs.Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), USER, PASSWORD)
-    server.start()
-    pacs.upload(server.dicomweb_root, phantoms, session=server.session())
-    yield server
-    server.stop()
+    yield from running_orthanc(tmp_path_factory, phantoms)
 
 
 @pytest.fixture(scope="module")
 def server(start_server, orthanc, tmp_path_factory):
-    env = {"MONAI_LABEL_DICOMWEB_USERNAME": USER, "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache"))}
-    return start_server(orthanc.dicomweb_root, conf={"model_dir": str(tmp_path_factory.mktemp("model"))}, env=env)
+    from conftest import start_dicomweb_server
+
+    return start_dicomweb_server(start_server, orthanc, tmp_path_factory)
 
 
 def series_uid(folder) -> str:
