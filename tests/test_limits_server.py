@@ -27,7 +27,8 @@ def studies(tmp_path_factory):
     write_phantom(generate(707002, spacing_mm=2.0, size=160), root, "small")
     # A volume whose every-slice U-Net inference takes seconds: the in-flight request below.
     slices = [generate(707010 + k, spacing_mm=1.0, size=288).hu for k in range(16)]
-    save_image(make_image(np.stack(slices, axis=2), (1.0, 1.0, 5.0)), root / "vol.nii.gz")
+    # 48 slices (the 16 three times): an all-slices inference that lasts seconds on any machine.
+    save_image(make_image(np.stack(slices * 3, axis=2), (1.0, 1.0, 5.0)), root / "vol.nii.gz")
     return root
 
 
@@ -133,13 +134,17 @@ def test_info_answers_while_an_inference_is_in_flight(server):
 
     worker = threading.Thread(target=long_infer)
     worker.start()
-    time.sleep(1.5)  # the inference is running (16 slices at 288 x 288 take several seconds)
-    info = requests.get(f"{server}/info/", timeout=120)
-    finished["info"] = time.monotonic()
+    returned = []  # when each /info/ sent during the inference came back
+    while worker.is_alive():
+        info = requests.get(f"{server}/info/", timeout=120)
+        assert info.status_code == 200
+        returned.append(time.monotonic())
+        time.sleep(0.2)
     worker.join(timeout=600)
-    assert info.status_code == 200 and finished["infer"][1] == 200
-    # Ordering, not timing: /info/ came back before the inference it was sent after.
-    assert finished["info"] < finished["infer"][0]
+    assert finished["infer"][1] == 200
+    # Ordering, not timing: with inference on the event loop every /info/ waits for the inference
+    # to end (one might slip in before it starts); here several come back while it runs.
+    assert sum(t < finished["infer"][0] for t in returned) >= 2, (returned, finished)
 
 
 def test_infers_in_worker_threads_and_saves_to_one_id_do_not_mix(server, studies, tmp_path):
