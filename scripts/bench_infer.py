@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -57,28 +48,17 @@ def main(argv=None) -> int:
     studies = tmp / "studies"
     ph = generate(4242, spacing_mm=0.8, size=512)
     write_phantom(ph, studies, "bench")
-    port = free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               OMP_NUM_THREADS=str(args.threads), SARCO_INFER_THREADS=str(args.threads), SARCO_MODEL_DIR=str(tmp / "model"),
-               SARCO_SHIPPED_MODEL=str(args.model.resolve()))
-    log = open(tmp / "server.log", "wb")
-    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "sarcopenia"),
-           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(ROOT))
-    url = f"http://127.0.0.1:{port}"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import RunningServer  # the test suite's server launcher
+
+    env = {"OMP_NUM_THREADS": str(args.threads), "SARCO_INFER_THREADS": str(args.threads),
+           "SARCO_MODEL_DIR": str(tmp / "model"), "SARCO_SHIPPED_MODEL": str(args.model.resolve())}
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: see {tmp / 'server.log'}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("server did not start")
+        server = RunningServer(studies, tmp / "server.log", env=env, timeout=300)
+    except RuntimeError as exc:
+        raise SystemExit(f"server did not start: {exc}") from None
+    url = server.url
+    try:
 
         def call():
             t = time.perf_counter()
@@ -116,12 +96,7 @@ def main(argv=None) -> int:
         target = statistics.median(times) <= 0.5
         print(f"target <= 0.5 s end to end: {'met' if target else 'NOT met'}")
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
     return 0
 
 

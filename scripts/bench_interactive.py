@@ -23,10 +23,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,54 +39,6 @@ from sarco_app.inputs.ingest import load_image, make_image, save_image  # noqa: 
 from sarco_app.labels import LABELS  # noqa: E402
 
 import simulate_annotator  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(studies: Path, log_path: Path, timeout: float = 180.0):
-    """``monailabel start_server`` in its own process group; returns (process, base URL)."""
-    import requests
-
-    port = _free_port()
-    venv_bin = Path(sys.executable).parent
-    env = dict(os.environ)
-    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"  # it re-launches `python`
-    env.setdefault("OMP_NUM_THREADS", "2")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [str(venv_bin / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "sarcopenia"),
-         "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        start_new_session=True, cwd=str(ROOT))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: see {log_path}")
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"server did not start: see {log_path}")
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def scribble_file(fg, bg, image) -> bytes:
@@ -149,7 +97,11 @@ def main(argv=None) -> int:
                      "p90_ms": round(float(np.percentile(t, 90)), 1),
                      "max_ms": round(float(t.max()), 1)})
 
-    proc, url = start_server(studies, work / "server.log")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import RunningServer  # the test suite's server launcher
+
+    server = RunningServer(studies, work / "server.log")
+    url = server.url
     try:
         for tissue in args.tissues.split(","):
             value = LABELS[tissue]
@@ -203,7 +155,7 @@ def main(argv=None) -> int:
             record("opencv_bare", "cv2.calcBackProject", tissue, timed(bare_backprojection, args.repeats))
             record("opencv_bare", "cv2.grabCut(5 it, rect)", tissue, timed(bare_grabcut, args.repeats))
     finally:
-        stop_server(proc)
+        server.stop()
 
     table = pd.DataFrame(rows)
     out = Path(args.out)

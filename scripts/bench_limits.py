@@ -26,10 +26,8 @@ import argparse
 import gzip
 import io
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,12 +36,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_pid(root_pid: int, port: int) -> int:
@@ -132,28 +124,17 @@ def main(argv=None) -> int:
         save_image(make_image(volume, (0.8, 0.8, 0.5)), studies / "volume.nii.gz")
         del volume
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "2")  # as tests/conftest.py starts the server
-    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(args.app.resolve()),
-           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "model_dir", str(work / "model")]
-    log = open(work / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True, cwd=str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import RunningServer  # the test suite's server launcher
+
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            raise SystemExit(f"server did not start; see {work / 'server.log'}")
-        pid = server_pid(proc.pid, port)
+        server = RunningServer(studies, work / "server.log", conf={"model_dir": work / "model"}, timeout=300,
+                               app_dir=args.app.resolve())
+    except RuntimeError as exc:
+        raise SystemExit(f"server did not start: {exc}") from None
+    url, port = server.url, server.port
+    try:
+        pid = server_pid(server.proc.pid, port)
         print(f"app {args.app}; server pid {pid}; {os.cpu_count()} CPU cores; load average "
               f"{os.getloadavg()[0]:.1f}")
 
@@ -230,12 +211,7 @@ def main(argv=None) -> int:
               f"{statistics.median(t for _, t in done):.2f} s per infer round trip")
         print(f"  ratio of medians (loaded / idle): {statistics.median(loaded) / statistics.median(idle):.1f}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
     return 0
 
 

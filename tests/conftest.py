@@ -61,7 +61,7 @@ class RunningServer:
     """A ``monailabel start_server`` process in its own process group."""
 
     def __init__(self, studies: Path | str, log_path: Path, conf: dict | None = None,
-                 env: dict | None = None, timeout: float = 180.0):
+                 env: dict | None = None, timeout: float = 180.0, app_dir: Path | str = APP_DIR):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -71,7 +71,7 @@ class RunningServer:
         full_env["PATH"] = f"{venv_bin}{os.pathsep}{full_env.get('PATH', '')}"
         full_env.setdefault("OMP_NUM_THREADS", "2")
         full_env.update(env or {})
-        cmd = [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR),
+        cmd = [str(venv_bin / "monailabel"), "start_server", "--app", str(app_dir),
                "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in (conf or {}).items():
             cmd += ["--conf", key, str(value)]
