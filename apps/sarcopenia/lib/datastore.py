@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -305,12 +305,7 @@ class HardenedDatastore(LocalDatastore):
         path = self._image_file(image_id, obj.image.ext)
         if os.path.exists(path):
             os.unlink(path)
-        if not self._auto_reload:
-            self.refresh()
-        else:
-            with FileLock(self._lock_file):
-                self._datastore.objects.pop(image_id, None)
-                self._update_datastore_file(lock=False)
+        self._forget(lambda: self._datastore.objects.pop(image_id, None))
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_id(image_id)
@@ -355,14 +350,22 @@ class HardenedDatastore(LocalDatastore):
         path = self._label_file(label_id, label_tag, label.ext)
         if os.path.exists(path):
             os.unlink(path)
+        def drop_label():
+            obj = self._datastore.objects.get(label_id)
+            if obj is not None:
+                obj.labels.pop(label_tag, None)
+
+        self._forget(drop_label)
+
+    def _forget(self, drop: Callable[[], Any]) -> None:
+        """After a file was deleted: rescan the folder (no auto-reload), or ``drop`` its entry
+        from the index and write the index, under the datastore lock."""
         if not self._auto_reload:
             self.refresh()
-        else:
-            with FileLock(self._lock_file):
-                obj = self._datastore.objects.get(label_id)
-                if obj is not None:
-                    obj.labels.pop(label_tag, None)
-                self._update_datastore_file(lock=False)
+            return
+        with FileLock(self._lock_file):
+            drop()
+            self._update_datastore_file(lock=False)
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         check_id(image_id)
