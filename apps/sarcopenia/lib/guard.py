@@ -49,6 +49,7 @@ from lib.datastore import (
     split_extension,
 )
 from lib.infers.common import as_bool
+from lib.routes import include_in_front
 
 logger = logging.getLogger(__name__)
 
@@ -375,10 +376,5 @@ def infer_wsi(model: str):
 
 def install_guard(app) -> None:
     """Put this module's routes in front of MONAI Label's own on the FastAPI ``app``."""
-    routes = app.router.routes
-    count = len(routes)
-    app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
-    added = routes[count:]
-    del routes[count:]
-    routes[0:0] = added
-    logger.info(f"request guard in front of {len(added)} stock routes")
+    added = include_in_front(app, router, prefix=settings.MONAI_LABEL_API_STR)
+    logger.info(f"request guard in front of {added} stock routes")

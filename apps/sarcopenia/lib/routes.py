@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
 
+from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 
@@ -49,3 +50,15 @@ def put_in_front(app, path: str, route: APIRoute, endpoint: Callable | None = No
     new = routes.pop()
     routes.insert(0, new)
     return new
+
+
+def include_in_front(app, router: APIRouter, prefix: str = "") -> int:
+    """Include ``router`` in ``app`` with its routes matched before every other route (the
+    routers' form of :func:`put_in_front`). Returns how many route entries were added."""
+    routes = app.router.routes
+    count = len(routes)
+    app.include_router(router, prefix=prefix)
+    added = routes[count:]
+    del routes[count:]
+    routes[0:0] = added
+    return len(added)
