@@ -71,6 +71,20 @@ def save_dataset(ds, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- phantoms
 
 
+def set_patient(ds, case_id: str, patient, height_decimals: int = 2) -> None:
+    """The patient tags of a phantom's DICOM: name and ID from ``case_id``; sex, age, height
+    (m, ``height_decimals``) and weight (kg) from ``patient`` where known; supine head first,
+    abdomen."""
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"Phantom^{case_id}", case_id, ""
+    ds.PatientSex = patient.sex or ""
+    ds.PatientAge = f"{int(round(patient.age)):03d}Y" if patient.age is not None else ""
+    if patient.height_cm is not None:
+        ds.PatientSize = f"{patient.height_cm / 100.0:.{height_decimals}f}"
+    if patient.weight_kg is not None:
+        ds.PatientWeight = f"{patient.weight_kg:.1f}"
+    ds.PatientPosition, ds.BodyPartExamined = "HFS", "ABDOMEN"
+
+
 def _uid(seed: int, case_id: str, what: str) -> str:
     from pydicom.uid import generate_uid
 
@@ -127,7 +141,6 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
     data, axial geometry, UIDs derived from the seed and case id)."""
     seed = int(phantom.params.get("seed", 0))
     ds = new_ct_dataset(path, _uid(seed, case_id, "sop"), implementation_name="SARCO_PHANTOM")
-    p = phantom.patient
     ds.StudyInstanceUID = _uid(seed, case_id, "study")
     ds.SeriesInstanceUID = _uid(seed, case_id, "series")
     ds.FrameOfReferenceUID = _uid(seed, case_id, "frame")
@@ -142,17 +155,7 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.SeriesDescription = f"Synthetic abdomen {phantom.params.get('level', 'L3')}"
-    ds.PatientName = f"Phantom^{case_id}"
-    ds.PatientID = case_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = p.sex or ""
-    ds.PatientAge = f"{int(round(p.age)):03d}Y" if p.age is not None else ""
-    if p.height_cm is not None:
-        ds.PatientSize = f"{p.height_cm / 100.0:.2f}"
-    if p.weight_kg is not None:
-        ds.PatientWeight = f"{p.weight_kg:.1f}"
-    ds.PatientPosition = "HFS"
-    ds.BodyPartExamined = "ABDOMEN"
+    set_patient(ds, case_id, phantom.patient)
     ds.KVP = "120"
     ds.SliceThickness = f"{float(phantom.params.get('slice_thickness_mm', 2.5)):.2f}"
     ds.ConvolutionKernel = "B30f"
@@ -186,7 +189,6 @@ def write_volume_dicom(image, folder: str | Path, case_id: str, seed: int = 0,
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=float)  # RAS -> LPS
     spacing = image.spacing
     row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
-    p = image.patient
     for k in range(image.hu.shape[2]):
         ds = new_ct_dataset(folder / f"IM{k + 1:04d}.dcm", _uid(seed, case_id, f"sop-{k}"),
                             implementation_name="SARCO_PHANTOM")
@@ -200,14 +202,7 @@ def write_volume_dicom(image, folder: str | Path, case_id: str, seed: int = 0,
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
         ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
         ds.SeriesDescription = description
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"Phantom^{case_id}", case_id, ""
-        ds.PatientSex = p.sex or ""
-        ds.PatientAge = f"{int(round(p.age)):03d}Y" if p.age is not None else ""
-        if p.height_cm is not None:
-            ds.PatientSize = f"{p.height_cm / 100.0:.3f}"
-        if p.weight_kg is not None:
-            ds.PatientWeight = f"{p.weight_kg:.1f}"
-        ds.PatientPosition, ds.BodyPartExamined = "HFS", "ABDOMEN"
+        set_patient(ds, case_id, image.patient, height_decimals=3)
         position = lps @ np.array([0.0, 0.0, k, 1.0])
         ds.ImagePositionPatient = [f"{v:.4f}" for v in position[:3]]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
