@@ -202,6 +202,18 @@ class HistogramGraphCutBaseline:
 # --------------------------------------------------------------------------- a session
 
 
+def session_iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of the annotator's current tissue mask against the truth, as a number.
+
+    :func:`sarco_app.metrics.iou` is ``None`` when both masks are empty (the project's rule: there
+    is nothing to compare). For the annotator that case is a finished tissue: a label that
+    rightly holds none of a tissue needs no stroke, so it counts IoU 1 (0 would send the
+    annotator stroking a region that does not exist until the cap).
+    """
+    value = metrics.iou(pred, truth)
+    return 1.0 if value is None else float(value)
+
+
 def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, cap=10,
                 auto_seconds: float | None = None):
     """Interactions until the tissue's IoU reaches ``goal`` (at most ``cap``).
@@ -225,7 +237,7 @@ def run_session(tool, hu, truth_label, tissue, current0, spacing, *, goal=0.95, 
             label = tool(hu, tissue, roi, fg, bg, current0, spacing)
             latencies.append(time.perf_counter() - start)
         pred = label == value
-        ious.append(metrics.iou(pred, truth))
+        ious.append(session_iou(pred, truth))
         if ious[-1] >= goal:
             break
         nxt = next_scribble(pred, truth, spacing)
