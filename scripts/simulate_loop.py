@@ -3,10 +3,14 @@
 corrected images, and do corrections get cheaper round after round?
 
 * **Start:** a network trained from scratch on ``--n-start`` (5) phantom finals (L3, the
-  default phantom distribution).
+  default phantom distribution), or, with ``--start-model PATH``, that checkpoint (e.g. the
+  shipped ``models/bodycomp_unet.pt``): the question then is whether the loop helps a good
+  model where it is weak. The ``--n-start`` finals stay in every round's training set either way;
+  rounds fine-tune with ``--lr`` for ``--iterations``.
 * **Pool:** ``--pool`` (100) unlabelled phantoms from a shifted distribution: coarser pixels
-  (``--pool-spacing``), extra correlated noise, mostly upper-abdomen levels (L1, L2), extreme
-  body sizes and myosteatosis in half of them. Truth is the protocol label of the noisy image
+  (``--pool-spacing``), extra correlated noise, mostly upper-abdomen levels (L1, L2; or the
+  ``--pool-levels`` given, e.g. ``T11,T12,L1``, drawn uniformly), extreme body sizes and
+  myosteatosis in half of them. Truth is the protocol label of the noisy image
   (the anatomical map with the HU rule, :func:`sarco_app.labels.apply_hu_ranges`). A held-out
   set of ``--heldout`` phantoms from the same shifted distribution measures Dice.
 * **Each round** (``--rounds``): every pool image without a final label gets a pseudo-label with
@@ -38,6 +42,10 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --out docs/pseudo_loop
     OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --quick --out /tmp/loop_quick
+    # from the shipped model, on the upper abdomen (docs/pseudo_loop.md, "From a good start model"):
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --start-model models/bodycomp_unet.pt \
+        --pool-levels T11,T12,L1 --crop 192 --lr 3e-4 --iterations 60 --rounds 3 --pool 60 --heldout 12 \
+        --out docs/pseudo_loop_good_start
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,6 +79,10 @@ from sarco_app.segmentation.segment import get_model  # noqa: E402
 from sarco_app.segmentation.train import Sample, TrainConfig, train  # noqa: E402
 
 TISSUES_CORRECTED = ("muscle", "sat", "vat")
+#: First phantom seeds of the start finals, the pool and the held-out set.
+START_SEED0, POOL_SEED0, HELDOUT_SEED0 = 900000, 910000, 920000
+#: Levels of the default shifted pool and their probabilities (mostly upper abdomen).
+DEFAULT_POOL_LEVELS = {"L1": 0.35, "L2": 0.35, "L3": 0.15, "L4": 0.15}
 #: arm -> (review order, pseudo-labels used). ``loop`` and ``finals`` are the issue's comparison;
 #: the other two separate the order's effect from the pseudo-labels' (``--arms``).
 ARMS = {"loop": ("pseudo_review", True), "finals": ("random", False),
@@ -88,10 +101,14 @@ def start_phantom(seed: int, size: int):
     return ph.hu.astype(np.float32), ph.label.astype(np.uint8), tuple(float(s) for s in ph.spacing)
 
 
-def shifted_phantom(seed: int, size: int, spacing_range: tuple[float, float]):
-    """A phantom of the shifted pool distribution: (hu, truth, spacing)."""
+def shifted_phantom(seed: int, size: int, spacing_range: tuple[float, float], levels: Sequence[str] | None = None):
+    """A phantom of the shifted pool distribution: (hu, truth, spacing). ``levels``: vertebral
+    levels drawn uniformly (default: :data:`DEFAULT_POOL_LEVELS` with their probabilities)."""
     rng = np.random.default_rng([seed, 0x100F])
-    level = str(rng.choice(["L1", "L2", "L3", "L4"], p=[0.35, 0.35, 0.15, 0.15]))
+    if levels:
+        level = str(rng.choice(list(levels)))
+    else:
+        level = str(rng.choice(list(DEFAULT_POOL_LEVELS), p=list(DEFAULT_POOL_LEVELS.values())))
     height = float(rng.uniform(150, 192))
     bmi = float(rng.choice([rng.uniform(16, 20), rng.uniform(31, 40)]))  # thin or obese
     muscle_hu = float(rng.uniform(5, 28)) if rng.random() < 0.5 else None  # myosteatosis
@@ -127,6 +144,14 @@ def correct(hu, truth, current, spacing) -> tuple[int, int, int]:
         to_090 = next((k + 1 for k, iou in enumerate(session["ious"]) if iou >= 0.90), 10)
         strokes_090 += to_090 - 1
     return 1 + strokes, reached, 1 + strokes_090
+
+
+def msv_iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Pooled IoU of muscle, SAT and VAT (:func:`sarco_app.measurement.evaluate.agreement`'s MSV);
+    1 when neither map holds any of them (nothing to correct: the annotator's rule,
+    :func:`simulate_annotator.session_iou`), not the library's ``None``."""
+    value = agreement(pred, truth)["MSV"]["iou"]
+    return 1.0 if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- training
@@ -173,7 +198,7 @@ def run_arm(arm: str, start_model: str, finals0, pool, heldout, args, work: Path
             hu, truth, spacing = pool[i]
             label, confidence = pseudo.pseudo_label_volume(hu, spacing, model, [0])
             preds[i], scores[i] = label, pseudo.overall_confidence(confidence)
-        pool_iou = {i: agreement(preds[i], pool[i][1])["MSV"]["iou"] or 0.0 for i in queue}
+        pool_iou = {i: msv_iou(preds[i], pool[i][1]) for i in queue}
         share90 = float(np.mean([pool_iou[i] >= 0.90 for i in queue])) if queue else float("nan")
         # How well the overall confidence ranks the pseudo-labels' quality (what pseudo_review
         # and the confidence threshold rely on): Spearman's rho over the pool.
@@ -199,7 +224,7 @@ def run_arm(arm: str, start_model: str, finals0, pool, heldout, args, work: Path
                 picked = rng.sample(queue, min(args.k, len(queue)))
             sessions = [correct(pool[i][0], pool[i][1], preds[i], pool[i][2]) for i in picked]
             interactions = [n for n, _, _ in sessions]
-            iou_before = [agreement(preds[i], pool[i][1])["MSV"]["iou"] or 0.0 for i in picked]
+            iou_before = [msv_iou(preds[i], pool[i][1]) for i in picked]
             final_ids += picked
             samples = [Sample(hu, truth, sp, f"start{j}") for j, (hu, truth, sp) in enumerate(finals0)]
             samples += [Sample(pool[i][0], pool[i][1], pool[i][2], f"pool{i}") for i in final_ids]
@@ -336,7 +361,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output prefix: <out>.csv, <out>.png")
     parser.add_argument("--quick", action="store_true", help="tiny run for tests (overrides the sizes)")
-    parser.add_argument("--n-start", type=int, default=5, help="phantom finals of the start model (default 5)")
+    parser.add_argument("--n-start", type=int, default=5,
+                        help="phantom finals at the start (default 5): they train the start model and stay in "
+                             "every round's training set")
+    parser.add_argument("--start-model", type=Path, default=None,
+                        help="start from this checkpoint (e.g. models/bodycomp_unet.pt) instead of training one on "
+                             "the --n-start finals; rounds fine-tune it with --lr for --iterations")
+    parser.add_argument("--pool-levels", type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+                        default=None, help="comma-separated levels of the pool and held-out phantoms, drawn "
+                        "uniformly, e.g. T11,T12,L1 (default: L1 0.35, L2 0.35, L3 0.15, L4 0.15)")
     parser.add_argument("--pool", type=int, default=100, help="unlabelled pool phantoms (default 100)")
     parser.add_argument("--heldout", type=int, default=20, help="held-out phantoms (default 20)")
     parser.add_argument("--size", type=int, default=256, help="phantom matrix (default 256)")
@@ -369,6 +402,14 @@ def main(argv=None) -> int:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or not args.arms:
         parser.error(f"--arms: unknown {unknown or 'empty'}; choose from {', '.join(ARMS)}")
+    if args.pool_levels is not None:
+        from sarco_app.synthesis.phantom.plan import LEVELS
+
+        bad = [v for v in args.pool_levels if v not in LEVELS]
+        if bad or not args.pool_levels:
+            parser.error(f"--pool-levels: unknown {bad or 'empty'}; choose from {', '.join(LEVELS)}")
+    if args.start_model is not None and not args.start_model.is_file():
+        parser.error(f"--start-model {args.start_model}: no such file")
     if args.quick:
         args.pool, args.heldout, args.size, args.rounds, args.k = 4, 1, 96, 2, 1
         args.n_start, args.start_iterations, args.start_epochs, args.iterations = 2, 4, 1, 2
@@ -380,15 +421,21 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t_start:6.0f} s] {line}", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    finals0 = [start_phantom(900000 + j, args.size) for j in range(args.n_start)]
-    pool = [shifted_phantom(910000 + j, args.size, tuple(args.pool_spacing)) for j in range(args.pool)]
-    heldout = [shifted_phantom(920000 + j, args.size, tuple(args.pool_spacing)) for j in range(args.heldout)]
+    finals0 = [start_phantom(START_SEED0 + j, args.size) for j in range(args.n_start)]
+    pool = [shifted_phantom(POOL_SEED0 + j, args.size, tuple(args.pool_spacing), args.pool_levels)
+            for j in range(args.pool)]
+    heldout = [shifted_phantom(HELDOUT_SEED0 + j, args.size, tuple(args.pool_spacing), args.pool_levels)
+               for j in range(args.heldout)]
     log(f"{len(finals0)} start finals, {len(pool)} pool and {len(heldout)} held-out phantoms generated")
     work = Path(tempfile.mkdtemp(prefix="sarco_loop_sim_"))
     try:
-        samples = [Sample(hu, truth, sp, f"start{j}") for j, (hu, truth, sp) in enumerate(finals0)]
-        start_model, _ = train_model(samples, samples, None, work / "start.pt", args.start_iterations, args, args.seed)
-        log(f"start model trained on {len(samples)} finals")
+        if args.start_model is not None:
+            start_model = str(args.start_model)
+            log(f"start model {start_model} (not trained here)")
+        else:
+            samples = [Sample(hu, truth, sp, f"start{j}") for j, (hu, truth, sp) in enumerate(finals0)]
+            start_model, _ = train_model(samples, samples, None, work / "start.pt", args.start_iterations, args, args.seed)
+            log(f"start model trained on {len(samples)} finals")
         min_confidence = args.min_confidence
         if min_confidence is None:
             # A model trained on five slices is far less sure of itself than the shipped one:
@@ -403,8 +450,9 @@ def main(argv=None) -> int:
         rows = []
         for arm in args.arms:
             rows += run_arm(arm, start_model, finals0, pool, heldout, args, work, log, min_confidence)
-        write_csv(rows, Path(f"{args.out}.csv"))
-        plot(rows, Path(f"{args.out}.png"))
+            # After every arm, so a long run that is stopped keeps the arms it finished.
+            write_csv(rows, Path(f"{args.out}.csv"))
+            plot(rows, Path(f"{args.out}.png"))
         print(markdown_table(rows))
         if args.real:
             real_loop(args.real, finals0, start_model, args, args.out, log)
