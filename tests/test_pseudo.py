@@ -155,6 +155,71 @@ def test_simulate_loop_quick(tmp_path):
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulate_loop_quick_from_a_start_model_on_upper_levels(tmp_path):
+    # The shipped model as the start, pool and held-out phantoms at T11/T12/L1, through main().
+    script = _load_script("simulate_loop")
+    out = tmp_path / "good"
+    levels = ["T11", "T12", "L1"]
+    assert script.main(["--quick", "--out", str(out), "--start-model", str(SHIPPED_MODEL_PATH),
+                        "--pool-levels", ",".join(levels), "--arms", "loop,finals"]) == 0
+    with open(f"{out}.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["arm"], int(r["round"])) for r in rows] == [(arm, k) for arm in ("loop", "finals") for k in range(3)]
+    assert all(int(r["corrected_this_round"]) == 1 for r in rows if r["round"] != "0")
+    # Round 0 is the start model itself on the held-out phantoms of those levels (one in --quick,
+    # 96 px): a model trained here for four iterations would not give the shipped model's Dice.
+    heldout = [script.shifted_phantom(script.HELDOUT_SEED0, 96, (1.5, 2.4), levels)]
+    expected = script.heldout_dice(get_model(SHIPPED_MODEL_PATH), heldout)
+    for row in (rows[0], rows[3]):
+        for tissue in ("muscle", "sat", "vat"):
+            assert float(row[f"heldout_dice_{tissue}"]) == pytest.approx(expected[tissue], abs=1e-4)
+    assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_simulate_loop_pool_levels_and_bad_options(tmp_path, capsys):
+    script = _load_script("simulate_loop")
+    generated = []
+    real_generate = script.generate
+
+    def spy(seed, **kwargs):
+        generated.append(kwargs["level"])
+        return real_generate(seed, **kwargs)
+
+    script.generate = spy
+    for seed in range(12):
+        script.shifted_phantom(script.POOL_SEED0 + seed, 64, (1.5, 2.4), ["T11", "T12"])
+    assert set(generated) == {"T11", "T12"}
+    for argv, message in ((["--pool-levels", "T11,L9"], "--pool-levels: unknown ['L9']"),
+                          (["--start-model", str(tmp_path / "none.pt")], "no such file")):
+        with pytest.raises(SystemExit):
+            script.main(["--quick", "--out", str(tmp_path / "x"), *argv])
+        assert message in capsys.readouterr().err
+
+
+def test_annotator_counts_a_tissue_absent_from_label_and_truth_as_done():
+    # metrics.iou is None for two empty masks (the library's rule); the annotator needs a number:
+    # a label that rightly holds none of a tissue is finished at its first interaction.
+    annotator = _load_script("simulate_annotator")
+    hu = np.zeros((32, 32), np.float32)
+    truth = np.zeros((32, 32), np.uint8)
+    truth[4:20, 4:20] = 1  # muscle only: no VAT anywhere
+    assert annotator.session_iou(truth == 3, truth == 3) == 1.0
+    assert annotator.session_iou(truth == 1, truth == 3) == 0.0
+
+    def tool(*args):  # never called: the first interaction is the automatic label
+        raise AssertionError("a finished tissue needs no stroke")
+
+    session = annotator.run_session(tool, hu, truth, "vat", truth.copy(), (1.0, 1.0), auto_seconds=0.0)
+    assert session["ious"] == [1.0] and session["reached"] and session["interactions"] == 1
+
+
 def test_pseudo_label_is_the_default_segmentation_output():
     from sarco_app.segmentation.segment import segment_volume
 
