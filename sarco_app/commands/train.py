@@ -43,6 +43,8 @@ def add_parser(subparsers):
     parser.add_argument("--organ-classes", action="store_true",
                         help="also learn the organ classes of labels/organs/ (written by `phantom --organs`); the "
                              "served label keeps the five values, organs are background")
+    parser.add_argument("--last", type=Path, default=None,
+                        help="also write every epoch's network here (no split head), whatever its validation Dice")
     parser.add_argument("--device", default=None, help="where the network runs: auto (the default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"CPU threads per process (default {default['threads']})")
@@ -71,7 +73,7 @@ def run(args) -> int:
         "init_from": str(args.init) if args.init else None, "augment": not args.no_augment,
         "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
         "threads": args.threads, "organ_classes": args.organ_classes, "device": args.device,
-        "nproc": args.nproc, "state_dir": str(args.state_dir) if args.state_dir else None,
+        "last_path": str(args.last) if args.last else None, "nproc": args.nproc, "state_dir": str(args.state_dir) if args.state_dir else None,
         "tensorboard_dir": str(args.tensorboard_dir) if args.tensorboard_dir else None, "mlflow_uri": args.mlflow_uri,
     })
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
