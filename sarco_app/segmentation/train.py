@@ -407,7 +407,8 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
         # mid-write leaves the previous state whole. (MONAI's CheckpointSaver builds its saver
         # with atomic=False, so it is not used for this.)
         saver = Checkpoint(to_save, DiskSaver(config.state_dir, atomic=True, require_empty=False),
-                           filename_prefix=STATE_PREFIX, n_saved=1)
+                           filename_prefix=STATE_PREFIX, n_saved=1,
+                           global_step_transform=lambda engine, event: engine.state.epoch)
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def end_epoch(engine) -> None:
