@@ -135,6 +135,8 @@ def launch(samples: Sequence, out_path: str | Path, config, val_samples: Sequenc
         (tmp / "job.json").write_text(json.dumps(job))
         env = dict(os.environ)
         env[WORKER_ENV] = "1"
+        for name in ("MASTER_ADDR", "MASTER_PORT"):  # torchrun --standalone picks a free port itself
+            env.pop(name, None)
         # The workers import this package from wherever this process did.
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
