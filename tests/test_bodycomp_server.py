@@ -245,3 +245,21 @@ def test_train_with_organ_classes_serves_only_tissue_values(server, model_dir):
             assert set(np.unique(data)) <= set(range(L.NUM_CLASSES))
     finally:
         checkpoint.unlink()
+
+
+def test_train_in_two_processes_and_serve(server, model_dir):
+    """``nproc: 2``: the trainer runs torch DDP (gloo) under torchrun; rank 0's lines reach the
+    train log, its candidate has the usual format and the server keeps answering. TensorBoard
+    logs go to <model_dir>/train_logs/."""
+    candidate = model_dir / "bodycomp_unet.candidate.pt"
+    candidate.unlink(missing_ok=True)
+    params = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "crop": 64, "fine_tune": False, "nproc": 2}
+    status, log = run_training(server, params)
+    assert status == "DONE", log
+    assert "training in 2 processes (torch DDP, gloo)" in log and "(2 processes x 1)" in log
+    assert re.search(r"epoch 1/1 iter 2 loss \d", log) and "model swap:" in log
+    ckpt = torch.load(candidate, weights_only=True)  # two iterations from scratch lose to the served model
+    assert ckpt["meta"]["train_config"]["nproc"] == 2 and ckpt["meta"]["iterations"] == 2
+    assert list((model_dir / "train_logs").glob("events.out.tfevents.*"))
+    data, _, result = decode(infer(server, "bodycomp_unet", "ph_b"))
+    assert result["model"] == str(SHIPPED_MODEL_PATH) and data.any()

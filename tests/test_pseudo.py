@@ -17,7 +17,8 @@ from sarco_app.__main__ import main
 from sarco_app.errors import SarcoError
 from sarco_app.synthesis.phantom import generate, write_phantom
 from sarco_app.segmentation.segment import SHIPPED_MODEL_PATH, get_model
-from sarco_app.segmentation.train import Sample, TrainConfig, train
+from sarco_app.segmentation.train import TrainConfig, train
+from sarco_app.segmentation.training_data import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

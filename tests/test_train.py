@@ -1,4 +1,4 @@
-"""Training (``sarco_app.segmentation.train`` and ``python -m sarco_app train``): data loading, augmentation
+"""Training (``sarco_app.segmentation.train`` and its modules, and ``python -m sarco_app train``): data loading, augmentation
 and a short real run whose checkpoint inference then loads."""
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ from sarco_app.errors import SarcoError
 from sarco_app.segmentation.network import load_checkpoint
 from sarco_app.synthesis.phantom import generate, write_cohort
 from sarco_app.segmentation.segment import segment_volume
-from sarco_app.segmentation.train import (
-    Sample,
-    augment_intensity,
-    load_studies,
-    relabel_muscle_by_hu,
-    sample_crop,
-    to_working,
-)
+from sarco_app.segmentation.augment import augment_intensity, relabel_muscle_by_hu, sample_crop
+from sarco_app.segmentation.training_data import Sample, load_studies, to_working
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +176,7 @@ def test_split_head_only_training_keeps_the_backbone(studies, tmp_path, capsys):
     raw_headed = segment_volume(ph.hu, ph.spacing, model=headed, hu_refine=False).label
     assert not np.array_equal(raw_headed, segment_volume(ph.hu, ph.spacing, model=plain, hu_refine=False).label)
     # A head-only run replaces an existing head only when its raw validation Dice is higher.
-    from sarco_app.segmentation.train import TrainConfig, load_studies, train
+    from sarco_app.segmentation.train import TrainConfig, train
 
     lines = []
     again = train(load_studies(studies), tmp_path / "again.pt",
@@ -201,7 +195,7 @@ def test_train_split_head_learns(phantom_samples):
     """The head's loss falls and the backbone's weights stay as they were."""
     from pathlib import Path
 
-    from sarco_app.segmentation.train import train_split_head
+    from sarco_app.segmentation.split_head import train_split_head
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
     if not shipped.is_file():
@@ -259,7 +253,7 @@ def test_add_organ_classes_keeps_the_served_output():
 
 
 def test_training_label_puts_organs_on_background_only():
-    from sarco_app.segmentation.train import training_label
+    from sarco_app.segmentation.training_data import training_label
 
     ph = generate(12, size=96, level="T12")
     sample = Sample(ph.hu, ph.label, ph.spacing, organs=ph.organ_label)
@@ -319,7 +313,7 @@ def test_compare_models_keeps_the_served_model_unless_beaten(phantom_samples, tm
     from pathlib import Path
 
     from sarco_app.segmentation.network import new_model, save_checkpoint
-    from sarco_app.segmentation.train import compare_models
+    from sarco_app.segmentation.validation import compare_models
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "bodycomp_unet.pt"
     if not shipped.is_file():

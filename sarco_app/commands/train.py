@@ -43,8 +43,23 @@ def add_parser(subparsers):
     parser.add_argument("--organ-classes", action="store_true",
                         help="also learn the organ classes of labels/organs/ (written by `phantom --organs`); the "
                              "served label keeps the five values, organs are background")
+    parser.add_argument("--last", type=Path, default=None,
+                        help="also write every epoch's network here (no split head), whatever its validation Dice")
     parser.add_argument("--device", default=None, help="where the network runs: auto (the default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {default['threads']})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"CPU threads per process (default {default['threads']})")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes training together under torch DDP (torchrun: gloo on CPU, nccl with one GPU "
+                             "each on CUDA); each takes batch-size / nproc crops of every batch, so the run matches "
+                             f"one process (default {default['nproc']}; must divide the batch size)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="folder for a resume state written after every epoch; started again with the same "
+                             "options, a run continues from the last one there")
+    parser.add_argument("--tensorboard-dir", type=Path, default=None,
+                        help="write TensorBoard logs here (loss per iteration; loss and validation Dice per epoch)")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="log the run to this MLflow tracking URI, e.g. sqlite:///runs/mlflow.db (experiment "
+                             "sarco_bodycomp)")
     return parser
 
 
@@ -58,6 +73,8 @@ def run(args) -> int:
         "init_from": str(args.init) if args.init else None, "augment": not args.no_augment,
         "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
         "threads": args.threads, "organ_classes": args.organ_classes, "device": args.device,
+        "last_path": str(args.last) if args.last else None, "nproc": args.nproc, "state_dir": str(args.state_dir) if args.state_dir else None,
+        "tensorboard_dir": str(args.tensorboard_dir) if args.tensorboard_dir else None, "mlflow_uri": args.mlflow_uri,
     })
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result["best_dice"].items() if v is not None)

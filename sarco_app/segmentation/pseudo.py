@@ -308,9 +308,9 @@ def load_training_samples(chosen: TrainingSet, pseudo_weight: float, val_fractio
     would reward agreeing with itself): ``val_fraction`` of the final images (at least one when
     there are two or more; with one final it validates on that final). Pseudo-label slices get
     ``weight = pseudo_weight`` in the loss, finals 1. With ``organ_classes`` the finals' organ maps
-    (``labels/organs/``, :func:`sarco_app.segmentation.train.organ_map_for`) come along.
+    (``labels/organs/``, :func:`sarco_app.segmentation.training_data.organ_map_for`) come along.
     """
-    from sarco_app.segmentation.train import load_pairs, organ_map_for
+    from sarco_app.segmentation.training_data import load_pairs, organ_map_for
 
     def load_finals(pairs):
         return load_pairs(pairs, [organ_map_for(label) for _, label in pairs] if organ_classes else None)
@@ -497,7 +497,8 @@ def validation_dice(checkpoint: str | Path, val_samples, max_val: int) -> dict[s
     """Validation Dice per tissue of ``checkpoint`` as :func:`sarco_app.segmentation.train.train` scores its
     epochs (raw network on the working grid)."""
     from sarco_app.segmentation.network import load_checkpoint
-    from sarco_app.segmentation.train import to_working, validate
+    from sarco_app.segmentation.training_data import to_working
+    from sarco_app.segmentation.validation import validate
 
     model = load_checkpoint(checkpoint)
     return validate(model, [to_working(s, model.spacing_mm) for s in list(val_samples)[:max_val]])
@@ -514,11 +515,12 @@ def retrain_round(chosen: TrainingSet, out_path: str | Path, config, rounds_path
     With ``gate`` (the server's safe model swap) training writes a candidate beside
     ``out_path`` (``<name>.candidate.pt``), and the candidate replaces ``out_path`` only when it
     beats ``served_path`` (the model being served; None when there is none) on the validation
-    slices (:func:`sarco_app.segmentation.train.compare_models`). The comparison is logged and stored as
+    slices (:func:`sarco_app.segmentation.validation.compare_models`). The comparison is logged and stored as
     ``model_swap`` in the result and the round. ``val_seed`` (default ``config.seed``) chooses
     the validation images, so a fixed seed keeps the same validation set from round to round.
     """
-    from sarco_app.segmentation.train import compare_models, train
+    from sarco_app.segmentation.train import train
+    from sarco_app.segmentation.validation import compare_models
 
     out_path = Path(out_path)
     log = log or logger.info

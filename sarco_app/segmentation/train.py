@@ -1,36 +1,31 @@
 """Training of the body-composition network (shared by the CLI, the MONAI Label trainer and
-``scripts/train_bodycomp.py``).
+``scripts/train_bodycomp.py``): :class:`TrainConfig` and :func:`train`.
 
-Data are axial slices with labels: :class:`Sample` ``(hu (X, Y), label (X, Y), spacing)``.
-:func:`load_studies` reads them from a studies folder (``DIR/<id>.nii.gz`` with
-``DIR/labels/final/<id>.nii.gz``; from 3D labels every slice with a labelled tissue is used).
+The backbone trains on MONAI's ``SupervisedTrainer`` (ignite) with these handlers:
 
-Every sample is resampled once to the working spacing; batches are then drawn with strong,
-SynthSeg-like augmentation so a model trained on phantoms copes with real scanners:
-
-* geometry: rotation, isotropic and anisotropic scale (pixel-spacing errors), translation,
-  left-right flip (the anterior-posterior axis is never flipped: anatomy is not symmetric);
-* intensity, in HU: a random offset per tissue class (muscle density varies between people,
-  myosteatosis), global HU shift and contrast, a smooth bias field, blur, lower resolution
-  (3 mm pixels), white and correlated noise.
+* data: :class:`~sarco_app.segmentation.training_data.CropBatches`, augmented crops of the
+  slices resampled once to the working spacing (:mod:`sarco_app.segmentation.augment`);
+* loss: Dice + cross-entropy per slice, weighted by the slice's weight (pseudo-labels below
+  finals) and scored on the organ classes only where a slice has an organ map
+  (:class:`SliceWeightedDiceCE`);
+* learning rate: 5 % linear warm-up then cosine decay over *iterations* (MONAI
+  ``WarmupCosineSchedule`` through ``LrScheduleHandler``), so the same settings give the same run
+  on any machine; ``time_limit_s`` only stops a run early (all processes together);
+* after every epoch: validation Dice per tissue on held-out slices at the working spacing
+  (:mod:`sarco_app.segmentation.validation`, a MONAI ``SupervisedEvaluator``); the best
+  checkpoint (mean Dice of muscle, SAT and VAT) is written atomically, so a server that reloads
+  on file change picks it up at once; a fine-tune must beat the model it starts from;
+* ``state_dir``: a resume state after every epoch (ignite ``Checkpoint``), loaded by MONAI's
+  ``CheckpointLoader`` when the run is started again;
+* ``tensorboard_dir`` / ``mlflow_uri``: MONAI's ``TensorBoardStatsHandler`` / ``MLFlowHandler``;
+* ``nproc`` > 1: the same run in several processes under torch DDP
+  (:mod:`sarco_app.segmentation.distributed`); only rank 0 writes checkpoints and logs.
 
 With ``organ_classes`` the network also learns the organ classes of
-:data:`sarco_app.labels.ORGAN_NAMES` where a sample has an organ map (the phantoms' ``organ_label``,
-or ``labels/organs/`` in a studies folder); each organ gets its own random HU offset, so organ HU
-overlaps muscle as in non-contrast and portal-venous scans and shape and context must tell them
-apart. Samples without an organ map are scored on the served five classes only (organs folded
-into background), so user labels train such a network too.
-
-Validation Dice per tissue is computed on held-out slices at the working spacing after every
-epoch; the best checkpoint (mean Dice of muscle, SAT, VAT) is written atomically, so a server
-that reloads on file change picks it up at once.
-
-Optionally (``split_head_iterations``) a second phase trains the split head
-(:class:`sarco_app.segmentation.network.TissueSplitHead`) with the backbone frozen, on the slices' own
-grids: :func:`train_split_head`.
-
-Why this module is ~770 lines: the augmentation (about 200 of them) is the next seam to split
-off; it stays here until the lead's move into sub-packages, so two moves do not collide.
+:data:`sarco_app.labels.ORGAN_NAMES` where a sample has an organ map (the phantoms'
+``organ_label``, or ``labels/organs/`` in a studies folder). Optionally
+(``split_head_iterations``) a second phase trains the split head with the backbone frozen
+(:mod:`sarco_app.segmentation.split_head`).
 """
 
 from __future__ import annotations
@@ -47,17 +42,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from sarco_app import labels as L
 from sarco_app.errors import SarcoError
-from sarco_app.metrics import PooledOverlap
+from sarco_app.segmentation.distributed import Group, in_worker
 from sarco_app.segmentation.network import (
     DEFAULT_NETWORK,
     DEFAULT_SPACING_MM,
     DEFAULT_WINDOWS,
     BodyCompModel,
-    TissueSplitHead,
     add_organ_classes,
     encode_windows,
     load_checkpoint,
@@ -66,23 +58,14 @@ from sarco_app.segmentation.network import (
     save_checkpoint,
     tissue_logits,
 )
-from sarco_app.segmentation.segment import original_grid_logits, pad_to_multiple, resample_hu, working_shape
+from sarco_app.segmentation.split_head import raw_dice_with_and_without_head, train_split_head
+from sarco_app.segmentation.training_data import CropBatches, Sample, load_studies, to_working
+from sarco_app.segmentation.validation import main_score, make_evaluator, validate
 
 logger = logging.getLogger(__name__)
 
-AIR = -1024.0
-
-
-@dataclass
-class Sample:
-    """One labelled axial slice."""
-
-    hu: np.ndarray  # (X, Y) float32 HU
-    label: np.ndarray  # (X, Y) uint8, sarco_app.labels values
-    spacing: tuple[float, float]  # mm
-    name: str = ""
-    organs: np.ndarray | None = None  # (X, Y) uint8 organ classes (ORGAN_NAMES position + 1), optional
-    weight: float = 1.0  # loss weight (pseudo-labels below finals, sarco_app.segmentation.pseudo)
+#: File name prefix of the resume states in ``state_dir`` (``resume_checkpoint_<epoch>.pt``).
+STATE_PREFIX = "resume"
 
 
 @dataclass
@@ -124,6 +107,16 @@ class TrainConfig:
     # 'auto' (CUDA when a GPU is there, else CPU), 'cpu', 'cuda' or 'cuda:N'. Random draws stay on
     # the CPU generator, so the crops and augmentations are the same on every device.
     device: str = "auto"
+    # Processes training together (torch DDP under torchrun, sarco_app.segmentation.distributed):
+    # each takes batch_size / nproc crops of every batch, so the run is the one-process run.
+    nproc: int = 1
+    # Resume state (network, optimizer, schedule, epoch, best so far) written after every epoch;
+    # a run given a folder holding one continues from it.
+    state_dir: str | None = None
+    # Loss, learning rate and validation Dice per epoch for TensorBoard / an MLflow tracking URI
+    # (e.g. sqlite:///path/mlflow.db).
+    tensorboard_dir: str | None = None
+    mlflow_uri: str | None = None
 
     #: Settings a request (HTTP params, CLI options, script options) may give, by kind. Others
     #: (windows, network, spacing_mm) come from the checkpoint being fine-tuned or from code.
@@ -132,7 +125,7 @@ class TrainConfig:
         "weight_decay": float, "val_fraction": float, "max_val": int, "seed": int, "threads": int,
         "augment": bool, "init_from": str, "time_limit_s": float, "relabel_muscle_by_hu": bool,
         "split_head_iterations": int, "split_head_lr": float, "organ_classes": bool, "last_path": str,
-        "device": str,
+        "device": str, "nproc": int, "state_dir": str, "tensorboard_dir": str, "mlflow_uri": str,
     }
 
     @classmethod
@@ -166,6 +159,13 @@ class TrainConfig:
         config = cls(**values)
         config.check()
         return config
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config ``asdict(config)`` wrote to JSON (tuples come back from lists)."""
+        values = dict(values)
+        values["windows"] = tuple(tuple(w) for w in values.get("windows", DEFAULT_WINDOWS))
+        return cls(**values)
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
@@ -202,8 +202,16 @@ class TrainConfig:
         need(isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1 (got {self.threads!r})")
         need(self.time_limit_s is None or (finite(self.time_limit_s) and self.time_limit_s > 0),
              f"time_limit_s must be > 0, or 0/None for none (got {self.time_limit_s!r})")
+        need(isinstance(self.nproc, int) and self.nproc >= 1, f"nproc must be >= 1 (got {self.nproc!r})")
+        if isinstance(self.nproc, int) and self.nproc >= 1 and isinstance(self.batch_size, int) and self.batch_size >= 1:
+            need(self.batch_size % self.nproc == 0,
+                 f"nproc {self.nproc} does not divide batch_size {self.batch_size}: every process takes an "
+                 "equal share of each batch")
         try:
-            resolve_device(self.device)
+            device = resolve_device(self.device)
+            if device.type == "cuda" and isinstance(self.nproc, int) and self.nproc > 1:
+                need(self.nproc <= torch.cuda.device_count(),
+                     f"nproc {self.nproc} on CUDA needs {self.nproc} GPUs; {torch.cuda.device_count()} are visible")
         except SarcoError as exc:
             problems.append(str(exc))
         if problems:
@@ -233,234 +241,236 @@ def _parse_setting(raw: Any, kind: type) -> Any:
     return number
 
 
-# --------------------------------------------------------------------------- data
 
 
-def load_studies(data_dir: str | Path, tag: str = "final") -> list[Sample]:
-    """Labelled slices from a studies folder (MONAI Label local datastore layout).
+def jsonable(value: Any) -> Any:
+    """``value`` with only plain JSON types (checkpoint meta must load with ``torch.load(weights_only=True)``)."""
+    return json.loads(json.dumps(value, default=str))
 
-    Images ``DIR/<id>.nii.gz`` (or ``.nii``) with labels ``DIR/labels/<tag>/<id>.nii.gz`` on the
-    same grid. Images without a label are skipped.
+
+class SliceWeightedDiceCE(torch.nn.Module):
+    """Dice + cross-entropy of each slice, weighted mean over the batch.
+
+    ``forward(logits (N, C, H, W), target)`` with ``target`` a dict of ``label`` ``(N, H, W)``,
+    ``weight`` ``(N,)`` and ``organs`` ``(N,)`` bool. A slice with an organ map is scored on all
+    the network's classes; one without on the served classes, organs folded into background
+    (:func:`~sarco_app.segmentation.network.tissue_logits`). The loss is the mean over slices of
+    ``weight * (Dice loss + cross-entropy)``: with weights 1 it is MONAI's ``DiceCELoss`` on the
+    batch (Dice per slice and class, cross-entropy over equal crops), and a batch split over
+    processes averages to the same value (DDP averages the gradients).
     """
-    from sarco_app.inputs.ingest import is_nifti
 
-    data_dir = Path(data_dir)
-    label_dir = data_dir / "labels" / tag
-    if not data_dir.is_dir():
-        raise SarcoError(f"{data_dir}: no such folder")
-    if not label_dir.is_dir():
-        raise SarcoError(f"{data_dir}: no labels/{tag}/ folder with training labels")
-    pairs, organ_maps = [], []
-    for image_path in sorted(p for p in data_dir.iterdir() if p.is_file() and is_nifti(p)):
-        stem = image_path.name[: -len(".nii.gz")] if image_path.name.endswith(".nii.gz") else image_path.stem
-        for suffix in (".nii.gz", ".nii"):
-            if (label_dir / (stem + suffix)).is_file():
-                pairs.append((image_path, label_dir / (stem + suffix)))
-                organ_maps.append(organ_map_for(label_dir / (stem + suffix)))
-                break
-    if not pairs:
-        raise SarcoError(f"{data_dir}: no image has a label in labels/{tag}/")
-    return load_pairs(pairs, organ_maps)
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
 
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, smooth_nr=1e-4,
+                             smooth_dr=1e-4, reduction="none")
 
-#: Label tag of the phantoms' organ maps in a studies folder (``labels/organs/<id>.nii.gz``).
-ORGANS_TAG = "organs"
+    def per_slice(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Dice loss (mean over classes) + mean cross-entropy of each slice, ``(N,)``."""
+        dice = self.dice(logits, label[:, None]).flatten(1).mean(1)
+        return dice + F.cross_entropy(logits, label, reduction="none").flatten(1).mean(1)
 
-
-def organ_map_for(label_path: str | Path) -> Path | None:
-    """The organ map stored beside a label of a studies folder (``labels/<tag>/<name>`` ->
-    ``labels/organs/<name>``), or None when there is none."""
-    label_path = Path(label_path)
-    organs = label_path.parent.parent / ORGANS_TAG / label_path.name
-    return organs if organs.is_file() else None
+    def forward(self, logits: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
+        label, organs = target["label"], target["organs"]
+        losses = torch.zeros(len(label), device=logits.device)
+        for rows, net_logits in ((organs, logits), (~organs, None)):
+            index = torch.nonzero(rows).flatten()
+            if len(index):
+                chosen = logits[index] if net_logits is not None else tissue_logits(logits[index])
+                losses = losses.index_put((index,), self.per_slice(chosen, label[index]))
+        return (losses * target["weight"]).mean()
 
 
-def load_pairs(pairs: Sequence[tuple[str | Path, str | Path]],
-               organ_maps: Sequence[str | Path | None] | None = None) -> list[Sample]:
-    """Labelled slices from ``(image, label)`` file pairs (NIfTI or DICOM image, NIfTI label on
-    the image's grid); from a 3D label every slice with a labelled tissue is used. ``organ_maps``
-    (one path or None per pair) adds each slice's organ classes."""
-    from sarco_app.inputs.ingest import load_image
-    from sarco_app.measurement.quantify import load_label
+class RunRecord:
+    """What a resumed run needs besides the network and optimizer: the best epoch so far, the
+    epoch history and the seconds already spent (``state_dict`` for ignite's ``Checkpoint``)."""
 
-    samples: list[Sample] = []
-    for (image_path, label_path), organ_path in zip(pairs, organ_maps or [None] * len(pairs)):
-        image_path, label_path = Path(image_path), Path(label_path)
-        image = load_image(image_path)
-        # Labels live on the image file's grid: map them with the image's own orientation.
-        lab = load_label(label_path, image)
-        organs = None if organ_path is None else load_label(organ_path, image, max_value=len(L.ORGAN_NAMES))
-        stem = image_path.name.split(".")[0]
-        spacing = image.pixel_spacing
-        if image.hu.ndim == 2:
-            if lab.any():
-                samples.append(Sample(image.hu, lab, spacing, stem, organs))
-        else:
-            for k in range(image.hu.shape[2]):
-                if lab[:, :, k].any():
-                    samples.append(Sample(image.hu[:, :, k], lab[:, :, k], spacing, f"{stem}[{k}]",
-                                          None if organs is None else organs[:, :, k]))
-    if not samples:
-        raise SarcoError("no labelled slices: every label is empty")
-    return samples
+    def __init__(self) -> None:
+        self.best: dict[str, Any] = {"score": -1.0, "dice": {}, "epoch": 0}
+        self.history: list[dict[str, Any]] = []
+        self.seconds = 0.0  # since the run started, before model loading (the epoch lines' clock)
+        self.loop_seconds = 0.0  # in the training loop (what time_limit_s caps)
+        self.started = False  # the initial model was scored (a fine-tune)
+        self.seconds_offset = 0.0  # not stored: seconds of earlier runs, added to this run's clock
+
+    def state_dict(self) -> dict[str, Any]:
+        return jsonable({"best": self.best, "history": self.history, "seconds": self.seconds,
+                         "loop_seconds": self.loop_seconds, "started": self.started})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.history = dict(state["best"]), list(state["history"])
+        self.seconds, self.loop_seconds, self.started = state["seconds"], state["loop_seconds"], state["started"]
 
 
-def training_label(sample: Sample, organ_classes: bool) -> np.ndarray:
-    """The sample's label over the network's classes: tissue values 0-4, and with
-    ``organ_classes`` a background pixel of organ ``k`` (``sample.organs``) is class ``4 + k``."""
-    label = np.asarray(sample.label, dtype=np.uint8)
-    if not organ_classes or sample.organs is None:
-        return label
-    organs = np.asarray(sample.organs)
-    return np.where((label == L.BACKGROUND) & (organs > 0), organs.astype(np.uint8) + (L.NUM_CLASSES - 1), label)
+def latest_state(state_dir: str | Path | None) -> Path | None:
+    """The newest resume state in ``state_dir`` (``resume_checkpoint_<epoch>.pt``), or None."""
+    if not state_dir or not Path(state_dir).is_dir():
+        return None
+    states = []
+    for path in Path(state_dir).glob(f"{STATE_PREFIX}_checkpoint_*.pt"):
+        try:
+            states.append((int(path.stem.rsplit("_", 1)[1]), path))
+        except ValueError:
+            continue
+    return max(states)[1] if states else None
 
 
-def to_working(sample: Sample, spacing_mm: float, organ_classes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """HU ``(H, W)`` and label ``(H, W)`` (:func:`training_label`) of a sample resampled to
-    ``spacing_mm``.
+def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train_data, train_weights,
+                  has_organs, val_data, n_val: int, out_path: Path, meta_base: dict, t0: float,
+                  log: Callable[[str], None]) -> tuple[RunRecord, int]:
+    """Train the backbone on MONAI's ``SupervisedTrainer``; returns the run's record and the
+    iterations done. Checkpoints and logs come from rank 0 only."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+    from monai.handlers import CheckpointLoader, LrScheduleHandler
+    from monai.inferers import SimpleInferer
+    from monai.optimizers import WarmupCosineSchedule
+    from monai.utils import CommonKeys as Keys
 
-    Labels are resampled as antialiased one-hot maps then arg-maxed (area-weighted majority).
-    """
-    size = working_shape(sample.hu.shape, sample.spacing, spacing_mm)
-    hu = resample_hu(torch.as_tensor(sample.hu, dtype=torch.float32)[None], size)[0]
-    n_classes = L.NUM_CLASSES + (len(L.ORGAN_NAMES) if organ_classes else 0)
-    onehot = F.one_hot(torch.as_tensor(training_label(sample, organ_classes), dtype=torch.long), n_classes)
-    onehot = onehot.permute(2, 0, 1).float()
-    lab = resample_hu(onehot, size).argmax(0).to(torch.uint8)
-    return hu, lab
+    per_epoch = config.iterations_per_epoch or max(1, math.ceil(len(train_data) / config.batch_size))
+    total_iters = per_epoch * config.epochs
+    batches = CropBatches(train_data, config.batch_size, config.crop, seed=config.seed, augment=config.augment,
+                          relabel_muscle=config.relabel_muscle_by_hu, weights=train_weights, has_organs=has_organs,
+                          rank=group.rank, world_size=group.world_size)
+    opt = torch.optim.AdamW(model.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = WarmupCosineSchedule(opt, warmup_steps=max(1, round(0.05 * total_iters)), t_total=max(1, total_iters),
+                                    end_lr=0.01 * config.lr)
+    windows = model.windows
 
+    def prepare_batch(batch, device=None, non_blocking=False, **kwargs):
+        target = {key: batch[key].to(device, non_blocking=non_blocking) for key in ("label", "weight", "organs")}
+        return encode_windows(batch["hu"], windows).to(device, non_blocking=non_blocking), target
 
-# --------------------------------------------------------------------------- augmentation
+    trainer = SupervisedTrainer(device=group.device, max_epochs=config.epochs, train_data_loader=batches,
+                                epoch_length=per_epoch, network=group.wrap(model.network), optimizer=opt,
+                                loss_function=SliceWeightedDiceCE(), prepare_batch=prepare_batch,
+                                inferer=SimpleInferer(), decollate=False, optim_set_to_none=True)
+    # MONAI Label keeps only the last lines of a train log: the engines' own chatter stays out.
+    for name in ("ignite", "monai.engines"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    trainer.logger.setLevel(logging.WARNING)
+    evaluator = make_evaluator(model, val_data)
+    record = RunRecord()
+    epoch_losses: list[float] = []
+    clock = {"loop": time.time(), "stop": False}
+    log(f"training {model.config['name']} on {len(train_data)} slices, validating on {n_val}; "
+        f"{config.epochs} epochs x {per_epoch} iterations, batch {config.batch_size}"
+        f"{f' ({group.world_size} processes x {batches.local_size})' if group.world_size > 1 else ''}, "
+        f"crop {config.crop}, spacing {model.spacing_mm} mm")
 
+    to_save = {"trainer": trainer, "network": model.network, "optimizer": opt, "schedule": schedule,
+               "record": record}
+    resume_from = latest_state(config.state_dir)
+    if resume_from is not None:
+        # MONAI's loader restores every object at STARTED (before the first epoch).
+        CheckpointLoader(str(resume_from), to_save, map_location=group.device).attach(trainer)
 
-def _smooth_noise(shape: tuple[int, int], cells: int, gen: torch.Generator) -> torch.Tensor:
-    """Smooth random field in [-1, 1] from a coarse ``cells x cells`` grid (bicubic)."""
-    coarse = torch.rand((1, 1, cells, cells), generator=gen) * 2 - 1
-    return F.interpolate(coarse, size=shape, mode="bicubic", align_corners=True)[0, 0].clamp(-1, 1)
+    @trainer.on(Events.STARTED)
+    def started(engine) -> None:
+        batches.start = engine.state.iteration  # the crop stream continues where the state left it
+        if resume_from is not None:
+            log(f"resumed from {resume_from} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
+        elif config.init_from and not record.started:
+            # A fine-tune must beat the model it starts from before it may replace it.
+            initial = validate(model, val_data, evaluator)
+            record.best = {"score": main_score(initial), "dice": initial, "epoch": 0}
+            log("initial model val dice " + " ".join(f"{k} {v:.4f}" for k, v in initial.items() if v is not None))
+        record.started = True
+        # A resumed run's clocks count the seconds spent before (epoch lines, time limit).
+        record.seconds_offset = record.seconds - (time.time() - t0) if resume_from is not None else 0.0
+        clock["loop"] = time.time() - record.loop_seconds
 
+    if config.time_limit_s:
+        @trainer.on(Events.GET_BATCH_STARTED)
+        def cap_time(engine) -> None:
+            # All processes stop at the same iteration: one of them past the limit stops all.
+            if group.agree_any(time.time() - clock["loop"] >= config.time_limit_s):
+                log(f"time limit of {config.time_limit_s:g} s reached after {engine.state.iteration} of "
+                    f"{total_iters} iterations")
+                clock["stop"] = True
+                engine.terminate_epoch()  # the epoch is still validated (and maybe saved)
 
-def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, 1, H, W)`` with ``sigma`` pixels."""
-    if sigma < 0.2:
-        return x
-    radius = int(math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record_loss(engine) -> None:
+        # The loss of the global batch: the mean of the processes' (equal) shares.
+        engine.state.output["global_loss"] = group.mean(float(engine.state.output[Keys.LOSS].detach()))
+        epoch_losses.append(engine.state.output["global_loss"])
 
+    LrScheduleHandler(schedule, print_lr=False, epoch_level=False).attach(trainer)
+    saver = None
+    if config.state_dir and group.is_main:
+        from ignite.handlers import Checkpoint, DiskSaver
 
-def sample_crop(
-    hu: torch.Tensor, lab: torch.Tensor, crop: int, gen: torch.Generator, augment: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``crop x crop`` patch of a working-spacing slice with geometric augmentation.
+        # ignite's DiskSaver with atomic=True writes a temporary file and renames it: a run killed
+        # mid-write leaves the previous state whole. (MONAI's CheckpointSaver builds its saver
+        # with atomic=False, so it is not used for this.)
+        saver = Checkpoint(to_save, DiskSaver(config.state_dir, atomic=True, require_empty=False),
+                           filename_prefix=STATE_PREFIX, n_saved=1,
+                           global_step_transform=lambda engine, event: engine.state.epoch)
 
-    The patch centre is drawn near the body (label or tissue pixels); out-of-image pixels are
-    air. Returns HU ``(crop, crop)`` and label ``(crop, crop)`` (long).
-    """
-    H, W = hu.shape
-    tissue = torch.nonzero(hu > -500)
-    if len(tissue) == 0:
-        tissue = torch.tensor([[H // 2, W // 2]])
-    centre = tissue[torch.randint(len(tissue), (1,), generator=gen)].float()[0]
-    body_centre = tissue.float().mean(0)
-    # Pull the centre toward the body's centre so most crops show enough context.
-    centre = 0.7 * centre + 0.3 * body_centre
-    if augment:
-        angle = (torch.rand(1, generator=gen).item() * 2 - 1) * math.radians(15)
-        scale = math.exp((torch.rand(1, generator=gen).item() * 2 - 1) * math.log(1.2))
-        aniso = math.exp((torch.rand(1, generator=gen).item() * 2 - 1) * math.log(1.08))
-        flip = torch.rand(1, generator=gen).item() < 0.5
-        centre = centre + (torch.rand(2, generator=gen) * 2 - 1) * 12
-    else:
-        angle, scale, aniso, flip = 0.0, 1.0, 1.0, False
-    # Output pixel offsets -> input pixel coordinates: p_in = centre + A @ offset.
-    offs = torch.arange(crop, dtype=torch.float32) - (crop - 1) / 2
-    ou, ov = torch.meshgrid(offs, offs, indexing="ij")
-    c, s = math.cos(angle), math.sin(angle)
-    sx, sy = 1 / (scale * aniso), 1 / (scale / aniso)
-    if flip:
-        ou = -ou
-    pu = centre[0] + c * sx * ou - s * sy * ov
-    pv = centre[1] + s * sx * ou + c * sy * ov
-    # grid_sample: last grid dim is (x = along W, y = along H), normalised, align_corners=False.
-    grid = torch.stack([(pv + 0.5) / W * 2 - 1, (pu + 0.5) / H * 2 - 1], dim=-1)[None]
-    hu_out = F.grid_sample((hu - AIR)[None, None], grid, mode="bilinear", align_corners=False)[0, 0] + AIR
-    lab_out = F.grid_sample(lab.float()[None, None], grid, mode="nearest", align_corners=False)[0, 0]
-    return hu_out, lab_out.long()
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def end_epoch(engine) -> None:
+        epoch, it = engine.state.epoch, engine.state.iteration
+        losses = list(epoch_losses) or [float("nan")]
+        epoch_losses.clear()
+        dice = validate(model, val_data, evaluator)
+        score = main_score(dice)
+        elapsed = time.time() - t0 + record.seconds_offset
+        record.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dice": dice,
+                               "seconds": round(elapsed, 1)})
+        improved = score > record.best["score"]
+        if group.is_main and config.last_path:
+            save_checkpoint(model, config.last_path, meta=dict(meta_base, epoch=epoch, val_dice=dice,
+                                                               seconds=round(elapsed, 1), iterations=it))
+        if improved:
+            record.best = {"score": score, "dice": dice, "epoch": epoch}
+            if group.is_main:
+                save_checkpoint(model, out_path, meta=dict(meta_base, best_epoch=epoch, val_dice=dice,
+                                                           seconds=round(elapsed, 1), iterations=it))
+        dice_txt = " ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in dice.items())
+        log(f"epoch {epoch}/{config.epochs} iter {it} loss {np.mean(losses):.4f} val dice {dice_txt}"
+            f"{' (best, saved)' if improved else ''} [{elapsed:.0f} s]")
+        # For the TensorBoard and MLflow handlers (attached after this one).
+        engine.state.metrics.update({"train_loss": float(np.mean(losses)), "val_score": score},
+                                    **{f"val_dice_{k}": v for k, v in dice.items() if v is not None})
+        record.seconds, record.loop_seconds = elapsed, time.time() - clock["loop"]
+        if clock["stop"]:
+            log(f"time limit {config.time_limit_s:.0f} s reached in epoch {epoch}; stopping (the learning rate "
+                "had not finished its decay)")
+            engine.terminate()
+        elif saver is not None:
+            saver(engine)  # after the best checkpoint: a resumed run never lacks the best so far
 
-
-def augment_intensity(hu: torch.Tensor, lab: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """HU intensity augmentation of a batch ``(N, H, W)`` given its labels ``(N, H, W)``."""
-    out = hu.clone()
-    n, H, W = hu.shape
-    rnd = lambda: torch.rand(1, generator=gen).item()  # noqa: E731
-    for i in range(n):
-        x = out[i]
-        body = x > -500
-        # Per-tissue HU offsets (muscle density varies most: myosteatosis, contrast phase).
-        offsets = torch.zeros(L.NUM_CLASSES + len(L.ORGAN_NAMES))
-        offsets[L.MUSCLE] = (rnd() * 2 - 1) * 25
-        offsets[L.SAT] = (rnd() * 2 - 1) * 15
-        offsets[L.VAT] = (rnd() * 2 - 1) * 15
-        offsets[L.IMAT] = (rnd() * 2 - 1) * 20
-        if int(lab[i].max()) >= L.NUM_CLASSES:
-            # Organ classes (training with organ maps): every organ its own shift, so liver,
-            # spleen and bowel wall cross the muscle range as they do between contrast phases.
-            for k in range(L.NUM_CLASSES, len(offsets)):
-                offsets[k] = (rnd() * 2 - 1) * 35
-        offset_map = _gauss_blur(offsets[lab[i]][None, None], 0.7)[0, 0]
-        x = x + offset_map * body
-        # Global contrast around water and HU shift (calibration, kernel differences).
-        x = torch.where(body, x * (1 + (rnd() * 2 - 1) * 0.08) + (rnd() * 2 - 1) * 15, x)
-        # Smooth bias field (beam hardening, cupping) inside the body.
-        if rnd() < 0.5:
-            x = x + _smooth_noise((H, W), 4, gen) * (rnd() * 25) * body
-        x = x[None, None]
-        # Lower resolution: pixels up to 2x coarser (3 mm scans at a 1.5 mm working grid).
-        if rnd() < 0.3:
-            factor = 1 + rnd()
-            small = (max(8, int(H / factor)), max(8, int(W / factor)))
-            x = F.interpolate(F.interpolate(x, size=small, mode="area"), size=(H, W), mode="bilinear", align_corners=False)
-        if rnd() < 0.3:
-            x = _gauss_blur(x, rnd() * 1.0)
-        # Noise: white plus correlated (CT noise is not white), only where there is tissue.
-        sigma = rnd() * 20
-        noise = torch.randn((1, 1, H, W), generator=gen) * sigma
-        noise = noise + _gauss_blur(torch.randn((1, 1, H, W), generator=gen), 1.5) * rnd() * 30
-        out[i] = (x + noise * (x > -500))[0, 0]
-    return out
-
-
-def relabel_muscle_by_hu(hu: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-    """Labels ``(N, H, W)`` with the muscle compartment (muscle or IMAT) re-split by the HU
-    protocol on ``hu`` (:func:`sarco_app.labels.apply_hu_ranges`); SAT, VAT and background are
-    kept. Used after intensity augmentation: offsets, blur and noise move pixels across -29 HU."""
-    relabelled = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).to(lab.dtype)
-    compartment = (lab == L.MUSCLE) | (lab == L.IMAT)
-    return torch.where(compartment, relabelled, lab)
-
-
-# --------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def validate(model: BodyCompModel, val: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float | None]:
-    """Dice per tissue of the raw network (arg-max at the working spacing) over ``val``,
-    pooled over all validation pixels."""
-    model.network.eval()
-    pooled = PooledOverlap()
-    for hu, lab in val:
-        x, crop = pad_to_multiple(encode_windows(hu[None], model.windows).to(model.device))
-        pooled.add(tissue_logits(model.network(x))[0, :, crop[0], crop[1]].argmax(0), lab)
-    model.network.train()
-    return pooled.dice()
+    if group.is_main:
+        _attach_trackers(trainer, config, log)
+    trainer.run()
+    return record, trainer.state.iteration
 
 
-def _main_score(dice: dict[str, float | None]) -> float:
-    values = [dice[k] for k in ("muscle", "sat", "vat") if dice.get(k) is not None]
-    return float(np.mean(values)) if values else 0.0
+def _attach_trackers(trainer, config: TrainConfig, log: Callable[[str], None]) -> None:
+    """Progress bar, TensorBoard and MLflow handlers on ``trainer`` (rank 0)."""
+    from ignite.handlers import ProgressBar
+
+    # A bar on stderr in a terminal only (disable=None): the epoch lines stay the log.
+    ProgressBar(persist=False, desc="training", disable=None).attach(
+        trainer, output_transform=lambda out: {"loss": out["global_loss"]})
+    if config.tensorboard_dir:
+        from monai.handlers import TensorBoardStatsHandler
+
+        TensorBoardStatsHandler(log_dir=config.tensorboard_dir, iteration_log=True, epoch_log=True,
+                                output_transform=lambda out: out["global_loss"], tag_name="loss").attach(trainer)
+        log(f"TensorBoard logs in {config.tensorboard_dir}")
+    if config.mlflow_uri:
+        from monai.handlers import MLFlowHandler
+
+        MLFlowHandler(tracking_uri=config.mlflow_uri, iteration_log=True, epoch_log=True,
+                      output_transform=lambda out: out["global_loss"], tag_name="loss",
+                      experiment_name="sarco_bodycomp", close_on_complete=True,
+                      experiment_param={k: v for k, v in jsonable(asdict(config)).items()
+                                        if isinstance(v, (int, float, str, bool))}).attach(trainer)
+        log(f"MLflow run in {config.mlflow_uri} (experiment sarco_bodycomp)")
 
 
 def train(
@@ -469,6 +479,7 @@ def train(
     config: TrainConfig | None = None,
     val_samples: Sequence[Sample] | None = None,
     log: Callable[[str], None] | None = None,
+    group: Group | None = None,
 ) -> dict[str, Any]:
     """Train the network on ``samples`` and write the best checkpoint to ``out_path``.
 
@@ -477,14 +488,17 @@ def train(
     samples : labelled slices; ``config.val_fraction`` of them are held out for validation
         unless ``val_samples`` is given (with one sample, it is used for both).
     out_path : checkpoint path (parents created; written atomically on every improvement).
-    config : :class:`TrainConfig`.
+    config : :class:`TrainConfig`; with ``nproc`` > 1 the run is launched in that many processes
+        (:func:`sarco_app.segmentation.distributed.launch`) and their rank 0's result returned.
     log : receives one progress line per epoch.
+    group : the processes of a distributed run (set by the worker; None for one process).
 
     Returns
     -------
     dict with ``best_dice`` (per tissue), ``best_epoch``, ``epochs``, ``iterations``,
-    ``seconds``, ``checkpoint`` (None when nothing was written) and ``split_head`` (the head
-    phase's record, see :func:`train_split_head`, or None).
+    ``seconds``, ``checkpoint`` (None when nothing was written), ``split_head`` (the head
+    phase's record, see :func:`~sarco_app.segmentation.split_head.train_split_head`, or None)
+    and ``history`` (per epoch: loss, validation Dice, seconds).
 
     With ``config.split_head_iterations`` the split head is trained after the backbone (on the
     best epoch's backbone; with ``epochs`` 0 on the initial one) and the checkpoint written
@@ -497,9 +511,14 @@ def train(
     config.check()
     if not samples:
         raise SarcoError("no training samples")
+    if group is None and config.nproc > 1 and not in_worker():
+        from sarco_app.segmentation.distributed import launch
+
+        return launch(samples, out_path, config, val_samples=val_samples, log=log)
+    group = group or Group.single(config.device)
+    out_path = Path(out_path)
     torch.set_num_threads(max(1, int(config.threads)))
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     samples = list(samples)
     if val_samples is None:
@@ -516,8 +535,7 @@ def train(
             log(f"organ output classes added to {config.init_from}: " + ", ".join(model.organ_classes))
     else:
         model = new_model(config.network, config.spacing_mm, config.windows, organ_classes=config.organ_classes)
-    model.to(config.device)
-    device = model.device
+    model.to(group.device)
     old_head = None
     if config.epochs > 0 and model.split_head is not None:
         # The head reads the backbone's logits: once the backbone changes, it no longer fits it.
@@ -525,300 +543,75 @@ def train(
         log("the initial model's split head is set aside while the backbone trains; "
             + ("it is retrained afterwards" if config.split_head_iterations
                else "it is not saved with the new backbone (split_head_iterations > 0 retrains one)"))
-    working = config.epochs > 0  # head-only runs never use the working-grid copies
     organs = bool(model.organ_classes)
-    train_data = [to_working(s, model.spacing_mm, organs) for s in samples] if working else []
-    train_weights = [float(s.weight) for s in samples]
-    val_data = [to_working(s, model.spacing_mm) for s in list(val_samples)[: config.max_val]] if working else []
-    # Slices without an organ map are scored on the served classes only (organs = background).
-    has_organs = torch.tensor([s.organs is not None and organs for s in samples]) if working else None
-    if working and organs:
-        log(f"organ classes {', '.join(model.organ_classes)}: {int(has_organs.sum())} of {len(samples)} "
-            "training slices have organ maps")
-    model.network.train()
-    from monai.losses import DiceCELoss
-
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, smooth_nr=1e-4, smooth_dr=1e-4)
-    opt = torch.optim.AdamW(model.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    per_epoch = config.iterations_per_epoch or max(1, math.ceil(len(train_data) / config.batch_size))
-    total_iters = per_epoch * config.epochs
-    # 5 % linear warm-up, then cosine decay to 1 % of the peak, over iterations: the same
-    # settings give the same run whatever the machine's speed; time_limit_s only stops it early.
-    from monai.optimizers import WarmupCosineSchedule
-
-    schedule = WarmupCosineSchedule(opt, warmup_steps=max(1, round(0.05 * total_iters)),
-                                    t_total=max(1, total_iters), end_lr=0.01 * config.lr) if working else None
-    if working:
-        log(
-            f"training {model.config['name']} on {len(train_data)} slices, validating on {len(val_data)}; "
-            f"{config.epochs} epochs x {per_epoch} iterations, batch {config.batch_size}, crop {config.crop}, "
-            f"spacing {model.spacing_mm} mm"
-        )
-    best = {"score": -1.0, "dice": {}, "epoch": 0}
-    if config.init_from and config.epochs > 0:
-        # A fine-tune must beat the model it starts from before it may replace it.
-        initial = validate(model, val_data)
-        best = {"score": _main_score(initial), "dice": initial, "epoch": 0}
-        log("initial model val dice " + " ".join(f"{k} {v:.4f}" for k, v in initial.items() if v is not None))
-    t_loop = time.time()
-    it = 0
-    history = []
-    meta_base = {"train_config": _jsonable(asdict(config)), "train_slices": len(train_data), "val_slices": len(val_data)}
-    stop = False
-    # Progress on stderr in a terminal (disable=None); the per-epoch log line stays for logs.
-    for epoch in tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=None):
-        losses = [float("nan")]
-        for _ in range(per_epoch):
-            if config.time_limit_s and time.time() - t_loop >= config.time_limit_s:
-                log(f"time limit of {config.time_limit_s:g} s reached after {it} of {total_iters} iterations")
-                stop = True
-                break
-            idx = torch.randint(len(train_data), (config.batch_size,), generator=gen).tolist()
-            crops = [sample_crop(*train_data[i], config.crop, gen, config.augment) for i in idx]
-            hu = torch.stack([c[0] for c in crops])
-            lab = torch.stack([c[1] for c in crops])
-            if config.augment:
-                hu = augment_intensity(hu, lab, gen)
-                if config.relabel_muscle_by_hu:
-                    lab = relabel_muscle_by_hu(hu, lab)
-            x = encode_windows(hu, model.windows).to(device)
-            lab = lab.to(device)
-            logits = model.network(x)
-            weights = torch.tensor([train_weights[i] for i in idx], device=device)
-            with_organs = (has_organs[idx] if organs else torch.zeros(len(idx), dtype=torch.bool)).to(device)
-            if bool((weights == 1.0).all()):
-                loss = torch.zeros((), device=device)
-                if with_organs.any():
-                    loss = loss + loss_fn(logits[with_organs], lab[with_organs, None]) * with_organs.float().mean()
-                if not with_organs.all():
-                    loss = loss + loss_fn(tissue_logits(logits[~with_organs]), lab[~with_organs, None]) * (~with_organs).float().mean()
-            else:
-                # Dice per sample and CE averaged over equal crops: the batch loss is the mean
-                # of per-sample losses, so the weighted mean keeps finals' scale (a batch of
-                # pseudo-labels alone counts less, not the same).
-                per_sample = torch.stack([
-                    loss_fn(logits[j : j + 1] if with_organs[j] else tissue_logits(logits[j : j + 1]), lab[j : j + 1, None])
-                    for j in range(len(idx))])
-                loss = (per_sample * weights).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            it += 1
-        losses = losses[1:] or [float("nan")]
-        dice = validate(model, val_data)
-        score = _main_score(dice)
-        elapsed = time.time() - t0
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dice": dice, "seconds": round(elapsed, 1)})
-        improved = score > best["score"]
-        if config.last_path:
-            save_checkpoint(model, config.last_path, meta=dict(meta_base, epoch=epoch, val_dice=dice,
-                                                               seconds=round(elapsed, 1), iterations=it))
-        if improved:
-            best = {"score": score, "dice": dice, "epoch": epoch}
-            meta = dict(meta_base, best_epoch=epoch, val_dice=dice, seconds=round(elapsed, 1), iterations=it)
-            save_checkpoint(model, out_path, meta=meta)
-        dice_txt = " ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in dice.items())
-        log(
-            f"epoch {epoch}/{config.epochs} iter {it} loss {np.mean(losses):.4f} val dice {dice_txt}"
-            f"{' (best, saved)' if improved else ''} [{elapsed:.0f} s]"
-        )
-        if stop:
-            log(f"time limit {config.time_limit_s:.0f} s reached in epoch {epoch}; stopping (the learning rate "
-                "had not finished its decay)")
-            break
+    record, iterations = RunRecord(), 0
+    if config.epochs > 0:  # head-only runs never use the working-grid copies
+        train_data = [to_working(s, model.spacing_mm, organs) for s in samples]
+        val_list = list(val_samples)[: config.max_val]
+        # Each process validates its share of the slices; the Dice counts are summed over all.
+        val_data = [to_working(s, model.spacing_mm) for s in val_list[group.rank :: group.world_size]]
+        # Slices without an organ map are scored on the served classes only (organs = background).
+        has_organs = [s.organs is not None and organs for s in samples]
+        if organs:
+            log(f"organ classes {', '.join(model.organ_classes)}: {sum(has_organs)} of {len(samples)} "
+                "training slices have organ maps")
+        meta_base = {"train_config": jsonable(asdict(config)), "train_slices": len(train_data),
+                     "val_slices": len(val_list)}
+        record, iterations = _run_backbone(model, config, group, train_data, [float(s.weight) for s in samples],
+                                           has_organs, val_data, len(val_list), out_path, meta_base, t0, log)
+    best = record.best
     written = best["epoch"] > 0
+    if not group.is_main:
+        return {"best_dice": best["dice"], "best_epoch": best["epoch"], "rank": group.rank}
     if config.epochs == 0:
         log(f"no backbone epochs: the network of {config.init_from} is kept")
     elif not written:
         log(f"no epoch beat the initial model, so {out_path} was not written")
     else:
-        log(f"backbone done in {time.time() - t0:.0f} s; best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
+        log(f"backbone done in {time.time() - t0 + record.seconds_offset:.0f} s; "
+            f"best epoch {best['epoch']} val dice {json.dumps(best['dice'])}")
     head = None
     if config.split_head_iterations > 0 and config.epochs > 0 and not written:
         log("split head not trained: no new backbone was written")
     elif config.split_head_iterations > 0:
         if written:
-            model = load_checkpoint(out_path)  # the best epoch's backbone, not the last one's
+            model = load_checkpoint(out_path, device=group.device)  # the best epoch's backbone, not the last one's
             model.split_head = old_head  # warm start from the previous head, if there was one
         meta = dict(model.meta)  # the backbone's training record (this run's, or the initial checkpoint's)
         current = None
         if config.epochs == 0 and model.split_head is not None:
             # Like a fine-tune, a retrained head must beat the head it replaces.
-            current = _raw_dice_with_and_without_head(model, list(val_samples)[: config.max_val])["head"]
+            current = raw_dice_with_and_without_head(model, list(val_samples)[: config.max_val])["head"]
             previous = copy.deepcopy(model.split_head)
         head = train_split_head(model, samples, config.split_head_iterations, val_samples=val_samples,
                                 lr=config.split_head_lr, seed=config.seed, augment=config.augment,
                                 max_val=config.max_val, log=log)
-        if current is not None and _main_score(head["val_raw_dice"]["head"]) <= _main_score(current):
+        if current is not None and main_score(head["val_raw_dice"]["head"]) <= main_score(current):
             model.split_head = previous
-            log(f"the new split head does not beat the current one (raw Dice {_main_score(head['val_raw_dice']['head']):.4f} "
-                f"against {_main_score(current):.4f}), so {out_path} was not written")
+            log(f"the new split head does not beat the current one (raw Dice {main_score(head['val_raw_dice']['head']):.4f} "
+                f"against {main_score(current):.4f}), so {out_path} was not written")
         else:
-            meta["split_head"] = _jsonable(head)
+            meta["split_head"] = jsonable(head)
             save_checkpoint(model, out_path, meta=meta)
             written = True
-    seconds = time.time() - t0
+    seconds = time.time() - t0 + record.seconds_offset
     log(f"done in {seconds:.0f} s" + (f"; wrote {out_path}" if written else ""))
     return {
         "best_dice": best["dice"],
         "best_epoch": best["epoch"],
-        "epochs": len(history),
-        "iterations": it,
+        "epochs": len(record.history),
+        "iterations": iterations,
         "seconds": round(seconds, 1),
         "checkpoint": str(out_path) if written else None,
         "split_head": head,
-        "history": history,
+        "history": record.history,
     }
-
-
-def served_dice(model: BodyCompModel, samples: Sequence[Sample], hu_refine: bool = True) -> dict[str, float | None]:
-    """Dice per tissue of what the server answers (:func:`sarco_app.segmentation.segment.segment_volume` on
-    each slice's own grid; ``hu_refine`` as the infer param), pooled over ``samples``."""
-    from sarco_app.segmentation.segment import segment_volume
-
-    inter = {v: 0 for v in L.NAMES}
-    total = {v: 0 for v in L.NAMES}
-    for sample in samples:
-        pred = segment_volume(sample.hu, sample.spacing, method="unet", model=model, hu_refine=hu_refine,
-                              threads=1).label
-        for v in L.NAMES:
-            p, t = pred == v, sample.label == v
-            inter[v] += int((p & t).sum())
-            total[v] += int(p.sum()) + int(t.sum())
-    return {L.NAMES[v]: (2 * inter[v] / total[v] if total[v] else None) for v in L.NAMES}
-
-
-def compare_models(candidate: str | Path, served: str | Path | None, samples: Sequence[Sample]) -> dict[str, Any]:
-    """Should ``candidate`` replace the ``served`` checkpoint? Both label ``samples`` as the
-    server would, with the HU rule (the default answer) and without it (the raw network); the
-    score is the mean Dice of muscle, SAT and VAT. The candidate wins when it is at least as good
-    on both outputs and better on one (a head-only retrain changes only the raw output).
-
-    Returns ``{"replace", "reason", "candidate": {output: {"dice", "score"}}, "served": ...}``
-    (``served`` None when there is no served model: then the candidate always wins).
-    """
-    if not samples:
-        raise SarcoError("no validation slices to compare the models on")
-    outputs = {"hu_refined": True, "raw": False}
-
-    def scores(path) -> dict[str, Any]:
-        model = load_checkpoint(path)
-        out = {}
-        for name, hu_refine in outputs.items():
-            dice = served_dice(model, samples, hu_refine=hu_refine)
-            out[name] = {"dice": {k: (None if v is None else round(v, 5)) for k, v in dice.items()},
-                         "score": round(_main_score(dice), 5)}
-        return out
-
-    new = scores(candidate)
-    result: dict[str, Any] = {"candidate_model": str(candidate), "served_model": str(served) if served else None,
-                              "validation_slices": len(samples), "candidate": new, "served": None}
-    if served is None:
-        result.update(replace=True, reason="no model is served yet")
-        return result
-    old = scores(served)
-    result["served"] = old
-    diffs = {name: new[name]["score"] - old[name]["score"] for name in outputs}
-    result["replace"] = all(d >= 0 for d in diffs.values()) and any(d > 0 for d in diffs.values())
-    summary = ", ".join(f"{name} {new[name]['score']:.4f} vs {old[name]['score']:.4f}" for name in outputs)
-    result["reason"] = (f"the candidate beats the served model ({summary})" if result["replace"]
-                        else f"the candidate does not beat the served model ({summary})")
-    return result
-
-
-def _raw_dice_with_and_without_head(model: BodyCompModel, samples: Sequence[Sample]) -> dict[str, dict]:
-    """Pooled Dice per tissue of the raw arg-max on the samples' own grids, for the backbone
-    alone (softmax of its resampled logits) and with the split head."""
-    pooled = {key: PooledOverlap() for key in ("backbone", "head")}
-    with torch.no_grad():
-        for sample in samples:
-            hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
-            logits = original_grid_logits(hu, sample.spacing, model)
-            pooled["backbone"].add(logits[0].argmax(0), sample.label)
-            pooled["head"].add(model.split_head.probabilities(logits, hu.to(logits.device))[0].argmax(0), sample.label)
-    return {key: per.dice() for key, per in pooled.items()}
-
-
-def train_split_head(
-    model: BodyCompModel,
-    samples: Sequence[Sample],
-    iterations: int,
-    val_samples: Sequence[Sample] = (),
-    lr: float = 3e-3,
-    seed: int = 0,
-    augment: bool = True,
-    max_val: int = 24,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train ``model.split_head`` (created when absent) with the backbone frozen.
-
-    Each iteration takes two slices on their own grid (any spacing), with the intensity
-    augmentation of the backbone and a left-right flip (``augment``); the labels follow the
-    augmented HU by the protocol (:func:`sarco_app.labels.apply_hu_ranges`), and the loss is the
-    negative log-likelihood of those labels under the head's probabilities
-    (:meth:`~sarco_app.segmentation.network.TissueSplitHead.probabilities`). Learning rate: 5 % warm-up, then
-    cosine decay. Returns the iterations, seconds, the first and last loss (means over a
-    twentieth of the run) and the raw Dice per tissue on
-    ``val_samples``' own grids, backbone alone and with the head
-    (:func:`_raw_dice_with_and_without_head`).
-    """
-    log = log or logger.info
-    if model.split_head is None:
-        model.split_head = TissueSplitHead(model.num_classes).to(model.device)
-    head = model.split_head
-    model.network.eval()  # frozen: no dropout noise, no normalisation statistics updated
-    head.train()
-    gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = max(1, iterations // 20)
-    every = max(1, iterations // 20)
-    log(f"training the split head on {len(samples)} slices (original grids), {iterations} iterations of 2")
-    t0 = time.time()
-    losses: list[float] = []
-    for it in range(iterations):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (it + 1) / warmup) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * it / iterations)))
-        loss = torch.zeros((), device=model.device)
-        for _ in range(2):
-            sample = samples[int(torch.randint(len(samples), (1,), generator=gen))]
-            hu = torch.as_tensor(sample.hu, dtype=torch.float32)[None]
-            lab = torch.as_tensor(sample.label).long()[None]
-            if augment:
-                if torch.rand(1, generator=gen).item() < 0.5:  # left-right, as in sample_crop
-                    hu, lab = hu.flip(-2), lab.flip(-2)
-                hu = augment_intensity(hu, lab, gen)
-            # The head learns the protocol: labels follow the (augmented) HU.
-            lab = torch.as_tensor(L.apply_hu_ranges(lab.numpy(), hu.numpy())).long().to(model.device)
-            hu = hu.to(model.device)
-            probs = head.probabilities(original_grid_logits(hu, sample.spacing, model), hu)
-            loss = loss - torch.log(probs.gather(1, lab[:, None]).clamp_min(1e-6)).mean() / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if (it + 1) % every == 0 or it + 1 == iterations:
-            log(f"split head iter {it + 1}/{iterations} loss {np.mean(losses[-every:]):.4f} [{time.time() - t0:.0f} s]")
-    head.eval()
-    dice = _raw_dice_with_and_without_head(model, list(val_samples)[:max_val])
-    if val_samples:
-        log("split head: raw Dice on the validation slices' own grids, with the head "
-            + " ".join(f"{k} {v:.4f}" for k, v in dice["head"].items() if v is not None)
-            + "; backbone alone " + " ".join(f"{k} {v:.4f}" for k, v in dice["backbone"].items() if v is not None))
-    return {"iterations": iterations, "lr": lr, "seconds": round(time.time() - t0, 1),
-            "first_loss": float(np.mean(losses[:every])), "final_loss": float(np.mean(losses[-every:])),
-            "val_raw_dice": dice}
-
-
-def _jsonable(value: Any) -> Any:
-    """Checkpoint meta must hold only plain types (``torch.load(weights_only=True)``)."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def train_from_folder(data_dir: str | Path, out_path: str | Path, config: TrainConfig | None = None,
                       log: Callable[[str], None] | None = None, tag: str = "final") -> dict[str, Any]:
-    """:func:`train` on the labelled slices of a studies folder (see :func:`load_studies`)."""
+    """:func:`train` on the labelled slices of a studies folder (see
+    :func:`~sarco_app.segmentation.training_data.load_studies`)."""
     log = log or logger.info
     samples = load_studies(data_dir, tag=tag)
     log(f"{len(samples)} labelled slices found in {data_dir}")

@@ -4,7 +4,7 @@ datastore's final labels with :func:`sarco_app.segmentation.train.train` (the co
 
 ``POST /train/bodycomp_unet`` runs it in MONAI Label's background process; one progress line per
 epoch (loss, validation Dice per tissue, time) appears in ``GET /train/`` details and the train
-log. The best checkpoint by validation Dice becomes a candidate that replaces
+log, and TensorBoard logs go to ``<model_dir>/train_logs/``. The best checkpoint by validation Dice becomes a candidate that replaces
 ``<model_dir>/bodycomp_unet.pt`` (atomically) only when it beats the served model (see *Safe
 model swap* below); the ``bodycomp_unet`` infer task picks a replaced model up at its next
 request. By default training fine-tunes the current model (retrained, else shipped), which is
@@ -14,7 +14,9 @@ Request params (defaults and checks: :meth:`sarco_app.segmentation.train.TrainCo
 as the CLI's): ``epochs``, ``iterations_per_epoch`` (0 = one pass over the slices),
 ``batch_size``, ``crop``, ``lr``, ``seed``, ``fine_tune`` (bool), ``time_limit_s`` (0 = none; it
 stops a run, the learning rate follows iterations), ``device`` (``auto``: CUDA when there),
-``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
+``nproc`` (processes training together under torch DDP, dividing ``batch_size``; 1 by default),
+``multi_gpu`` (bool, default true: with ``nproc`` 1, one process per visible GPU when there are
+two or more; MONAI Label's ``gpus`` param chooses them), ``relabel_muscle_by_hu`` (bool: after HU augmentation, split the muscle compartment into muscle
 and IMAT again by HU, as the L3 protocol does), ``split_head_iterations`` (then train the
 native-grid tissue split head for this many iterations of 2 slices, the backbone frozen; not
 bounded by ``time_limit_s``. With 0, a retrained backbone is saved without the current model's
@@ -33,7 +35,7 @@ tissue, seconds, time) in ``<model_dir>/rounds.json``: ``GET /loop/rounds`` and
 
 Safe model swap: a run trains a candidate (``<model_dir>/bodycomp_unet.candidate.pt``) that
 replaces the served model only when it beats it on the validation slices, with and without the
-HU rule (:func:`sarco_app.segmentation.train.compare_models`); a from-scratch run of a few iterations
+HU rule (:func:`sarco_app.segmentation.validation.compare_models`); a from-scratch run of a few iterations
 therefore never replaces a good model. The comparison is in the train log, the task's result
 (``model_swap``) and the round record.
 """
@@ -52,17 +54,31 @@ logger = logging.getLogger(__name__)
 
 #: TrainConfig settings a request may give (the others belong to the library or the checkpoint).
 _REQUEST_SETTINGS = ("epochs", "iterations_per_epoch", "batch_size", "crop", "lr", "seed", "time_limit_s",
-                     "relabel_muscle_by_hu", "split_head_iterations", "organ_classes", "device")
+                     "relabel_muscle_by_hu", "split_head_iterations", "organ_classes", "device", "nproc")
 
 # The validation images are drawn with this seed whatever the request's ``seed``, so every run
 # on the same final labels is compared on the same validation set.
 VALIDATION_SEED = 0
 
 
+def gpu_processes(config) -> int:
+    """Processes for the ``multi_gpu`` option: one per visible GPU (MONAI Label's ``gpus`` request
+    param sets ``CUDA_VISIBLE_DEVICES``) when there are two or more and the run is on CUDA, as many
+    as divide the batch; else 1."""
+    import torch
+
+    from sarco_app.segmentation.network import resolve_device
+
+    if resolve_device(config.device).type != "cuda":
+        return 1
+    count = torch.cuda.device_count()
+    return max(n for n in range(1, max(1, count) + 1) if config.batch_size % n == 0) if count >= 2 else 1
+
+
 class BodyCompTrainer(TrainTask):
     def __init__(self, output_path: Path, init_paths: Sequence[Path] | Callable[[], Sequence[Path]] = (),
                  description: str | None = None, rounds_path: Path | None = None):
-        super().__init__(description or "Train the 2D body-composition U-Net on final labels (CPU)")
+        super().__init__(description or "Train the 2D body-composition U-Net on final labels (CPU or GPUs)")
         self.output_path = Path(output_path)
         self._init_paths = init_paths
         self.rounds_path = Path(rounds_path) if rounds_path else self.output_path.parent / "rounds.json"
@@ -73,8 +89,8 @@ class BodyCompTrainer(TrainTask):
         # The library's one set of training defaults; 0 stands for "none" in a JSON form.
         defaults = TrainConfig.param_defaults()
         settings = {name: (0 if defaults[name] is None else defaults[name]) for name in _REQUEST_SETTINGS}
-        return {**settings, "fine_tune": True, "include_pseudo": False, "pseudo_min_confidence": 0.9,
-                "pseudo_weight": 0.5}
+        return {**settings, "fine_tune": True, "multi_gpu": True, "include_pseudo": False,
+                "pseudo_min_confidence": 0.9, "pseudo_weight": 0.5}
 
     def _init_checkpoint(self, log: Callable[[str], None]) -> Path | None:
         """The first readable candidate; a damaged retrained checkpoint is skipped (logged)."""
@@ -100,6 +116,10 @@ class BodyCompTrainer(TrainTask):
         # lets check() accept epochs 0 (split head only) for a fine-tune.
         config = TrainConfig.from_params({**{name: req[name] for name in _REQUEST_SETTINGS},
                                           "init_from": "the current model" if fine_tune else None})
+        # TensorBoard logs of every run: <model_dir>/train_logs/ (tensorboard --logdir there).
+        config.tensorboard_dir = str(self.output_path.parent / "train_logs")
+        if as_bool(req["multi_gpu"]) and config.nproc == 1:
+            config.nproc = gpu_processes(config)
         loop = {"include_pseudo": as_bool(req["include_pseudo"])}
         problems = []
         for key, name, ok, rule in (("pseudo_min_confidence", "min_confidence", lambda v: 0 <= v <= 1, "in [0, 1]"),
