@@ -36,8 +36,8 @@ as the unlabelled pool and writes the pseudo-label overlays of round 0 and of th
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --out docs/pseudo_loop
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --quick --out /tmp/loop_quick
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.simulate_loop --out docs/pseudo_loop
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.simulate_loop --quick --out /tmp/loop_quick
 """
 
 from __future__ import annotations
@@ -56,18 +56,16 @@ import torch
 from scipy import ndimage as ndi
 from scipy.stats import spearmanr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from sarco_app import labels as L
+from sarco_app.segmentation import pseudo
+from sarco_app.measurement.evaluate import agreement
+from sarco_app.metrics import PooledOverlap
+from sarco_app.segmentation.network import DEFAULT_NETWORK
+from sarco_app.synthesis.phantom import generate
+from sarco_app.segmentation.segment import get_model
+from sarco_app.segmentation.train import Sample, TrainConfig, train
 
-from sarco_app import labels as L  # noqa: E402
-from sarco_app.segmentation import pseudo  # noqa: E402
-from sarco_app.measurement.evaluate import agreement  # noqa: E402
-from sarco_app.metrics import PooledOverlap  # noqa: E402
-from sarco_app.segmentation.network import DEFAULT_NETWORK  # noqa: E402
-from sarco_app.synthesis.phantom import generate  # noqa: E402
-from sarco_app.segmentation.segment import get_model  # noqa: E402
-from sarco_app.segmentation.train import Sample, TrainConfig, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TISSUES_CORRECTED = ("muscle", "sat", "vat")
 #: arm -> (review order, pseudo-labels used). ``loop`` and ``finals`` are the issue's comparison;
@@ -116,7 +114,7 @@ def correct(hu, truth, current, spacing) -> tuple[int, int, int]:
     reached 0.95; and the interactions the same session took to reach IoU 0.90 (the paper's
     measure; a tissue that never does counts 10). Strokes move IoU by 0.01-0.05 each, so from a
     poor pseudo-label 0.95 is out of reach within the cap and the 0.90 count tells more."""
-    from simulate_annotator import ours, run_session
+    from scripts.simulate_annotator import ours, run_session
 
     tool = ours("backprojection")
     strokes = reached = strokes_090 = 0

@@ -12,7 +12,7 @@ import pytest
 from sarco_app.inputs import ingest
 from sarco_app.__main__ import main as cli
 from sarco_app.errors import IngestError
-from dicom_factory import write_ct_slice, write_series
+from tests.dicom_factory import write_ct_slice, write_series
 
 RNG = np.random.default_rng(0)
 
@@ -306,7 +306,7 @@ def test_every_axis_order_round_trips(tmp_path, perm, flips):
 def test_jpeg_lossless_series_reads_like_the_uncompressed_one(tmp_path, capsys):
     """JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) decodes with pylibjpeg-libjpeg: the HU are the
     uncompressed series' exactly, through ``load_image`` and the ``info`` command."""
-    from dicom_factory import compress_jpeg_lossless
+    from tests.dicom_factory import compress_jpeg_lossless
 
     rng = np.random.default_rng(3)
     raw = rng.integers(-1024, 1500, size=(3, 40, 48)).astype(np.int16)
@@ -324,7 +324,7 @@ def test_jpeg_lossless_series_reads_like_the_uncompressed_one(tmp_path, capsys):
 
 
 def test_jpeg_ls_series_reads_like_the_uncompressed_one(tmp_path):
-    from dicom_factory import compress_jpeg_ls
+    from tests.dicom_factory import compress_jpeg_ls
 
     raw = np.random.default_rng(4).integers(0, 2500, size=(3, 40, 48)).astype(np.int16)  # stored = HU + 1024
     plain = write_series(tmp_path / "plain", raw, [0.0, 2.0, 4.0])

@@ -9,7 +9,7 @@ import pydicom
 from pydicom.uid import UID
 
 from sarco_app.inputs import pacs
-from dicom_factory import write_series
+from tests.dicom_factory import write_series
 
 
 def _uids(datasets):

@@ -182,7 +182,7 @@ def test_cli_bad_input_exits_non_zero_with_a_message(phantom_files, tmp_path, ca
 
 
 def real_levels(real_data: Path) -> list[tuple[Path, list[int]]]:
-    """Every real sample at every level it holds (as ``scripts/eval_bodycomp.py --real-only``)."""
+    """Every real sample at every level it holds (as ``python -m scripts.eval_bodycomp --real-only``)."""
     vertebrae = np.rint(load_image(real_data / "totalsegmentator-ct-lower" / "vertebrae_lower.nii.gz").hu)
     middles = []
     for value in (26, 27, 28, 29, 30):  # S1, L5, L4, L3, L2

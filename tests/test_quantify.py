@@ -15,7 +15,7 @@ from sarco_app.errors import SarcoError
 from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
 from sarco_app.measurement.quantify import load_label, quantify_scan, tissue_measures
 from sarco_app.measurement.reference import category, load_cutoffs, load_reference, t_score
-from dicom_factory import write_ct_slice
+from tests.dicom_factory import write_ct_slice
 
 
 def block_label(shape, counts, width=None):
