@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from sarco_app import labels as L
-from sarco_app.inputs.ingest import load_dicom_seg, load_image
+from sarco_app.inputs.dicom_seg import load_dicom_seg
+from sarco_app.inputs.ingest import load_image
 from sarco_app.segmentation.network import load_checkpoint
 from sarco_app.figures.overlay import overlay_png
 from sarco_app.synthesis.phantom import generate

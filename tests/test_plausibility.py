@@ -228,7 +228,8 @@ def test_cli_on_real_ct_keeps_the_issue_bounds(real_data, tmp_path):
 
 def test_liver_labelled_muscle_on_real_ct_is_flagged(real_data, tmp_path, capsys):
     """The issue's failure on a real slice: the dcmqi sample's liver (its DICOM SEG) labelled muscle."""
-    from sarco_app.inputs.ingest import IngestError, load_dicom_seg
+    from sarco_app.errors import IngestError
+    from sarco_app.inputs.dicom_seg import load_dicom_seg
     from sarco_app.segmentation.segment import segment_volume
 
     folder = real_data / "dcmqi-ct-3slice"

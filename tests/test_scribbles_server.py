@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from sarco_app import metrics
-from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
 from tests.test_interactive import bowel_loop, muscle_plane, synthetic_slice
 from tests.test_strokes import organ_against_wall, stroke_in
