@@ -36,7 +36,7 @@ pacs-deps:
 		$(SUDO) apt-get install -y orthanc orthanc-dicomweb
 
 run-pacs: venv pacs-deps
-	$(PY) scripts/run_pacs.py --host $(HOST) --port $(PORT) --orthanc-port $(ORTHANC_PORT) \
+	$(PY) -m scripts.run_pacs --host $(HOST) --port $(PORT) --orthanc-port $(ORTHANC_PORT) \
 		$(if $(UPLOAD),--upload $(UPLOAD)) $(if $(PACS_AUTH),--auth $(PACS_AUTH))
 
 test: venv

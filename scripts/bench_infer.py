@@ -9,7 +9,7 @@ call, and prints median / min / max wall time of the HTTP round trip (request, N
 resampling, network, post-processing, writing and transferring the label), then the median time
 of the bare network forward on the same slice's network input in this process.
 
-    .venv/bin/python scripts/bench_infer.py [--model models/bodycomp_unet.pt] [--repeats 10] [--no-hu-refine]
+    .venv/bin/python -m scripts.bench_infer [--model models/bodycomp_unet.pt] [--repeats 10] [--no-hu-refine]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -48,8 +47,7 @@ def main(argv=None) -> int:
     studies = tmp / "studies"
     ph = generate(4242, spacing_mm=0.8, size=512)
     write_phantom(ph, studies, "bench")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import RunningServer  # the test suite's server launcher
+    from tests.harness import RunningServer  # the test suite's server launcher
 
     env = {"OMP_NUM_THREADS": str(args.threads), "SARCO_INFER_THREADS": str(args.threads),
            "SARCO_MODEL_DIR": str(tmp / "model"), "SARCO_SHIPPED_MODEL": str(args.model.resolve())}

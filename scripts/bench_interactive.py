@@ -15,7 +15,7 @@ Writes ``<out>.csv`` (one row per timing kind) and prints the table.
 
 Usage::
 
-    .venv/bin/python scripts/bench_interactive.py --out docs/interactive_latency
+    .venv/bin/python -m scripts.bench_interactive --out docs/interactive_latency
 """
 
 from __future__ import annotations
@@ -23,22 +23,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from sarco_app.interaction import interactive
+from sarco_app.inputs.ingest import load_image, make_image, save_image
+from sarco_app.labels import LABELS
+
+from scripts import simulate_annotator
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from sarco_app.interaction import interactive  # noqa: E402
-from sarco_app.inputs.ingest import load_image, make_image, save_image  # noqa: E402
-from sarco_app.labels import LABELS  # noqa: E402
-
-import simulate_annotator  # noqa: E402
 
 
 def scribble_file(fg, bg, image) -> bytes:
@@ -97,8 +94,7 @@ def main(argv=None) -> int:
                      "p90_ms": round(float(np.percentile(t, 90)), 1),
                      "max_ms": round(float(t.max()), 1)})
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import RunningServer  # the test suite's server launcher
+    from tests.harness import RunningServer  # the test suite's server launcher
 
     server = RunningServer(studies, work / "server.log")
     url = server.url

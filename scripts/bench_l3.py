@@ -4,7 +4,7 @@ Builds a volume phantom (256 x 256 pixels of 1.5 mm, 100 slices of 3 mm), upsamp
 plane to 512 x 512 (0.75 mm pixels, a typical abdominal CT matrix) and times
 :func:`sarco_app.spine.l3.locate_l3` (best and median of ``--repeats`` runs, one thread).
 
-Usage: ``python scripts/bench_l3.py [--repeats 3] [--csv docs/l3_bench.csv]``
+Usage: ``python -m scripts.bench_l3 [--repeats 3] [--csv docs/l3_bench.csv]``
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+
+from sarco_app.inputs.ingest import make_image
+from sarco_app.spine.l3 import locate_l3
+from sarco_app.synthesis.phantom3d import make_volume_phantom
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from sarco_app.inputs.ingest import make_image  # noqa: E402
-from sarco_app.spine.l3 import locate_l3  # noqa: E402
-from sarco_app.synthesis.phantom3d import make_volume_phantom  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ studies folder holding the two images, saves a valid final label ``--repeats`` t
 and prints median / min / max wall time of the HTTP round trip (upload, checks, atomic write,
 datastore JSON), then the median time of the checks alone.
 
-    .venv/bin/python scripts/bench_label_save.py [--repeats 10] [--slices 60]
+    .venv/bin/python -m scripts.bench_label_save [--repeats 10] [--slices 60]
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main(argv=None) -> int:
@@ -35,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, default=60, help="slices of the volume case")
     args = parser.parse_args(argv)
 
-    from conftest import RunningServer  # the test suite's server launcher
+    from tests.harness import RunningServer  # the test suite's server launcher
 
     from sarco_app.labels import check_label_file
 

@@ -16,7 +16,7 @@ a 512x512 phantom and a 2048x2048 one (the 512 phantom's HU upsampled, 0.2 mm pi
    ``--clients`` threads each send 512x512 ``bodycomp_unet`` infers back to back; prints
    median / 95th percentile / max and the ratio of the medians.
 
-    .venv/bin/python scripts/bench_limits.py [--app apps/sarcopenia] [--clients 8] [--seconds 20]
+    .venv/bin/python -m scripts.bench_limits [--app apps/sarcopenia] [--clients 8] [--seconds 20]
         [--volume-slices 2048] [--skip-memory] [--skip-latency]
 """
 
@@ -28,14 +28,12 @@ import io
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def server_pid(root_pid: int, port: int) -> int:
@@ -124,8 +122,7 @@ def main(argv=None) -> int:
         save_image(make_image(volume, (0.8, 0.8, 0.5)), studies / "volume.nii.gz")
         del volume
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import RunningServer  # the test suite's server launcher
+    from tests.harness import RunningServer  # the test suite's server launcher
 
     try:
         server = RunningServer(studies, work / "server.log", conf={"model_dir": work / "model"}, timeout=300,

@@ -15,29 +15,26 @@ For each phantom and tissue (muscle, SAT) at the clinical 512x512 matrix:
 
 Usage::
 
-    .venv/bin/python scripts/diagnose_interactive.py --seeds 1000,1001,1002 --size 512
+    .venv/bin/python -m scripts.diagnose_interactive --seeds 1000,1001,1002 --size 512
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from sarco_app import metrics
+
+from sarco_app.interaction import interactive
+from sarco_app.labels import FAT_HU, LABELS, MUSCLE_HU
+
+from scripts import simulate_annotator as sim
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from sarco_app import metrics  # noqa: E402
-
-from sarco_app.interaction import interactive  # noqa: E402
-from sarco_app.labels import FAT_HU, LABELS, MUSCLE_HU  # noqa: E402
-
-import simulate_annotator as sim  # noqa: E402
 
 
 def error_breakdown(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:

@@ -36,8 +36,8 @@
 
 Everything else printed is also written as CSV to ``--out``.
 
-    .venv/bin/python scripts/eval_bodycomp.py --model models/bodycomp_unet.pt
-    .venv/bin/python scripts/eval_bodycomp.py --real-only
+    .venv/bin/python -m scripts.eval_bodycomp --model models/bodycomp_unet.pt
+    .venv/bin/python -m scripts.eval_bodycomp --real-only
 """
 
 from __future__ import annotations
@@ -50,23 +50,22 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sarco_app import labels as L  # noqa: E402
-from sarco_app.inputs.ingest import load_dicom_seg, load_image  # noqa: E402
-from sarco_app.segmentation.network import load_checkpoint  # noqa: E402
-from sarco_app.figures.overlay import overlay_png  # noqa: E402
-from sarco_app.synthesis.phantom import generate  # noqa: E402
-from sarco_app.segmentation.plausibility import slice_measures  # noqa: E402
-from sarco_app.metrics import PooledOverlap, dice_per_tissue  # noqa: E402
-from sarco_app.segmentation.segment import (  # noqa: E402
+from sarco_app import labels as L
+from sarco_app.inputs.dicom_seg import load_dicom_seg
+from sarco_app.inputs.ingest import load_image
+from sarco_app.segmentation.network import load_checkpoint
+from sarco_app.figures.overlay import overlay_png
+from sarco_app.synthesis.phantom import generate
+from sarco_app.segmentation.plausibility import slice_measures
+from sarco_app.metrics import PooledOverlap, dice_per_tissue
+from sarco_app.segmentation.segment import (
     resample_hu,
     segment_volume,
     working_logits,
     working_shape,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 TISSUES = ("muscle", "sat", "vat", "imat")
 #: Held-out groups: (name, spacing_mm or None for the generator's clinical default, matrix).

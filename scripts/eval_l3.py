@@ -18,7 +18,7 @@ vertebra labels: label 29 is the commonest vertebra label in that slice), also r
 5 mm (by averaging, as for phantoms) and z-flipped; the T11-T12 DICOM series must be answered
 "not in field of view".
 
-Usage: ``python scripts/eval_l3.py [--n 50] [--csv docs/l3_eval.csv]``
+Usage: ``python -m scripts.eval_l3 [--n 50] [--csv docs/l3_eval.csv]``
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sarco_app.inputs.ingest import load_image
+from sarco_app.spine.l3 import file_slice_index, locate_l3
+from sarco_app.synthesis.phantom3d import make_volume_phantom, resample_z, save_volume
 
-from sarco_app.inputs.ingest import load_image  # noqa: E402
-from sarco_app.spine.l3 import file_slice_index, locate_l3  # noqa: E402
-from sarco_app.synthesis.phantom3d import make_volume_phantom, resample_z, save_volume  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 REAL = ROOT.parent / "shared/data/real"
 TOLERANCE_MM = 5.0

@@ -19,29 +19,26 @@ after each stroke; writes one PNG (per scan: model label | failure + first strok
 
 Usage::
 
-    .venv/bin/python scripts/organ_strokes_real.py --out docs/organ_strokes_real
+    .venv/bin/python -m scripts.organ_strokes_real --out docs/organ_strokes_real
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from sarco_app import metrics
+
+from sarco_app.interaction import interactive
+
+from sarco_app.segmentation import threshold
+from sarco_app.labels import MUSCLE, MUSCLE_HU, SAT
+from scripts.simulate_annotator import next_scribble
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sarco_app import metrics  # noqa: E402
-
-from sarco_app.interaction import interactive  # noqa: E402
-
-from sarco_app.segmentation import threshold  # noqa: E402
-from sarco_app.labels import MUSCLE, MUSCLE_HU, SAT  # noqa: E402
-from simulate_annotator import next_scribble  # noqa: E402
 
 SCANS = ("totalsegmentator-dicom-series", "dcmqi-ct-3slice")
 

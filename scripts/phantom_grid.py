@@ -14,7 +14,7 @@ level, how much of the wall's inner edge the liver, spleen, kidneys or diaphragm
 phantoms (from their organ maps), and the same for the real dcmqi slices from their liver SEG
 (liver only; the wall there is the shipped model's muscle label).
 
-    .venv/bin/python scripts/phantom_grid.py [--count 8] [--seed 0] [--out docs/phantom_grid.png]
+    .venv/bin/python -m scripts.phantom_grid [--count 8] [--seed 0] [--out docs/phantom_grid.png]
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sarco_app import labels
+
+from sarco_app.synthesis import phantom
+from sarco_app.inputs.ingest import load_image
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sarco_app import labels  # noqa: E402
-
-from sarco_app.synthesis import phantom  # noqa: E402
-from sarco_app.inputs.ingest import load_image  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 WINDOW = (40 - 200, 40 + 200)  # W400 / L40

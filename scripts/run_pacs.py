@@ -1,6 +1,6 @@
 """The web labelling workflow on one machine: Orthanc (DICOMweb) + the MONAI Label server + OHIF.
 
-    python scripts/run_pacs.py [--upload DICOM_FOLDER ...] [--auth USER:PASSWORD]
+    python -m scripts.run_pacs [--upload DICOM_FOLDER ...] [--auth USER:PASSWORD]
 
 1. starts Orthanc on 127.0.0.1 (``--orthanc-port``, default 8043: Debian's own Orthanc service
    keeps 8042) with the DICOMweb plugin and its own storage folder (``--storage``, default
@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sarco_app.inputs import pacs
+from sarco_app.errors import SarcoError
 
-from sarco_app.inputs import pacs  # noqa: E402
-from sarco_app.errors import SarcoError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,14 +24,13 @@ summary CSV and a PNG plot.
 
 Usage::
 
-    .venv/bin/python scripts/simulate_annotator.py --n 30 --size 256 --out docs/interactive
+    .venv/bin/python -m scripts.simulate_annotator --n 30 --size 256 --out docs/interactive
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,13 +39,12 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
+from sarco_app import metrics
+
+from sarco_app.interaction import interactive
+from sarco_app.labels import LABELS, MUSCLE, SAT
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sarco_app import metrics  # noqa: E402
-
-from sarco_app.interaction import interactive  # noqa: E402
-from sarco_app.labels import LABELS, MUSCLE, SAT  # noqa: E402
 
 TISSUES = ("muscle", "sat", "vat", "imat")
 METHODS = ("backprojection", "grabcut", "histogram_graphcut")

@@ -40,10 +40,10 @@ as the unlabelled pool and writes the pseudo-label overlays of round 0 and of th
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --out docs/pseudo_loop
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --quick --out /tmp/loop_quick
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.simulate_loop --out docs/pseudo_loop
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.simulate_loop --quick --out /tmp/loop_quick
     # from the shipped model, on the upper abdomen (docs/pseudo_loop.md, "From a good start model"):
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/simulate_loop.py --start-model models/bodycomp_unet.pt \
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.simulate_loop --start-model models/bodycomp_unet.pt \
         --pool-levels T11,T12,L1 --crop 192 --lr 3e-4 --iterations 60 --rounds 3 --pool 60 --heldout 12 \
         --out docs/pseudo_loop_good_start
 """
@@ -65,18 +65,17 @@ import torch
 from scipy import ndimage as ndi
 from scipy.stats import spearmanr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from sarco_app import labels as L
+from sarco_app.segmentation import pseudo
+from sarco_app.measurement.evaluate import agreement
+from sarco_app.metrics import PooledOverlap
+from sarco_app.segmentation.network import DEFAULT_NETWORK
+from sarco_app.synthesis.phantom import generate
+from sarco_app.segmentation.segment import get_model
+from sarco_app.segmentation.train import TrainConfig, train
+from sarco_app.segmentation.training_data import Sample
 
-from sarco_app import labels as L  # noqa: E402
-from sarco_app.segmentation import pseudo  # noqa: E402
-from sarco_app.measurement.evaluate import agreement  # noqa: E402
-from sarco_app.metrics import PooledOverlap  # noqa: E402
-from sarco_app.segmentation.network import DEFAULT_NETWORK  # noqa: E402
-from sarco_app.synthesis.phantom import generate  # noqa: E402
-from sarco_app.segmentation.segment import get_model  # noqa: E402
-from sarco_app.segmentation.train import Sample, TrainConfig, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TISSUES_CORRECTED = ("muscle", "sat", "vat")
 #: First phantom seeds of the start finals, the pool and the held-out set.
@@ -133,7 +132,7 @@ def correct(hu, truth, current, spacing) -> tuple[int, int, int]:
     reached 0.95; and the interactions the same session took to reach IoU 0.90 (the paper's
     measure; a tissue that never does counts 10). Strokes move IoU by 0.01-0.05 each, so from a
     poor pseudo-label 0.95 is out of reach within the cap and the 0.90 count tells more."""
-    from simulate_annotator import ours, run_session
+    from scripts.simulate_annotator import ours, run_session
 
     tool = ours("backprojection")
     strokes = reached = strokes_090 = 0

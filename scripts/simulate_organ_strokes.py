@@ -21,26 +21,23 @@ new code end up side by side), ``<out>_summary.csv`` and ``<out>.png``.
 Usage (the numbers in docs/interactive.md; "main" is the same script run from an export of
 the previous commit, see the docs)::
 
-    .venv/bin/python scripts/simulate_organ_strokes.py --n 16 --size 256 --tag strokes \\
+    .venv/bin/python -m scripts.simulate_organ_strokes --n 16 --size 256 --tag strokes \\
         --out docs/organ_strokes
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sarco_app.labels import MUSCLE, MUSCLE_HU, ORGAN_NAMES
+from scripts.simulate_annotator import ours, run_session
 
-from sarco_app.labels import MUSCLE, MUSCLE_HU, ORGAN_NAMES  # noqa: E402
-from simulate_annotator import ours, run_session  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Organs the network takes for muscle on real CT where they touch the wall.
 ORGANS = ("liver", "spleen", "kidney")

@@ -13,10 +13,10 @@ The shipped model is three runs (recorded in models/MODEL_CARD.md): the defaults
 a fine-tune on another seed's phantoms with larger crops (stage 2, 45 min), and the split head
 with the backbone frozen (stage 3, 14 min)::
 
-    .venv/bin/python scripts/train_bodycomp.py --out runs/stage1.pt
-    .venv/bin/python scripts/train_bodycomp.py --seed 7 --init runs/stage1.pt --lr 6e-4 --epochs 90 \
+    .venv/bin/python -m scripts.train_bodycomp --out runs/stage1.pt
+    .venv/bin/python -m scripts.train_bodycomp --seed 7 --init runs/stage1.pt --lr 6e-4 --epochs 90 \
         --crop 192 --batch-size 4 --time-limit 2700 --out models/bodycomp_unet.pt
-    .venv/bin/python scripts/train_bodycomp.py --seed 21 --init models/bodycomp_unet.pt --epochs 0 \
+    .venv/bin/python -m scripts.train_bodycomp --seed 21 --init models/bodycomp_unet.pt --epochs 0 \
         --count 300 --split-head-iterations 1500 --threads 1 --out models/bodycomp_unet.pt
 """
 
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sarco_app.synthesis.phantom import generate  # noqa: E402
-from sarco_app.segmentation.network import DEFAULT_NETWORK  # noqa: E402
-from sarco_app.segmentation.train import Sample, TrainConfig, train  # noqa: E402
+from sarco_app.synthesis.phantom import generate
+from sarco_app.segmentation.network import DEFAULT_NETWORK
+from sarco_app.segmentation.train import TrainConfig, train
+from sarco_app.segmentation.training_data import Sample
 
 
 def parse_levels(text: str | None) -> dict[str, float] | None:

@@ -11,7 +11,8 @@ import pytest
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
 from sarco_app.measurement.cohort import column_from_header, quantify_studies
-from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.measurement.quantify import load_label, quantify_scan
 
 

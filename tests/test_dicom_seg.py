@@ -11,7 +11,7 @@ import pytest
 from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.__main__ import main as cli
 from sarco_app.labels import COLORS, LABELS
-from dicom_factory import write_ct_slice
+from tests.dicom_factory import write_ct_slice
 
 RNG = np.random.default_rng(17)
 

@@ -9,10 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sarco_app.inputs import ingest
+from sarco_app.inputs import dicom, ingest
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.__main__ import main as cli
 from sarco_app.errors import IngestError
-from dicom_factory import write_ct_slice, write_series
+from tests.dicom_factory import write_ct_slice, write_series
 
 RNG = np.random.default_rng(0)
 
@@ -80,7 +81,7 @@ def test_rescale_and_padding(tmp_path):
 def test_series_without_uids_grouped_by_geometry(tmp_path):
     write_series(tmp_path / "a", _volume(3), [0, 2, 4], series_uid="", spacing=(0.8, 0.8))
     write_series(tmp_path / "b", _volume(2), [0, 5], series_uid="", spacing=(0.6, 0.6))
-    found = ingest.list_series(tmp_path)
+    found = dicom.list_series(tmp_path)
     assert sorted(s.num_slices for s in found) == [2, 3]
     image = ingest.load_image(tmp_path)  # largest CT series by default
     assert image.num_slices == 3
@@ -163,7 +164,7 @@ def test_nifti_label_round_trip_keeps_grid(tmp_path):
 
 def test_2d_nifti_and_sidecar(tmp_path):
     hu = RNG.normal(0, 30, (8, 6)).astype(np.float32)
-    image = ingest.make_image(hu, (0.7, 0.9), ingest.PatientInfo(sex="M", age=70, height_cm=170,
+    image = ingest.make_image(hu, (0.7, 0.9), PatientInfo(sex="M", age=70, height_cm=170,
                                                                  weight_kg=80))
     path = ingest.save_image(image, tmp_path / "case.nii.gz")
     assert json.loads((tmp_path / "case.json").read_text())["patient"]["height_cm"] == 170
@@ -306,7 +307,7 @@ def test_every_axis_order_round_trips(tmp_path, perm, flips):
 def test_jpeg_lossless_series_reads_like_the_uncompressed_one(tmp_path, capsys):
     """JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) decodes with pylibjpeg-libjpeg: the HU are the
     uncompressed series' exactly, through ``load_image`` and the ``info`` command."""
-    from dicom_factory import compress_jpeg_lossless
+    from tests.dicom_factory import compress_jpeg_lossless
 
     rng = np.random.default_rng(3)
     raw = rng.integers(-1024, 1500, size=(3, 40, 48)).astype(np.int16)
@@ -324,7 +325,7 @@ def test_jpeg_lossless_series_reads_like_the_uncompressed_one(tmp_path, capsys):
 
 
 def test_jpeg_ls_series_reads_like_the_uncompressed_one(tmp_path):
-    from dicom_factory import compress_jpeg_ls
+    from tests.dicom_factory import compress_jpeg_ls
 
     raw = np.random.default_rng(4).integers(0, 2500, size=(3, 40, 48)).astype(np.int16)  # stored = HU + 1024
     plain = write_series(tmp_path / "plain", raw, [0.0, 2.0, 4.0])

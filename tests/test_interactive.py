@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
 from sarco_app import metrics
-
 from sarco_app.interaction import interactive, scribble_regions
 from sarco_app.errors import SarcoError
 from sarco_app.labels import IMAT, MUSCLE, SAT, VAT
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import simulate_annotator  # noqa: E402
+from scripts import simulate_annotator
 
 TOOLS = [interactive.back_projection, interactive.grabcut]
 SPACING = (1.5, 1.5)

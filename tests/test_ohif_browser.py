@@ -53,14 +53,14 @@ def series(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, series):
-    from conftest import running_orthanc
+    from tests.harness import running_orthanc
 
     yield from running_orthanc(tmp_path_factory, series)
 
 
 @pytest.fixture(scope="module")
 def server(start_server, orthanc, tmp_path_factory):
-    from conftest import start_dicomweb_server
+    from tests.harness import start_dicomweb_server
 
     return start_dicomweb_server(start_server, orthanc, tmp_path_factory)
 

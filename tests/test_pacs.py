@@ -9,7 +9,7 @@ import pydicom
 from pydicom.uid import UID
 
 from sarco_app.inputs import pacs
-from dicom_factory import write_series
+from tests.dicom_factory import write_series
 
 
 def _uids(datasets):
@@ -61,7 +61,7 @@ def test_repair_of_the_real_anonymised_series(real_data, tmp_path):
 
 def test_volume_phantom_as_a_dicom_series_reads_back_exactly(tmp_path):
     """The run-pacs demo's volume: HU, geometry and patient data survive the DICOM series."""
-    from sarco_app.inputs import ingest
+    from sarco_app.inputs import dicom, ingest
     from sarco_app.synthesis.phantom.writing import write_volume_dicom
     from sarco_app.synthesis.phantom3d import make_volume_phantom
 
@@ -69,7 +69,7 @@ def test_volume_phantom_as_a_dicom_series_reads_back_exactly(tmp_path):
     write_volume_dicom(volume, tmp_path / "vol", "vol", seed=11)
     back = ingest.load_image(tmp_path / "vol")
     assert back.hu.shape == volume.hu.shape
-    assert np.array_equal(back.hu, np.maximum(np.round(volume.hu), ingest.AIR_HU))
+    assert np.array_equal(back.hu, np.maximum(np.round(volume.hu), dicom.AIR_HU))
     assert np.allclose(back.affine, volume.affine, atol=1e-3)
     assert back.patient == volume.patient
     assert len(set(back.meta["sop_instance_uids"])) == volume.hu.shape[2]

@@ -30,14 +30,14 @@ def phantoms(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, phantoms):
-    from conftest import running_orthanc
+    from tests.harness import running_orthanc
 
     yield from running_orthanc(tmp_path_factory, phantoms)
 
 
 @pytest.fixture(scope="module")
 def server(start_server, orthanc, tmp_path_factory):
-    from conftest import start_dicomweb_server
+    from tests.harness import start_dicomweb_server
 
     return start_dicomweb_server(start_server, orthanc, tmp_path_factory)
 
@@ -181,7 +181,7 @@ def test_ohif_asks_for_nrrd_and_label_lists(server, orthanc, phantoms, tmp_path)
 
 
 def test_series_without_pixel_data_is_a_clear_error(server, orthanc, tmp_path):
-    from dicom_factory import write_ct_slice
+    from tests.dicom_factory import write_ct_slice
 
     write_ct_slice(tmp_path / "nopix.dcm", np.zeros((4, 4), np.int16), position=(0, 0, 0),
                    series_uid="1.2.3.4.77", pixel_data=False)

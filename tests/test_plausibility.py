@@ -182,7 +182,7 @@ def test_cli_bad_input_exits_non_zero_with_a_message(phantom_files, tmp_path, ca
 
 
 def real_levels(real_data: Path) -> list[tuple[Path, list[int]]]:
-    """Every real sample at every level it holds (as ``scripts/eval_bodycomp.py --real-only``)."""
+    """Every real sample at every level it holds (as ``python -m scripts.eval_bodycomp --real-only``)."""
     vertebrae = np.rint(load_image(real_data / "totalsegmentator-ct-lower" / "vertebrae_lower.nii.gz").hu)
     middles = []
     for value in (26, 27, 28, 29, 30):  # S1, L5, L4, L3, L2
@@ -228,7 +228,8 @@ def test_cli_on_real_ct_keeps_the_issue_bounds(real_data, tmp_path):
 
 def test_liver_labelled_muscle_on_real_ct_is_flagged(real_data, tmp_path, capsys):
     """The issue's failure on a real slice: the dcmqi sample's liver (its DICOM SEG) labelled muscle."""
-    from sarco_app.inputs.ingest import IngestError, load_dicom_seg
+    from sarco_app.errors import IngestError
+    from sarco_app.inputs.dicom_seg import load_dicom_seg
     from sarco_app.segmentation.segment import segment_volume
 
     folder = real_data / "dcmqi-ct-3slice"

@@ -1,10 +1,9 @@
 """The pseudo-label loop's library (:mod:`sarco_app.segmentation.pseudo`), ``python -m sarco_app loop`` and
-``scripts/simulate_loop.py --quick``."""
+``python -m scripts.simulate_loop --quick``."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from sarco_app.synthesis.phantom import generate, write_phantom
 from sarco_app.segmentation.segment import SHIPPED_MODEL_PATH, get_model
 from sarco_app.segmentation.train import TrainConfig, train
 from sarco_app.segmentation.training_data import Sample
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_entropy_confidence_is_one_for_certain_and_zero_for_uniform_pixels():
@@ -132,9 +129,7 @@ def test_loop_cli_errors(tmp_path, capsys):
 
 def test_simulate_loop_quick(tmp_path):
     # In-process (the script's main), so the test shares this session's imports of torch/MONAI.
-    spec = importlib.util.spec_from_file_location("simulate_loop", ROOT / "scripts" / "simulate_loop.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from scripts import simulate_loop as script
     out = tmp_path / "sim"
     assert script.main(["--quick", "--out", str(out)]) == 0
     with open(f"{out}.csv") as fh:

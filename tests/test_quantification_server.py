@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from sarco_app import labels as L
-from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.measurement.quantify import clean_json, load_label, quantify_scan
 
 

@@ -12,10 +12,11 @@ import pytest
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
 from sarco_app.errors import SarcoError
-from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.measurement.quantify import load_label, quantify_scan, tissue_measures
 from sarco_app.measurement.reference import category, load_cutoffs, load_reference, t_score
-from dicom_factory import write_ct_slice
+from tests.dicom_factory import write_ct_slice
 
 
 def block_label(shape, counts, width=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,12 +12,11 @@ import pytest
 import requests
 
 from sarco_app import metrics
-from sarco_app.inputs.ingest import PatientInfo, load_image, make_image, save_image, save_label
+from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.labels import LABELS, MUSCLE, SAT, VAT
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_interactive import bowel_loop, muscle_plane, synthetic_slice  # noqa: E402
-from test_strokes import organ_against_wall, stroke_in  # noqa: E402
+from tests.test_interactive import bowel_loop, muscle_plane, synthetic_slice
+from tests.test_strokes import organ_against_wall, stroke_in
 
 BG, FG = len(LABELS) + 1, len(LABELS) + 2  # MONAI Label's scribble values for 4 labels
 SPACING = (1.5, 1.5)

@@ -19,7 +19,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from conftest import RunningServer, free_port
+from tests.harness import RunningServer, free_port
 from sarco_app.synthesis.phantom import generate, write_phantom
 
 ROLES = {"user": "monailabel-user", "annotator": "monailabel-annotator", "reviewer": "monailabel-reviewer",

@@ -3,20 +3,14 @@ adds a missed muscle piece; and the same through the interactive tools."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
 from sarco_app import metrics
-
 from sarco_app.interaction import interactive, scribble_regions, strokes
 from sarco_app.labels import MUSCLE, SAT, VAT
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_interactive import SPACING, synthetic_slice  # noqa: E402
+from tests.test_interactive import SPACING, synthetic_slice
 
 
 def organ_against_wall(organ_hu: float = 100.0, seed: int = 0):

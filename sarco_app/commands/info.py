@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sarco_app.inputs import ingest
+from sarco_app.inputs import dicom, ingest
 from sarco_app.errors import IngestError
 
 
@@ -27,7 +27,7 @@ def describe(path: str) -> dict:
         images = [ingest.load_image(path)]
         others = []
     else:
-        found = ingest.list_series(path)
+        found = dicom.list_series(path)
         images, others = [], []
         for index, series in enumerate(found):
             if series.modality in ("CT", ""):

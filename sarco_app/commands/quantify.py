@@ -22,7 +22,7 @@ def positive_float(text: str) -> float:
 
 
 def sex_value(text: str) -> str:
-    from sarco_app.inputs.ingest import normalise_sex
+    from sarco_app.inputs.patient import normalise_sex
 
     sex = normalise_sex(text)
     if sex is None:
@@ -62,7 +62,8 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from sarco_app.inputs.ingest import PLAUSIBLE_PATIENT, PatientInfo, check_plausible, load_image
+    from sarco_app.inputs.ingest import load_image
+    from sarco_app.inputs.patient import PLAUSIBLE_PATIENT, PatientInfo, check_plausible
     from sarco_app.measurement.quantify import clean_json, load_label, quantify_scan
 
     image = load_image(args.image)

@@ -1,4 +1,5 @@
-"""Tissue labels as DICOM Segmentation (SEG) objects: write one from a CT series, read one back.
+"""Tissue labels as DICOM Segmentation (SEG) objects: write one from a CT series, read one back;
+and any binary SEG (e.g. dcmqi's) as a mask on a CT image (:func:`load_dicom_seg`).
 
 A SEG written here holds one segment per tissue of :mod:`sarco_app.labels` (muscle, SAT, VAT,
 IMAT: segment number = label value), each with its label, display colour and coded terms, and
@@ -29,8 +30,8 @@ import numpy as np
 
 from sarco_app import __version__
 
-from sarco_app.inputs import ingest
-from sarco_app.errors import SarcoError
+from sarco_app.errors import IngestError, SarcoError
+from sarco_app.inputs import dicom, ingest
 from sarco_app.labels import COLORS, IMAT, LABELS, MUSCLE, NAMES, SAT, VAT
 from sarco_app.measurement.quantify import check_label
 
@@ -113,7 +114,7 @@ def series_datasets(series_path: str | Path, image: ingest.CTImage) -> list:
 
     Raises :class:`SarcoError` when instances lack the UIDs a SEG must reference.
     """
-    found = ingest.list_series(series_path)
+    found = dicom.list_series(series_path)
     chosen = next((s for s in found if s.key == image.meta.get("series_key")), None)
     if chosen is None:  # list_series and load_dicom read the same files: this is a bug
         raise SarcoError(f"{series_path}: series {image.meta.get('series_key')} not found again")
@@ -224,6 +225,72 @@ def write_seg(series_path: str | Path, label: np.ndarray, out: str | Path, *, se
     return out
 
 
+#: SOP Class UID of a DICOM Segmentation object.
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def read_dicom_seg(path: str | Path) -> Any:
+    """A DICOM Segmentation file as a pydicom Dataset; :class:`IngestError` for a file that is
+    not DICOM or not a SEG."""
+    import pydicom
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:  # pydicom raises many types for a file that is not DICOM
+        raise IngestError(f"{path.name}: not a DICOM file ({exc})") from exc
+    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_SOP_CLASS:
+        raise IngestError(f"{path.name}: not a DICOM Segmentation (SOP class {ds.get('SOPClassUID', '?')})")
+    ds.filename_for_messages = path.name
+    return ds
+
+
+def load_dicom_seg(path: Any, image: ingest.CTImage, segment: int | None = None) -> np.ndarray:
+    """A binary DICOM SEG (e.g. dcmqi's) as a boolean mask on ``image``'s canonical grid.
+
+    ``path`` is a file or a Dataset from :func:`read_dicom_seg`. Every set pixel of every frame
+    (of segment number ``segment``, or of any segment) is placed by its frame's position and
+    orientation (patient coordinates, mm) in the voxel of ``image`` that holds it; pixels
+    outside the image are dropped. Raises :class:`IngestError` for a file that is not a DICOM
+    SEG or lacks the geometry.
+    """
+    ds = path if hasattr(path, "SOPClassUID") else read_dicom_seg(path)
+    path = Path(getattr(ds, "filename_for_messages", "SEG"))
+    frames = np.asarray(ds.pixel_array)
+    frames = frames[None] if frames.ndim == 2 else frames
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames.shape[0]:
+        raise IngestError(f"{path.name}: {frames.shape[0]} frames but {len(per_frame)} per-frame geometries")
+
+    def item(group, name):
+        for source in (group, shared):
+            if source is not None and name in source:
+                return source[name][0]
+        raise IngestError(f"{path.name}: no {name} for a frame")
+
+    to_voxel = np.linalg.inv(np.asarray(image.affine, dtype=float))
+    mask = np.zeros(image.hu.shape, dtype=bool)
+    for frame, group in zip(frames, per_frame):
+        if segment is not None and int(item(group, "SegmentIdentificationSequence").ReferencedSegmentNumber) != segment:
+            continue
+        rows, cols = np.nonzero(frame)
+        if rows.size == 0:
+            continue
+        position = np.array(item(group, "PlanePositionSequence").ImagePositionPatient, dtype=float)
+        cosines = np.array(item(group, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float)
+        row_mm, col_mm = (float(v) for v in item(group, "PixelMeasuresSequence").PixelSpacing)
+        # DICOM: column index runs along the first cosine, row index along the second (LPS, mm).
+        lps = position + np.outer(cols * col_mm, cosines[:3]) + np.outer(rows * row_mm, cosines[3:])
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        voxel = np.rint(ras @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        if image.hu.ndim == 2:
+            voxel = voxel[:, :2]
+        inside = np.all((voxel >= 0) & (voxel < np.array(image.hu.shape)), axis=1)
+        mask[tuple(voxel[inside].T)] = True
+    return mask
+
+
 def segment_tissue(item: Any) -> int | None:
     """The label value a SEG segment (a SegmentSequence item) stands for: by its label, or
     else by its coded property type (and anatomic region); ``None`` when neither fits."""
@@ -255,7 +322,7 @@ def seg_to_label(seg: Any, image: ingest.CTImage) -> np.ndarray:
     Raises :class:`SarcoError` when the SEG references another series than ``image`` (when both
     have UIDs) or holds a segment that is none of the four tissues.
     """
-    ds = seg if hasattr(seg, "SOPClassUID") else ingest.read_dicom_seg(seg)
+    ds = seg if hasattr(seg, "SOPClassUID") else read_dicom_seg(seg)
     name = getattr(ds, "filename_for_messages", "SEG")
     series_uid = str(image.meta.get("series_uid", "") or "")
     refs = referenced_series(ds)
@@ -271,7 +338,7 @@ def seg_to_label(seg: Any, image: ingest.CTImage) -> np.ndarray:
                 f"{name}: segment {item.SegmentNumber} ({item.get('SegmentLabel', '')!r}) is not muscle, "
                 "SAT, VAT or IMAT"
             )
-        label[ingest.load_dicom_seg(ds, image, segment=int(item.SegmentNumber))] = value
+        label[load_dicom_seg(ds, image, segment=int(item.SegmentNumber))] = value
     return label
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sarco_app.inputs import ingest
+from sarco_app.inputs import dicom
 from sarco_app.errors import SarcoError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def repair_uids(datasets: Sequence[Any], names: Sequence[str] | None = None) -> 
     The new UIDs are pydicom ``generate_uid`` hashes of the files' own content: the study's from
     patient id, study date/time/id, accession number and frame of reference; the series' from
     the study UID and the series' identity (its geometry when the UID is missing, as
-    :mod:`sarco_app.inputs.ingest` groups series); an instance's from the file meta's
+    :mod:`sarco_app.inputs.dicom` groups series); an instance's from the file meta's
     MediaStorageSOPInstanceUID when it has one, else from the series UID, position, instance
     number and a hash of the pixel data. ``datasets`` are changed in place (file meta too).
 
@@ -63,7 +63,7 @@ def repair_uids(datasets: Sequence[Any], names: Sequence[str] | None = None) -> 
                                                         "StudyID", "AccessionNumber", "FrameOfReferenceUID")))
         if "SeriesInstanceUID" in empty:
             ds.SeriesInstanceUID = _generated(
-                "sarco-series", ds.StudyInstanceUID, ingest._series_key(ds), _text(ds, "SeriesNumber"),
+                "sarco-series", ds.StudyInstanceUID, dicom.series_key(ds), _text(ds, "SeriesNumber"),
                 _text(ds, "SeriesDescription"))
         if "SOPInstanceUID" in empty:
             meta_uid = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "").strip()

@@ -74,10 +74,10 @@ def find_raw_inputs(input_dir: str | Path) -> list[RawInput]:
 
 
 def _dicom_entries(path: Path, name: str, files: list[Path] | None = None) -> list[RawInput]:
-    from sarco_app.inputs import ingest
+    from sarco_app.inputs import dicom
 
     try:
-        found = ingest.list_series(files if files is not None else path)
+        found = dicom.list_series(files if files is not None else path)
     except SarcoError as exc:
         return [RawInput(name, path, error=str(exc))]
     entries = [_series_entry(name if len(found) == 1 else f"{name}#{i}", path, s, i) for i, s in enumerate(found)]

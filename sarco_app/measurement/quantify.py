@@ -27,7 +27,8 @@ import numpy as np
 
 from sarco_app import labels as L
 from sarco_app.errors import SarcoError, reason
-from sarco_app.inputs.ingest import CTImage, PatientInfo, take_slice
+from sarco_app.inputs.ingest import CTImage, take_slice
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.measurement.reference import (
     Cutoffs,
     ReferenceTable,
@@ -395,7 +396,7 @@ def _param_number(params: dict[str, Any], key: str) -> float | None:
 def patient_from_params(params: dict[str, Any]) -> PatientInfo:
     """Manual patient data from request params ``sex``, ``age``, ``height_cm``, ``weight_kg``
     (empty strings mean "not given"); bad values raise :class:`SarcoError`."""
-    from sarco_app.inputs.ingest import normalise_sex
+    from sarco_app.inputs.patient import normalise_sex
 
     sex_text = params.get("sex")
     sex = None
@@ -403,7 +404,7 @@ def patient_from_params(params: dict[str, Any]) -> PatientInfo:
         sex = normalise_sex(sex_text)
         if sex is None:
             raise SarcoError(f"sex must be M or F, got {sex_text!r}")
-    from sarco_app.inputs.ingest import PLAUSIBLE_PATIENT, check_plausible
+    from sarco_app.inputs.patient import PLAUSIBLE_PATIENT, check_plausible
 
     return PatientInfo(
         sex=sex, **{key: check_plausible(key, _param_number(params, key)) for key in PLAUSIBLE_PATIENT}

@@ -156,7 +156,7 @@ def _normalise_index(name: str, where: str) -> str:
 
 
 def _normalise_sex(value: str, where: str) -> str:
-    from sarco_app.inputs.ingest import normalise_sex
+    from sarco_app.inputs.patient import normalise_sex
 
     sex = normalise_sex(value)
     if sex is None:
@@ -414,7 +414,7 @@ def derive_reference(
         if age_min is not None:
             keep &= age >= age_min
         frame = frame[keep]
-    from sarco_app.inputs.ingest import normalise_sex
+    from sarco_app.inputs.patient import normalise_sex
 
     frame = frame.assign(_sex=frame["sex"].map(normalise_sex))
     stats: dict[tuple[str, str], ReferenceStat] = {}

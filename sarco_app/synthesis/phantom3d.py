@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from sarco_app.inputs.ingest import CTImage, PatientInfo, make_image, save_nifti, sidecar_path
+from sarco_app.inputs.ingest import CTImage, make_image, save_nifti, sidecar_path
+from sarco_app.inputs.patient import PatientInfo
 
 #: Vertebra names from top to bottom used by the phantoms ("S" is the fused sacrum).
 THORACIC = [f"T{i}" for i in range(4, 13)]

@@ -11,7 +11,8 @@ import numpy as np
 
 from sarco_app import labels
 from sarco_app.errors import SarcoError
-from sarco_app.inputs.ingest import CTImage, PatientInfo, make_image
+from sarco_app.inputs.ingest import CTImage, make_image
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.synthesis.phantom.anatomy import draw_anatomy
 from sarco_app.synthesis.phantom.geometry import block_mode, circle_mask
 from sarco_app.synthesis.phantom.plan import LEVEL_Z_MM, Plan, check_inputs, draw_plan, smi_cutoff
@@ -99,7 +100,7 @@ def generate(
     """
     seed, size, level, spacing = check_inputs(seed, size, level, spacing_mm)
     if sex is not None and sex not in ("M", "F"):
-        from sarco_app.inputs.ingest import normalise_sex
+        from sarco_app.inputs.patient import normalise_sex
 
         sex_norm = normalise_sex(sex)
         if sex_norm is None:

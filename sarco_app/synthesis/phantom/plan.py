@@ -21,7 +21,7 @@ import numpy as np
 
 from sarco_app import labels
 from sarco_app.errors import SarcoError
-from sarco_app.inputs.ingest import PatientInfo
+from sarco_app.inputs.patient import PatientInfo
 from sarco_app.synthesis.phantom.geometry import half_superellipse_area
 from sarco_app.synthesis.phantom.tissues import LEVEL_ANATOMY
 
