@@ -151,16 +151,9 @@ def test_simulate_loop_quick(tmp_path):
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_simulate_loop_quick_from_a_start_model_on_upper_levels(tmp_path):
     # The shipped model as the start, pool and held-out phantoms at T11/T12/L1, through main().
-    script = _load_script("simulate_loop")
+    from scripts import simulate_loop as script
     out = tmp_path / "good"
     levels = ["T11", "T12", "L1"]
     assert script.main(["--quick", "--out", str(out), "--start-model", str(SHIPPED_MODEL_PATH),
@@ -179,8 +172,8 @@ def test_simulate_loop_quick_from_a_start_model_on_upper_levels(tmp_path):
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_simulate_loop_pool_levels_and_bad_options(tmp_path, capsys):
-    script = _load_script("simulate_loop")
+def test_simulate_loop_pool_levels_and_bad_options(tmp_path, capsys, monkeypatch):
+    from scripts import simulate_loop as script
     generated = []
     real_generate = script.generate
 
@@ -188,7 +181,7 @@ def test_simulate_loop_pool_levels_and_bad_options(tmp_path, capsys):
         generated.append(kwargs["level"])
         return real_generate(seed, **kwargs)
 
-    script.generate = spy
+    monkeypatch.setattr(script, "generate", spy)
     for seed in range(12):
         script.shifted_phantom(script.POOL_SEED0 + seed, 64, (1.5, 2.4), ["T11", "T12"])
     assert set(generated) == {"T11", "T12"}
@@ -202,7 +195,7 @@ def test_simulate_loop_pool_levels_and_bad_options(tmp_path, capsys):
 def test_annotator_counts_a_tissue_absent_from_label_and_truth_as_done():
     # metrics.iou is None for two empty masks (the library's rule); the annotator needs a number:
     # a label that rightly holds none of a tissue is finished at its first interaction.
-    annotator = _load_script("simulate_annotator")
+    from scripts import simulate_annotator as annotator
     hu = np.zeros((32, 32), np.float32)
     truth = np.zeros((32, 32), np.uint8)
     truth[4:20, 4:20] = 1  # muscle only: no VAT anywhere
