@@ -22,7 +22,7 @@ import numpy as np
 
 from sarco_app.inputs.ingest import make_image
 from sarco_app.spine.l3 import locate_l3
-from sarco_app.synthesis.phantom3d import make_volume_phantom
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 

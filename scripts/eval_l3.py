@@ -34,7 +34,8 @@ import numpy as np
 
 from sarco_app.inputs.ingest import load_image
 from sarco_app.spine.l3 import file_slice_index, locate_l3
-from sarco_app.synthesis.phantom3d import make_volume_phantom, resample_z, save_volume
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+from sarco_app.synthesis.phantom3d.writing import resample_z, save_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -52,8 +52,9 @@ def ensure_demo(folder: Path, count: int) -> Path:
     """One-slice L3 phantoms and one L1-L5 volume phantom (OHIF's MONAI Label mode needs a
     series of several slices to build its volume)."""
     if not any(folder.glob("*/*.dcm")):
-        from sarco_app.synthesis.phantom.writing import write_cohort, write_volume_dicom
-        from sarco_app.synthesis.phantom3d import make_volume_phantom
+        from sarco_app.synthesis.phantom.writing import write_cohort
+        from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+        from sarco_app.synthesis.phantom3d.writing import write_volume_dicom
 
         write_cohort(folder, count=count, seed=2024, format="dicom")
         volume, _ = make_volume_phantom(2024, slice_thickness=5.0, matrix=256, coverage="mid")

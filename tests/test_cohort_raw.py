@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from sarco_app.__main__ import main
-from sarco_app.synthesis.phantom3d import make_volume_phantom, save_volume
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+from sarco_app.synthesis.phantom3d.writing import save_volume
 from tests.dicom_factory import write_series
 
 FAST = dict(matrix=160, pixel_spacing=2.4)

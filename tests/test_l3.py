@@ -13,7 +13,9 @@ from sarco_app.__main__ import main
 from sarco_app.inputs.ingest import load_image
 from sarco_app.errors import SarcoError
 from sarco_app.spine.l3 import choose_slice, file_slice_index, locate_l3
-from sarco_app.synthesis.phantom3d import VERTEBRA_LABELS, make_volume_phantom, resample_z, save_volume
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+from sarco_app.synthesis.phantom3d.spine import VERTEBRA_LABELS
+from sarco_app.synthesis.phantom3d.writing import resample_z, save_volume
 from sarco_app.figures.views import L3_COLOUR, render_l3_views
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"

@@ -14,7 +14,8 @@ import requests
 
 from sarco_app.inputs.ingest import load_image, make_image, save_image
 from sarco_app.spine.l3 import locate_l3
-from sarco_app.synthesis.phantom3d import make_volume_phantom, save_volume
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+from sarco_app.synthesis.phantom3d.writing import save_volume
 
 FAST = dict(matrix=160, pixel_spacing=2.4)
 

@@ -44,8 +44,8 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="browser test skipp
 def series(tmp_path_factory):
     """An L1-L5 volume phantom (OHIF's MONAI Label mode builds a volume: one slice is not
     enough), 256x256 at 1.5 mm, 5 mm slices."""
-    from sarco_app.synthesis.phantom.writing import write_volume_dicom
-    from sarco_app.synthesis.phantom3d import make_volume_phantom
+    from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+    from sarco_app.synthesis.phantom3d.writing import write_volume_dicom
 
     volume, _ = make_volume_phantom(707071, slice_thickness=5.0, matrix=256, coverage="mid")
     return write_volume_dicom(volume, tmp_path_factory.mktemp("browser_dicom") / "vol", "vol", seed=707071)

@@ -62,8 +62,8 @@ def test_repair_of_the_real_anonymised_series(real_data, tmp_path):
 def test_volume_phantom_as_a_dicom_series_reads_back_exactly(tmp_path):
     """The run-pacs demo's volume: HU, geometry and patient data survive the DICOM series."""
     from sarco_app.inputs import dicom, ingest
-    from sarco_app.synthesis.phantom.writing import write_volume_dicom
-    from sarco_app.synthesis.phantom3d import make_volume_phantom
+    from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+    from sarco_app.synthesis.phantom3d.writing import write_volume_dicom
 
     volume, _ = make_volume_phantom(11, slice_thickness=5.0, matrix=96, coverage="mid")
     write_volume_dicom(volume, tmp_path / "vol", "vol", seed=11)

@@ -440,7 +440,7 @@ def test_phantom_areas_and_martin_flag_agree():
 def test_3d_scan_labelled_on_every_slice_is_measured_at_l3():
     """Without --slice, a volume labelled on all slices is measured at the L3 slice."""
     from sarco_app.spine.l3 import locate_l3
-    from sarco_app.synthesis.phantom3d import make_volume_phantom
+    from sarco_app.synthesis.phantom3d.build import make_volume_phantom
 
     image, truth = make_volume_phantom(21, slice_thickness=3.0, variants=[], matrix=160, pixel_spacing=2.4)
     label = np.where((image.hu > -29) & (image.hu < 150), 1, 0).astype(np.uint8)

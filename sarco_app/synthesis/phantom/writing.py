@@ -85,7 +85,8 @@ def set_patient(ds, case_id: str, patient, height_decimals: int = 2) -> None:
     ds.PatientPosition, ds.BodyPartExamined = "HFS", "ABDOMEN"
 
 
-def _uid(seed: int, case_id: str, what: str) -> str:
+def phantom_uid(seed: int, case_id: str, what: str) -> str:
+    """A DICOM UID that depends only on the phantom's seed, case id and ``what`` (study, series, ...)."""
     from pydicom.uid import generate_uid
 
     return generate_uid(entropy_srcs=["sarco-phantom", str(seed), case_id, what])
@@ -140,10 +141,10 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
     """One CT Image Storage file of the phantom (int16 with rescale slope/intercept, patient
     data, axial geometry, UIDs derived from the seed and case id)."""
     seed = int(phantom.params.get("seed", 0))
-    ds = new_ct_dataset(path, _uid(seed, case_id, "sop"), implementation_name="SARCO_PHANTOM")
-    ds.StudyInstanceUID = _uid(seed, case_id, "study")
-    ds.SeriesInstanceUID = _uid(seed, case_id, "series")
-    ds.FrameOfReferenceUID = _uid(seed, case_id, "frame")
+    ds = new_ct_dataset(path, phantom_uid(seed, case_id, "sop"), implementation_name="SARCO_PHANTOM")
+    ds.StudyInstanceUID = phantom_uid(seed, case_id, "study")
+    ds.SeriesInstanceUID = phantom_uid(seed, case_id, "series")
+    ds.FrameOfReferenceUID = phantom_uid(seed, case_id, "frame")
     ds.Modality = "CT"
     ds.Manufacturer = "sarco synthetic phantom"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
@@ -175,47 +176,6 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
     # Stored (rows, columns) = (ny, nx): the canonical image transposed.
     set_int16_pixels(ds, np.clip(np.round(phantom.hu.T) + 1024, -32768, 32767).astype(np.int16))
     save_dataset(ds, path)
-
-
-def write_volume_dicom(image, folder: str | Path, case_id: str, seed: int = 0,
-                       description: str = "Synthetic abdomen volume") -> Path:
-    """Write a canonical 3D :class:`~sarco_app.inputs.ingest.CTImage` (e.g. from
-    :func:`sarco_app.synthesis.phantom3d.make_volume_phantom`) as an axial DICOM series: one CT Image
-    Storage file per slice in ``folder``, geometry from the image's affine, patient data from
-    ``image.patient``, UIDs derived from ``seed`` and ``case_id``. Returns the folder."""
-    if image.hu.ndim != 3:
-        raise SarcoError(f"a DICOM series needs a 3D image, got shape {image.hu.shape}")
-    folder = Path(folder)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=float)  # RAS -> LPS
-    spacing = image.spacing
-    row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
-    for k in range(image.hu.shape[2]):
-        ds = new_ct_dataset(folder / f"IM{k + 1:04d}.dcm", _uid(seed, case_id, f"sop-{k}"),
-                            implementation_name="SARCO_PHANTOM")
-        ds.StudyInstanceUID = _uid(seed, case_id, "study")
-        ds.SeriesInstanceUID = _uid(seed, case_id, "series")
-        ds.FrameOfReferenceUID = _uid(seed, case_id, "frame")
-        ds.Modality, ds.Manufacturer = "CT", "sarco synthetic phantom"
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
-        ds.SeriesDescription = description
-        set_patient(ds, case_id, image.patient, height_decimals=3)
-        position = lps @ np.array([0.0, 0.0, k, 1.0])
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in position[:3]]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
-        ds.SliceLocation = f"{position[2]:.4f}"
-        ds.SliceThickness = f"{spacing[2]:.2f}"
-        ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # row spacing, column spacing
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
-        ds.WindowCenter, ds.WindowWidth = "40", "400"
-        # Stored (rows, columns): the canonical slice transposed.
-        hu = image.hu[:, :, k]
-        set_int16_pixels(ds, np.clip(np.round(hu.T) + 1024, -32768, 32767).astype(np.int16))
-        save_dataset(ds, folder / f"IM{k + 1:04d}.dcm")
-    return folder
 
 
 def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nifti", *,

@@ -26,7 +26,7 @@ import numpy as np
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from sarco_app.interaction import interactive
+from sarco_app.interaction import interactive, tool_inputs
 from sarco_app.errors import SarcoError, reason
 from sarco_app.inputs.ingest import load_image, save_label
 from sarco_app.labels import LABELS, NAMES
@@ -126,7 +126,7 @@ def _box_to_canonical(image, roi: Sequence[float] | None, slice_index: int | Non
     roi_c = None
     if roi is not None and len(list(roi)) > 0:
         values = list(roi)
-        x0, x1, y0, y1 = interactive.parse_roi(values, shape[:2])
+        x0, x1, y0, y1 = tool_inputs.parse_roi(values, shape[:2])
         box = np.zeros(shape, dtype=bool)
         if len(shape) == 3 and len(values) >= 6:
             z0, z1 = max(int(values[4]), 0), min(int(values[5]), shape[2])
@@ -178,7 +178,7 @@ def label_from_files(method: str, image_path: str, output_path: str, *, tissue: 
     """
     if method not in interactive.METHODS:
         raise SarcoError(f"unknown method {method!r}; use one of {sorted(interactive.METHODS)}")
-    value = interactive.parse_tissue(tissue)
+    value = tool_inputs.parse_tissue(tissue)
     image = load_image(image_path)
     fg = bg = None
     if scribbles_path:
@@ -200,7 +200,7 @@ def label_from_files(method: str, image_path: str, output_path: str, *, tissue: 
                             spacing=image.pixel_spacing, slice_index=index_c, **kwargs)
     save_label(label, image, output_path)
     if label.ndim == 3:
-        changed = int(index_c) if index_c is not None else interactive.resolve_slice_index(label.shape, None, roi_c, fg, bg)
+        changed = int(index_c) if index_c is not None else tool_inputs.resolve_slice_index(label.shape, None, roi_c, fg, bg)
         plane = label[:, :, changed]
         marker = np.zeros(label.shape, bool)
         marker[:, :, changed] = True
