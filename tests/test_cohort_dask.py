@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -189,3 +190,38 @@ def test_killed_worker_loses_no_row(raw_folder, serial_and_dask, cluster, tmp_pa
     assert proc.returncode == 0, output
     got = pd.read_csv(out.with_suffix(".csv")).set_index("id").sort_index()
     pd.testing.assert_frame_equal(got, rows(serial))
+
+
+def test_loop_pseudo_labels_on_the_cluster_as_in_process(cluster, tmp_path, capsys):
+    """``loop --scheduler``: the batch pseudo-labels made by the cluster's workers are those of a
+    serial run (the network runs with one thread on a worker, so confidences may differ in the
+    last digits), and the info file keeps every image's entry although workers write it at once."""
+    import shutil
+
+    import nibabel as nib
+
+    from sarco_app.segmentation.segment import SHIPPED_MODEL_PATH
+    from sarco_app.synthesis.phantom import generate, write_phantom
+
+    serial = tmp_path / "serial"
+    for k in range(4):
+        write_phantom(generate(7300 + k, size=96), serial, f"case{k}")
+    for k in (1, 2, 3):
+        (serial / "labels" / "final" / f"case{k}.nii.gz").unlink()
+    dask = tmp_path / "dask"
+    shutil.copytree(serial, dask)
+    train = ["--rounds", "1", "--init", str(SHIPPED_MODEL_PATH), "--epochs", "1", "--iterations-per-epoch", "1",
+             "--batch-size", "2", "--crop", "64"]
+    assert main(["loop", "--studies", str(serial), *train]) == 0
+    assert main(["loop", "--studies", str(dask), "--scheduler", cluster[0], *train]) == 0
+    assert f"running on Dask at {cluster[0]}, 2 workers" in capsys.readouterr().out
+    info = {name: json.loads((root / "labels" / "pseudo_info.json").read_text()) for name, root in
+            (("serial", serial), ("dask", dask))}
+    assert set(info["dask"]) == set(info["serial"]) == {"case1", "case2", "case3"}
+    for image_id in info["serial"]:
+        expected, got = info["serial"][image_id], info["dask"][image_id]
+        assert got["checkpoint"] == expected["checkpoint"] and got["slices"] == expected["slices"]
+        assert got["confidence"]["overall"] == pytest.approx(expected["confidence"]["overall"], abs=1e-4)
+        a, b = (np.asarray(nib.load(str(root / "labels" / "pseudo" / f"{image_id}.nii.gz")).dataobj)
+                for root in (serial, dask))
+        assert (a == b).mean() > 0.999
