@@ -225,3 +225,8 @@ def test_loop_pseudo_labels_on_the_cluster_as_in_process(cluster, tmp_path, caps
         a, b = (np.asarray(nib.load(str(root / "labels" / "pseudo" / f"{image_id}.nii.gz")).dataobj)
                 for root in (serial, dask))
         assert (a == b).mean() > 0.999
+
+
+def test_bad_worker_count_is_one_clear_line(raw_folder, tmp_path, capsys):
+    code, out = run_cli(raw_folder, tmp_path / "r.xlsx", "--workers", "0", capsys=capsys)
+    assert code == 1 and out.err.strip() == "error: --workers must be at least 1 (got 0)"

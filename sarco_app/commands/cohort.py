@@ -13,7 +13,10 @@ def add_parser(subparsers):
         description=(
             "For every image in a studies folder with a label in labels/final/, measure the "
             "labelled slice (see `quantify`) and write an Excel workbook (sheets scans, summary by "
-            "sex with mean ± SD, reference), the same tables as CSV and an overlay PNG per scan."
+            "sex with mean ± SD, reference), the same tables as CSV and an overlay PNG per scan. "
+            "Scans run in parallel on a local Dask cluster (--workers) or an existing one "
+            "(--scheduler); each scan's row is kept in <out>.parts/ as soon as it is done, and a "
+            "rerun measures only the scans not done yet."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
