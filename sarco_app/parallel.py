@@ -107,7 +107,7 @@ class Executor:
         """``serial``, ``local Dask, N workers`` or ``Dask at ADDRESS, N workers``."""
         if self.kind == "serial":
             return "serial, in this process"
-        n = len(self.client.scheduler_info().get("workers", {})) if self.client is not None else self.workers
+        n = len(self.client.nthreads()) if self.client is not None else self.workers  # every worker, not a sample
         return f"local Dask, {n} workers" if self.kind == "local" else f"Dask at {self.scheduler}, {n} workers"
 
     def start(self) -> None:
