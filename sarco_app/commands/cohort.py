@@ -13,7 +13,10 @@ def add_parser(subparsers):
         description=(
             "For every image in a studies folder with a label in labels/final/, measure the "
             "labelled slice (see `quantify`) and write an Excel workbook (sheets scans, summary by "
-            "sex with mean ± SD, reference), the same tables as CSV and an overlay PNG per scan."
+            "sex with mean ± SD, reference), the same tables as CSV and an overlay PNG per scan. "
+            "Scans run in parallel on a local Dask cluster (--workers) or an existing one "
+            "(--scheduler); each scan's row is kept in <out>.parts/ as soon as it is done, and a "
+            "rerun measures only the scans not done yet."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -32,7 +35,25 @@ def add_parser(subparsers):
     parser.add_argument("--method", choices=("unet", "threshold"), default=None,
                         help="with --input: segmentation method (default: unet when a model "
                         "checkpoint exists, else threshold)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="scans measured in parallel: N worker processes of a local Dask cluster "
+                        "(default: the CPU cores; 1 runs in this process without Dask)")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run on an existing Dask cluster (e.g. tcp://host:8786) instead; its "
+                        "workers must see the input and output folders at the same paths")
+    parser.add_argument("--force", action="store_true",
+                        help="measure every scan again (by default a rerun on the same --out reuses "
+                        "the scans already done, kept in <out>.parts/)")
     return parser
+
+
+def _announce(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _report_run(result) -> None:
+    reused = f", {result['reused']} reused from {result['parts']}" if result["reused"] else ""
+    print(f"measured {result['measured']} ({result['executor']}){reused}")
 
 
 def run_raw(args) -> int:
@@ -41,8 +62,10 @@ def run_raw(args) -> int:
     from sarco_app.measurement.reference import find_reference
 
     result = quantify_raw_folder(args.input, args.out, reference=find_reference(args.reference),
-                                 method=args.method, overlays=not args.no_overlays)
+                                 method=args.method, overlays=not args.no_overlays, workers=args.workers,
+                                 scheduler=args.scheduler, force=args.force, announce=_announce)
     n = len(result["rows"])
+    _report_run(result)
     print(f"{n} series: {n - result['failed']} quantified at L3 ({result['method']}), {result['failed']} not")
     for row in result["rows"]:
         if row["status"] != "ok":
@@ -65,8 +88,13 @@ def run(args) -> int:
         reference=find_reference(args.reference),
         slice_index=args.slice_index,
         overlays=not args.no_overlays,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        force=args.force,
+        announce=_announce,
     )
     n = len(result["rows"])
+    _report_run(result)
     print(f"{n} scan(s) quantified, {result['failed']} failed")
     for row in result["rows"]:
         if row["status"] != "ok":

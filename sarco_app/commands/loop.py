@@ -40,16 +40,20 @@ def add_parser(subparsers):
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="images pseudo-labelled in parallel: N worker processes of a local Dask "
+                        "cluster, each loading the model once (default 1: in this process)")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="pseudo-label on an existing Dask cluster (e.g. tcp://host:8786); its "
+                        "workers must see the studies folder at the same path")
     parser.add_argument("--device", default=None, help="where the network runs: auto (the default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
     return parser
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from sarco_app.segmentation import pseudo
     from sarco_app.errors import SarcoError
-    from sarco_app.inputs.ingest import load_image
+    from sarco_app.parallel import Executor
+    from sarco_app.segmentation import pseudo
     from sarco_app.segmentation.segment import default_model_path, get_model
     from sarco_app.segmentation.train import TrainConfig
 
@@ -73,18 +77,22 @@ def run(args) -> int:
 
     torch.set_num_threads(config.threads)
     for round_index in range(1, args.rounds + 1):
-        model = get_model(current)
+        get_model(current)  # a missing or broken checkpoint fails here, before any work
         model_id = pseudo.checkpoint_id(current)
         finals = folder.labels(pseudo.FINAL_TAG)
         queue = pseudo.candidates(folder.images, finals)
         print(f"round {round_index}/{args.rounds}: {len(finals)} finals, {len(queue)} images to pseudo-label "
               f"with {current} ({model_id})", flush=True)
         scores = {}
-        for image_id in tqdm(queue, desc=f"pseudo-labels round {round_index}", unit="image"):
-            image = load_image(folder.images[image_id])
-            result = pseudo.pseudo_label_image(image, model, model_id=model_id)
-            folder.save_pseudo(image_id, image, result)
-            scores[image_id] = pseudo.overall_confidence(result.confidence)
+        with Executor(args.workers, args.scheduler, n_tasks=len(queue),
+                      announce=lambda line: print(line, flush=True)) as executor:
+            for done in executor.map_unordered(
+                    pseudo.pseudo_label_task, [(i, folder.images[i]) for i in queue],
+                    desc=f"pseudo-labels round {round_index}", unit="image",
+                    root=str(folder.root.resolve()), model_path=str(Path(current).resolve()), model_id=model_id):
+                if done.error is not None:  # as before: a failed image stops the round, with its reason
+                    raise SarcoError(f"pseudo-labelling {queue[done.index]}: {done.error}") from done.error
+                scores[queue[done.index]] = done.value
         queue_csv = out_dir / f"queue_round{round_index}.csv"
         with open(queue_csv, "w", newline="") as fh:
             writer = csv.writer(fh)

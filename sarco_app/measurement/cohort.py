@@ -8,7 +8,7 @@ and the run goes on.
 
 from __future__ import annotations
 
-import sys
+import hashlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -142,6 +142,10 @@ def quantify_studies(
     overlays: bool = True,
     overlay_dir: str | Path | None = None,
     progress: bool = True,
+    workers: int | None = 1,
+    scheduler: str | None = None,
+    force: bool = False,
+    announce: Any = None,
 ) -> dict[str, Any]:
     """Quantify every image with a final label; write the workbook, the CSV and overlays.
 
@@ -153,46 +157,82 @@ def quantify_studies(
         Excel workbook (``.xlsx``) with sheets ``scans`` (one row per scan, see
         :func:`flatten_result`, plus ``id``, ``status``, ``image``, ``label``, ``overlay``),
         ``summary`` (:func:`summary_by_sex`) and ``reference``. The ``scans`` sheet is also
-        written as ``<out stem>.csv`` and the summary as ``<out stem>_summary.csv``.
+        written as ``<out stem>.csv`` and the summary as ``<out stem>_summary.csv``; each scan's
+        row is first written to ``<out_path>.parts/`` (:mod:`sarco_app.measurement.cohort_parts`).
     reference, cutoffs : optional
         T-score table and cut-off rules (defaults: the paper's Table 4; Prado 2008, Martin 2013).
     slice_index : int, optional
         Slice to measure in 3D images; by default the only labelled slice.
     overlays : bool
         Write one PNG per scan into ``overlay_dir`` (default ``<out stem>_overlays/``).
+    workers, scheduler : optional
+        One task per scan on :class:`sarco_app.parallel.Executor`: 1 worker (the default) runs
+        in this process, N a local Dask cluster (``None``: the CPU cores), ``scheduler`` an
+        existing Dask cluster.
+    force : bool
+        Measure every scan again instead of reusing the parts of an earlier run.
 
     Returns
     -------
     dict with ``rows`` (list of dicts), ``xlsx``, ``csv``, ``summary_csv``, ``overlay_dir``,
-    ``unlabelled`` (ids of images without a final label) and ``failed`` (count).
+    ``unlabelled`` (ids of images without a final label), ``failed`` (count), and from
+    :func:`~sarco_app.measurement.cohort_parts.run_scans` ``records``, ``measured``, ``reused``,
+    ``executor``, ``dashboard``, ``wall_s`` and ``parts``.
     """
-    from tqdm import tqdm
+    from sarco_app.measurement.cohort_parts import file_signature, run_scans
 
     out_path, reference, cutoffs = resolve_outputs(out_path, reference, cutoffs)
     studies, unlabelled = find_labelled_studies(studies_dir)
     if not studies:
         raise SarcoError(f"studies folder {studies_dir}: no image has a final label in labels/final/")
     overlay_dir = Path(overlay_dir) if overlay_dir else out_path.with_name(out_path.stem + "_overlays")
+    tables = hashlib.sha1(repr((reference, cutoffs)).encode()).hexdigest()[:12]
+    common = {"mode": "studies", "slice_index": slice_index, "tables": tables,
+              "overlays": str(overlay_dir) if overlays else None}
 
-    rows = []
-    for study_id, image_path, label_path in tqdm(
-        studies, desc="quantify", unit="scan", file=sys.stderr, disable=not progress
-    ):
-        row: dict[str, Any] = {"id": study_id, "status": "ok", "image": str(image_path), "label": str(label_path)}
-        try:
+    def settings(study: tuple[str, Path, Path]) -> dict[str, Any]:
+        return {**common, "image": file_signature(study[1]), "label": file_signature(study[2])}
+
+    run = run_scans(
+        [(study[0], study) for study in studies], measure_labelled, out_path, settings, failed_labelled_row,
+        force=force, workers=workers, scheduler=scheduler, progress=progress, desc="quantify", unit="scan",
+        announce=announce, slice_index=slice_index, reference=reference, cutoffs=cutoffs,
+        overlay_dir=str(overlay_dir) if overlays else None,
+    )
+    written = write_workbook(run["rows"], out_path, reference, cutoffs)
+    return {**run, **written, "overlay_dir": overlay_dir if overlays else None, "unlabelled": unlabelled}
+
+
+def measure_labelled(study: tuple[str, Path, Path], slice_index: int | None, reference: ReferenceTable,
+                     cutoffs: Cutoffs, overlay_dir: str | None) -> dict[str, Any]:
+    """One labelled scan of ``cohort --studies`` as a task: its row (a failure goes into
+    ``status``), the time per step (``read``, ``quantify``, ``write``; s) and the worker's memory."""
+    from sarco_app.measurement.cohort_parts import timed
+    from sarco_app.parallel import process_memory
+
+    study_id, image_path, label_path = study
+    seconds: dict[str, float] = {}
+    row: dict[str, Any] = {"id": study_id, "status": "ok", "image": str(image_path), "label": str(label_path)}
+    try:
+        with timed(seconds, "read"):
             image, label = _load_pair(image_path, label_path)
+        with timed(seconds, "quantify"):
             result = quantify_scan(image, label, slice_index, None, reference, cutoffs)
-            row.update(flatten_result(result))
-            if overlays:
-                row["overlay"] = str(write_overlay(image, label, result, overlay_dir / f"{study_id}.png", study_id))
-        except (ValueError, OSError) as exc:  # one bad scan must not stop the run
-            row["status"] = f"error: {exc}"
-        except Exception as exc:  # an unexpected failure is recorded too, with its type
-            row["status"] = f"error: {type(exc).__name__}: {exc}"
-        rows.append(row)
+        row.update(flatten_result(result))
+        if overlay_dir is not None:
+            with timed(seconds, "write"):
+                row["overlay"] = str(write_overlay(image, label, result, Path(overlay_dir) / f"{study_id}.png",
+                                                   study_id))
+    except (ValueError, OSError) as exc:  # one bad scan must not stop the run
+        row["status"] = f"error: {exc}"
+    except Exception as exc:  # an unexpected failure is recorded too, with its type
+        row["status"] = f"error: {type(exc).__name__}: {exc}"
+    return {"row": row, "seconds": seconds, "worker": process_memory()}
 
-    written = write_workbook(rows, out_path, reference, cutoffs)
-    return {**written, "overlay_dir": overlay_dir if overlays else None, "unlabelled": unlabelled}
+
+def failed_labelled_row(study_id: str, study: tuple[str, Path, Path], status: str) -> dict[str, Any]:
+    """The row of a scan whose task failed as a whole (e.g. its worker died)."""
+    return {"id": study_id, "status": status, "image": str(study[1]), "label": str(study[2])}
 
 
 def resolve_outputs(out_path, reference, cutoffs) -> tuple[Path, ReferenceTable, Cutoffs]:

@@ -18,7 +18,9 @@ L3 columns ``l3_slice_index`` (file voxel order), ``l3_z_mm`` and ``l3_confidenc
 
 from __future__ import annotations
 
-import sys
+import functools
+import hashlib
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,9 +113,16 @@ def _not_axial(image: CTImage) -> bool:
 
 
 def process_input(entry: RawInput, method: str = "unet", model: Any = None,
-                  reference: Any = None, cutoffs: Any = None) -> tuple[dict[str, Any], Any]:
-    """Row (status, L3 columns, measures) and ``(image, label, result)`` for the overlay."""
+                  reference: Any = None, cutoffs: Any = None,
+                  seconds: dict[str, float] | None = None,
+                  load_model: Any = None) -> tuple[dict[str, Any], Any]:
+    """Row (status, L3 columns, measures) and ``(image, label, result)`` for the overlay.
+
+    ``load_model``, when ``model`` is None, is called for the model only when a scan gets as
+    far as segmentation (unreadable or L3-less scans load none); ``seconds``, when given,
+    receives the wall time of the steps ``read``, ``l3``, ``segment`` and ``quantify`` in s."""
     from sarco_app.inputs import ingest
+    from sarco_app.measurement.cohort_parts import timed
     from sarco_app.measurement.cohort import flatten_result
     from sarco_app.spine.l3 import choose_slice, file_slice_index
     from sarco_app.measurement.quantify import quantify_scan
@@ -127,7 +136,8 @@ def process_input(entry: RawInput, method: str = "unet", model: Any = None,
         row["status"] = f"skipped: {entry.skip}"
         return row, None
     try:
-        image = ingest.load_image(entry.files or entry.path, series=entry.series)
+        with timed(seconds, "read"):
+            image = ingest.load_image(entry.files or entry.path, series=entry.series)
     except (ValueError, OSError) as exc:
         row["status"] = f"unreadable: {exc}"
         return row, None
@@ -138,7 +148,8 @@ def process_input(entry: RawInput, method: str = "unet", model: Any = None,
         row["status"] = "skipped: not an axial series (slice axis is not head-feet)"
         return row, None
     if image.hu.ndim == 3:
-        choice = choose_slice(image, middle=False)  # measured at L3 or not at all
+        with timed(seconds, "l3"):
+            choice = choose_slice(image, middle=False)  # measured at L3 or not at all
         if choice.l3 is not None:
             row.update({"l3_confidence": choice.l3.confidence, "l3_reason": choice.l3.reason})
         if choice.index is None:
@@ -150,14 +161,61 @@ def process_input(entry: RawInput, method: str = "unet", model: Any = None,
         k = None
         row["l3_reason"] = "single slice: measured as given"
     try:
-        seg = segment_image(image, [k] if k is not None else None, method=method, model=model)
-        result = quantify_scan(image, seg.label, k, None, reference, cutoffs)
+        if model is None and load_model is not None and method == "unet":
+            model = load_model()
+        with timed(seconds, "segment"):
+            seg = segment_image(image, [k] if k is not None else None, method=method, model=model)
+        with timed(seconds, "quantify"):
+            result = quantify_scan(image, seg.label, k, None, reference, cutoffs)
     except (ValueError, OSError, RuntimeError) as exc:
         row["status"] = f"error: {exc}"
         return row, None
     row["segmentation"] = seg.method
     row.update(flatten_result(result))
     return row, (image, seg.label, result)
+
+
+@functools.lru_cache(maxsize=2)
+def worker_model(path: str, mtime_ns: int) -> Any:
+    """The U-Net at ``path``, loaded once per process (a Dask worker keeps it for all its scans;
+    ``mtime_ns`` in the key loads a rewritten checkpoint again). ``worker_model.cache_info().misses``
+    counts the loads."""
+    from sarco_app.segmentation.segment import get_model
+
+    return get_model(path)
+
+
+def measure_raw(entry: RawInput, method: str, model_path: str | None, reference: Any, cutoffs: Any,
+                overlay_dir: str | None) -> dict[str, Any]:
+    """One scan of ``cohort --input`` as a task: its row, the time per step and the worker's
+    memory (see :func:`sarco_app.measurement.cohort_parts.run_scans`). Runs in a worker process."""
+    from sarco_app.measurement.cohort import write_overlay
+    from sarco_app.measurement.cohort_parts import timed
+    from sarco_app.parallel import process_memory
+
+    seconds: dict[str, float] = {}
+
+    def load_model():
+        return worker_model(model_path, os.stat(model_path).st_mtime_ns)
+
+    try:
+        row, measured = process_input(entry, method, None, reference, cutoffs, seconds=seconds,
+                                      load_model=load_model if model_path else None)
+        if measured is not None and overlay_dir is not None:
+            image, label, result = measured
+            safe = entry.name.replace("/", "_").replace("#", "_")
+            with timed(seconds, "write"):
+                row["overlay"] = str(write_overlay(image, label, result, Path(overlay_dir) / f"{safe}.png",
+                                                   entry.name))
+    except Exception as exc:  # one bad study must not stop the run
+        row = failed_raw_row(entry.name, entry, f"error: {type(exc).__name__}: {exc}")
+    worker = {**process_memory(), "model_loads": worker_model.cache_info().misses}
+    return {"row": row, "seconds": seconds, "worker": worker}
+
+
+def failed_raw_row(scan_id: str, entry: RawInput, status: str) -> dict[str, Any]:
+    """The row of a series whose task failed as a whole."""
+    return {"id": scan_id, "status": status, "image": str(entry.path)}
 
 
 def quantify_raw_folder(
@@ -169,6 +227,10 @@ def quantify_raw_folder(
     overlays: bool = True,
     overlay_dir: str | Path | None = None,
     progress: bool = True,
+    workers: int | None = 1,
+    scheduler: str | None = None,
+    force: bool = False,
+    announce: Any = None,
 ) -> dict[str, Any]:
     """Find L3, segment and quantify every series under ``input_dir``; write the workbook.
 
@@ -177,50 +239,62 @@ def quantify_raw_folder(
     input_dir : path
         Folder of NIfTI files and DICOM studies (see module docstring).
     out_path : path
-        Excel workbook (``.xlsx``); ``<stem>.csv`` and ``<stem>_summary.csv`` beside it.
+        Excel workbook (``.xlsx``); ``<stem>.csv`` and ``<stem>_summary.csv`` beside it, and one
+        part file per series in ``<out_path>.parts/`` (see
+        :mod:`sarco_app.measurement.cohort_parts`).
     method : {"unet", "threshold"}, optional
         Segmentation; default the U-Net when a checkpoint is available, else the HU rules.
     overlays : bool
         Write one overlay PNG per measured scan into ``overlay_dir``
         (default ``<out stem>_overlays/``).
+    workers, scheduler : optional
+        One task per series on :class:`sarco_app.parallel.Executor`: 1 worker (the default) runs
+        in this process, N a local Dask cluster (``None``: the CPU cores), ``scheduler`` an
+        existing Dask cluster.
+    force : bool
+        Measure every series again instead of reusing the parts of an earlier run.
 
     Returns
     -------
     dict with ``rows``, ``xlsx``, ``csv``, ``summary_csv``, ``overlay_dir``, ``failed`` (rows
-    whose status is not ``ok``) and ``method``.
+    whose status is not ``ok``), ``method``, and from
+    :func:`~sarco_app.measurement.cohort_parts.run_scans` ``records``, ``measured``, ``reused``,
+    ``executor``, ``dashboard``, ``wall_s`` and ``parts``.
     """
-    from tqdm import tqdm
-
-    from sarco_app.measurement.cohort import write_overlay, resolve_outputs, write_workbook
+    from sarco_app.measurement.cohort import resolve_outputs, write_workbook
+    from sarco_app.measurement.cohort_parts import file_signature, run_scans
 
     out_path, reference, cutoffs = resolve_outputs(out_path, reference, cutoffs)
-    model = None
+    model_path = None
     if method is None:
         from sarco_app.segmentation.segment import default_model_path
 
         method = "unet" if Path(default_model_path()).is_file() else "threshold"
     if method == "unet":
-        from sarco_app.segmentation.segment import get_model
+        from sarco_app.segmentation.segment import default_model_path
 
-        model = get_model()
+        model_path = str(Path(default_model_path()).resolve())
+        if not Path(model_path).is_file():
+            raise SarcoError(f"{model_path}: model checkpoint not found (train one, or use --method threshold)")
     entries = find_raw_inputs(input_dir)
     if not entries:
         raise SarcoError(f"--input {input_dir}: no NIfTI file or DICOM study found")
     overlay_dir = Path(overlay_dir) if overlay_dir else out_path.with_name(out_path.stem + "_overlays")
-    rows = []
-    for entry in tqdm(entries, desc="cohort", unit="series", file=sys.stderr, disable=not progress):
-        try:
-            row, measured = process_input(entry, method, model, reference, cutoffs)
-            if measured is not None and overlays:
-                image, label, result = measured
-                safe = entry.name.replace("/", "_").replace("#", "_")
-                row["overlay"] = str(write_overlay(image, label, result, overlay_dir / f"{safe}.png", entry.name))
-        except Exception as exc:  # one bad study must not stop the run
-            row = {"id": entry.name, "status": f"error: {type(exc).__name__}: {exc}", "image": str(entry.path)}
-        rows.append(row)
+    tables = hashlib.sha1(repr((reference, cutoffs)).encode()).hexdigest()[:12]
+    common = {"mode": "input", "method": method, "model": file_signature(model_path), "tables": tables,
+              "overlays": str(overlay_dir) if overlays else None}
 
+    def settings(entry: RawInput) -> dict[str, Any]:
+        return {**common, "input": file_signature(entry.path), "series": entry.series}
+
+    run = run_scans(
+        [(entry.name, entry) for entry in entries], measure_raw, out_path, settings, failed_raw_row,
+        force=force, workers=workers, scheduler=scheduler, progress=progress, desc="cohort", unit="series",
+        announce=announce, method=method, model_path=model_path, reference=reference, cutoffs=cutoffs,
+        overlay_dir=str(overlay_dir) if overlays else None,
+    )
     written = write_workbook(
-        rows, out_path, reference, cutoffs,
+        run["rows"], out_path, reference, cutoffs,
         lead_columns=("id", "status", "l3_slice_index", "l3_z_mm", "l3_confidence", "segmentation"),
     )
-    return {**written, "overlay_dir": overlay_dir if overlays else None, "method": method}
+    return {**run, **written, "overlay_dir": overlay_dir if overlays else None, "method": method}

@@ -470,19 +470,42 @@ class StudyFolder:
 
     def save_pseudo(self, image_id: str, image, result: PseudoLabel) -> str:
         """Write the pseudo-label (never a final one) and its info; returns the label path."""
-        from sarco_app.inputs.ingest import save_label
-
         if image_id not in self.images:
             raise SarcoError(f"unknown image {image_id!r}")
-        folder = self.root / "labels" / PSEUDO_TAG
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{image_id}.nii.gz"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{image_id}", suffix=".nii.gz")
-        os.close(fd)
-        save_label(result.label, image, tmp)
-        os.replace(tmp, path)
-        _locked_update(self.info_path, lambda data: {**data, image_id: result.info}, {})
-        return str(path)
+        return write_pseudo(self.root, image_id, image, result)
+
+
+def write_pseudo(root: str | Path, image_id: str, image, result: PseudoLabel) -> str:
+    """Store a pseudo-label in the studies folder ``root``: ``labels/pseudo/<id>.nii.gz``
+    (written atomically) and its info in ``labels/pseudo_info.json`` (under a file lock, so
+    several processes may store at once); returns the label path."""
+    from sarco_app.inputs.ingest import save_label
+
+    root = Path(root)
+    folder = root / "labels" / PSEUDO_TAG
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{image_id}.nii.gz"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{image_id}", suffix=".nii.gz")
+    os.close(fd)
+    save_label(result.label, image, tmp)
+    os.replace(tmp, path)
+    _locked_update(root / "labels" / "pseudo_info.json", lambda data: {**data, image_id: result.info}, {})
+    return str(path)
+
+
+def pseudo_label_task(item: tuple[str, str], root: str, model_path: str, model_id: str) -> float | None:
+    """Pseudo-label one image ``(id, image path)`` of the studies folder ``root`` with the
+    checkpoint ``model_path`` and store it (:func:`write_pseudo`); returns its overall
+    confidence. A task for :class:`sarco_app.parallel.Executor`: the model is loaded once per
+    process (:func:`sarco_app.segmentation.segment.get_model` caches it)."""
+    from sarco_app.inputs.ingest import load_image
+    from sarco_app.segmentation.segment import get_model
+
+    image_id, image_path = item
+    image = load_image(image_path)
+    result = pseudo_label_image(image, get_model(model_path), model_id=model_id)
+    write_pseudo(root, image_id, image, result)
+    return overall_confidence(result.confidence)
 
 
 def _stem(path: Path) -> str:
