@@ -33,7 +33,8 @@ import numpy as np
 from sarco_app.inputs.ingest import make_image
 from sarco_app.measurement.cohort_raw import quantify_raw_folder
 from sarco_app.parallel import default_workers
-from sarco_app.synthesis.phantom3d import make_volume_phantom, save_volume
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+from sarco_app.synthesis.phantom3d.writing import save_volume
 
 logger = logging.getLogger("scripts.bench_cohort")
 STEPS = ("read", "l3", "segment", "quantify", "write")

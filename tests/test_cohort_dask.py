@@ -18,7 +18,8 @@ import pytest
 
 from sarco_app.__main__ import main
 from sarco_app.measurement.cohort_parts import parts_dir
-from sarco_app.synthesis.phantom3d import make_volume_phantom, save_volume
+from sarco_app.synthesis.phantom3d.build import make_volume_phantom
+from sarco_app.synthesis.phantom3d.writing import save_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(matrix=128, pixel_spacing=3.0, slice_thickness=4.0, coverage="abdomen", variants=[])
