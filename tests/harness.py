@@ -81,13 +81,17 @@ class RunningServer:
         except OSError:
             return ""
 
+    def _is_up(self, info: requests.Response) -> bool:
+        """Whether this answer of ``/info/`` means the server is ready (a subclass may relax it)."""
+        return info.status_code == 200
+
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                if self._is_up(requests.get(f"{self.url}/info/", timeout=5)):
                     return
             except requests.RequestException:
                 pass
