@@ -9,8 +9,10 @@
    tissue by HU, :func:`sarco_app.labels.apply_hu_ranges`). The pooled Dice against the
    anatomical majority map (``anatomical_label``, which no thresholding protocol reproduces)
    is printed too, for comparison with models evaluated that way.
-   Then held-out upper-abdomen phantoms (``--upper`` per level T11-L2 and spacing): muscle
-   Dice, muscle area error, and the organ and diaphragm area labelled muscle (the real-CT failure).
+   Then held-out upper-abdomen phantoms (``--upper`` per level T11-L2 and spacing): Dice per
+   tissue, muscle area error, and the organ and diaphragm area labelled muscle (the real-CT
+   failure). ``--upper-only`` runs this part alone, and ``--compare NAME=MODEL ...`` measures
+   more checkpoints on the same phantoms (per case and pooled rows in ``--out``, column ``model``).
 2. **Real CT** in ``../shared/data/real`` (no tissue labels): the L3 slice of ``ct_lower.nii.gz``
    (z = 73, 3 mm pixels), the 3 dcmqi slices and the 20-slice DICOM series. Printed: the fraction
    of predicted muscle pixels inside -29..150 HU and of SAT / VAT pixels inside -190..-30 HU for
@@ -188,37 +190,57 @@ UPPER_SEED = 990_000
 UPPER_LEVELS = ("T11", "T12", "L1", "L2")
 
 
-def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED) -> None:
+def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED,
+               others: dict | None = None, name: str = "model") -> None:
     """Held-out upper-abdomen phantoms (T11-L2, clinical and 3 mm pixels), the levels where real
-    CT labels organs against the wall as muscle: default output's muscle Dice (pooled), muscle
+    CT labels organs against the wall as muscle: default output's pooled Dice per tissue, muscle
     area error per case, and the area (cm² per slice) of solid organs (liver, spleen, kidney,
-    bowel, other) and of the diaphragm labelled muscle."""
+    bowel, other) and of the diaphragm labelled muscle. ``others`` ({name: model}) are measured
+    on the same phantoms (each phantom is generated once), for a comparison of models."""
     if per_group <= 0:
         return
+    models = {name: model, **(others or {})}
     print(f"\n== held-out upper-abdomen phantoms ({per_group} per group, seeds from {seed_base}; default output) ==")
     diaphragm = L.ORGAN_NAMES.index("diaphragm") + 1
     for g, level in enumerate(UPPER_LEVELS):
         for spacing, size in ((None, 512), (3.0, 140)):
-            pooled = PooledOverlap()
-            errors, organ_fp, diaphragm_fp = [], [], []
+            group = f"{level} {'clinical' if spacing is None else '3 mm'}"
+            pooled = {name: PooledOverlap() for name in models}
+            errors = {name: [] for name in models}
+            organ_fp = {name: [] for name in models}
+            diaphragm_fp = {name: [] for name in models}
             for i in range(per_group):
                 seed = seed_base + 100 * g + i + (50 if spacing else 0)
                 ph = generate(seed, level=level, size=size, **({"spacing_mm": spacing} if spacing else {}))
-                out = segment_volume(ph.hu, ph.spacing, method="unet", model=model).label
-                p, t = out == L.MUSCLE, ph.label == L.MUSCLE
-                pooled.add(out, ph.label)
+                t = ph.label == L.MUSCLE
                 px = ph.spacing[0] * ph.spacing[1] / 100.0
-                errors.append(float(p.sum() / max(int(t.sum()), 1) - 1.0))
-                organ_fp.append(float((p & (ph.organ_label > 0) & (ph.organ_label != diaphragm)).sum() * px))
-                diaphragm_fp.append(float((p & (ph.organ_label == diaphragm)).sum() * px))
-                rows.append({"set": "upper", "group": f"{level} {'clinical' if spacing is None else '3 mm'}",
-                             "case": f"seed {seed}", "method": "unet+hu", "spacing_mm": round(ph.spacing[0], 3),
-                             "dice_muscle": round(dice_per_tissue(out, ph.label)["muscle"] or 0.0, 4),
-                             "muscle_area_error": round(errors[-1], 4), "organ_as_muscle_cm2": round(organ_fp[-1], 2),
-                             "diaphragm_as_muscle_cm2": round(diaphragm_fp[-1], 2)})
-            print(f"  {level:3s} {'clinical' if spacing is None else '3 mm':8s} muscle Dice {pooled.dice()['muscle']:.4f}; "
-                  f"area error mean {100 * np.mean(errors):+.1f} %, worst {100 * max(errors, key=abs):+.1f} %; "
-                  f"organs as muscle {np.mean(organ_fp):.2f} cm², diaphragm as muscle {np.mean(diaphragm_fp):.2f} cm²")
+                for name, net in models.items():
+                    out = segment_volume(ph.hu, ph.spacing, method="unet", model=net).label
+                    p = out == L.MUSCLE
+                    pooled[name].add(out, ph.label)
+                    errors[name].append(float(p.sum() / max(int(t.sum()), 1) - 1.0))
+                    organ_fp[name].append(float((p & (ph.organ_label > 0) & (ph.organ_label != diaphragm)).sum() * px))
+                    diaphragm_fp[name].append(float((p & (ph.organ_label == diaphragm)).sum() * px))
+                    dice = dice_per_tissue(out, ph.label)
+                    rows.append({"set": "upper", "group": group, "case": f"seed {seed}", "method": "unet+hu",
+                                 **({"model": name} if others else {}), "spacing_mm": round(ph.spacing[0], 3),
+                                 **{f"dice_{k}": round(dice[k], 4) for k in TISSUES if dice.get(k) is not None},
+                                 "muscle_area_error": round(errors[name][-1], 4),
+                                 "organ_as_muscle_cm2": round(organ_fp[name][-1], 2),
+                                 "diaphragm_as_muscle_cm2": round(diaphragm_fp[name][-1], 2)})
+            for name in models:
+                dice = pooled[name].dice()
+                shown = " ".join(f"{k} {dice[k]:.4f}" for k in TISSUES if dice.get(k) is not None)
+                print(f"  {group:12s}{f' {name:10s}' if others else ''} Dice {shown}; "
+                      f"muscle area error mean {100 * np.mean(errors[name]):+.1f} %, "
+                      f"worst {100 * max(errors[name], key=abs):+.1f} %; organs as muscle "
+                      f"{np.mean(organ_fp[name]):.2f} cm², diaphragm as muscle {np.mean(diaphragm_fp[name]):.2f} cm²")
+                rows.append({"set": "upper", "group": group, "case": "pooled", "method": "unet+hu",
+                             **({"model": name} if others else {}),
+                             **{f"dice_{k}": round(dice[k], 4) for k in TISSUES if dice.get(k) is not None},
+                             "muscle_area_error": round(float(np.mean(errors[name])), 4),
+                             "organ_as_muscle_cm2": round(float(np.mean(organ_fp[name])), 2),
+                             "diaphragm_as_muscle_cm2": round(float(np.mean(diaphragm_fp[name])), 2)})
 
 
 def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEED) -> None:
@@ -460,6 +482,14 @@ def main(argv=None) -> int:
                         help="held-out phantoms per upper-abdomen level (T11-L2) and spacing (clinical, 3 mm)")
     parser.add_argument("--plausibility-phantoms", type=int, default=24,
                         help="L1/L2 phantoms for the plausibility measures against known truth (part 3)")
+    parser.add_argument("--upper-only", action="store_true",
+                        help="only the held-out upper-abdomen phantoms (--upper per group); --compare adds models")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="NAME=MODEL",
+                        help="with --upper-only: also measure these checkpoints on the same phantoms")
+    parser.add_argument("--no-split-head", action="store_true",
+                        help="drop the split head of every model, e.g. to compare fine-tuned backbones, which carry "
+                             "no head, with the shipped one; the default output never uses the head, so only the "
+                             "raw (no HU rule) measures of part 2 change")
     parser.add_argument("--real-only", action="store_true",
                         help="only part 3: real CT at every level, overlays and plausibility measures (~1 min)")
     args = parser.parse_args(argv)
@@ -467,6 +497,17 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     model = load_checkpoint(args.model)
+    others = {}
+    for item in args.compare:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--compare takes NAME=MODEL, not {item!r}")
+        others[name] = load_checkpoint(path)
+    if others and not args.upper_only:
+        parser.error("--compare needs --upper-only")
+    if args.no_split_head:
+        for net in (model, *others.values()):
+            net.split_head = None
     meta = model.meta
     print(f"model {args.model}: {model.config['name']} {model.config.get('kwargs')}, spacing {model.spacing_mm} mm, "
           f"windows {model.windows}; trained {meta.get('iterations')} iterations, best epoch {meta.get('best_epoch')}; "
@@ -482,13 +523,16 @@ def main(argv=None) -> int:
         eval_real_levels(model, real_docs, real_csv)
         return 0
     rows: list[dict] = []
-    if not args.skip_phantoms:
+    if args.upper_only:
+        eval_upper(model, args.upper, rows, others=others or None, name=args.model.stem)
+    elif not args.skip_phantoms:
         eval_phantoms(model, args.per_group, docs, rows, args.seed_base)
         eval_upper(model, args.upper, rows)
         eval_like_real(model, args.like_real, rows)
-    eval_real(model, docs, rows)
-    eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
-    eval_real_levels(model, real_docs, real_csv)
+    if not args.upper_only:
+        eval_real(model, docs, rows)
+        eval_plausibility_phantoms(args.plausibility_phantoms, phantom_csv)
+        eval_real_levels(model, real_docs, real_csv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("set", "group", "case", "method"), k))
     with args.out.open("w", newline="") as fh:

@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--organ-classes", action="store_true",
                         help="also learn the phantoms' organ classes (liver, spleen, kidney, bowel, bone, diaphragm, "
                              "other); a five-class --init model gets the extra outputs")
+    parser.add_argument("--class-weights", default=None, metavar="NAME:W,...",
+                        help="cross-entropy weight per class, e.g. 'diaphragm:3,liver:2' (tissue names, "
+                             "background and the organ classes; others 1)")
     parser.add_argument("--last", type=Path, default=None,
                         help="also write the last epoch's network here (no split head), whatever its validation Dice")
     parser.add_argument("--levels", type=str, default=None,
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
         "init_from": str(args.init) if args.init else None, "time_limit_s": args.time_limit,
         "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
         "split_head_lr": args.split_head_lr, "organ_classes": args.organ_classes,
-        "last_path": str(args.last) if args.last else None,
+        "last_path": str(args.last) if args.last else None, "class_weights": args.class_weights,
     })
     if args.features:
         features = [int(f) for f in args.features.split(",")]

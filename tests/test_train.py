@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sarco_app import labels as L
 from sarco_app.__main__ import main
@@ -88,6 +89,63 @@ def test_train_cli_errors(tmp_path, capsys):
     assert "lr must be in [0, 1]" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--device", "tpu"]) != 0
     assert "unknown device 'tpu'" in capsys.readouterr().err
+    # Class weights: every bad entry named, before the studies are read.
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"),
+                 "--class-weights", "diaphragm:3,lung:2,imat:0,liver:-1,sat:x,vat"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown class 'lung'" in err and "diaphragm" not in err.split("unknown class")[0]
+    for name in ("imat", "liver", "sat", "vat"):
+        assert f"class weight of {name} must be a number > 0" in err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_class_weights_parse_from_request_text():
+    from sarco_app.segmentation.train import TrainConfig
+
+    config = TrainConfig.from_params({"class_weights": " Diaphragm:3, liver:2.5 ,imat:2"})
+    assert config.class_weights == {"diaphragm": 3.0, "liver": 2.5, "imat": 2.0}
+    assert TrainConfig.from_params({"class_weights": ""}).class_weights is None
+    assert TrainConfig.from_params({"class_weights": {"muscle": "2"}}).class_weights == {"muscle": 2.0}
+    with pytest.raises(SarcoError, match="class muscle weighted twice"):
+        TrainConfig.from_params({"class_weights": "muscle:2,muscle:3"})
+    with pytest.raises(SarcoError, match="class weight of spleen must be a number > 0"):
+        TrainConfig(class_weights={"spleen": float("inf")}).check()
+
+
+def test_class_weights_weight_the_cross_entropy_per_class():
+    """The weighted loss's cross-entropy is torch's class-weighted mean on each slice (slices
+    without an organ map on the five served classes), and up-weighting a class makes the
+    gradient on its pixels larger relative to the others'."""
+    from sarco_app.segmentation.network import ORGAN_CLASS_NAMES
+    from sarco_app.segmentation.network import tissue_logits
+    from sarco_app.segmentation.train import SliceWeightedDiceCE, class_weight_vector
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, len(ORGAN_CLASS_NAMES), 16, 16, generator=gen)
+    label = torch.randint(0, len(ORGAN_CLASS_NAMES), (2, 16, 16), generator=gen)
+    label[1] = label[1] % L.NUM_CLASSES  # the slice without an organ map holds tissue values only
+    target = {"label": label, "weight": torch.ones(2), "organs": torch.tensor([True, False])}
+    weights = class_weight_vector({"diaphragm": 3, "liver": 2, "imat": 0.5}, ORGAN_CLASS_NAMES)
+    assert weights.tolist() == [1, 1, 1, 1, 0.5, 2, 1, 1, 1, 1, 3, 1]
+    plain, weighted = SliceWeightedDiceCE(), SliceWeightedDiceCE(weights)
+    dice = [plain.per_slice(logits[:1], label[:1]) - F.cross_entropy(logits[:1], label[:1]),
+            plain.per_slice(tissue_logits(logits[1:]), label[1:]) - F.cross_entropy(tissue_logits(logits[1:]), label[1:])]
+    expected = 0.5 * (dice[0] + F.cross_entropy(logits[:1], label[:1], weight=weights)
+                      + dice[1] + F.cross_entropy(tissue_logits(logits[1:]), label[1:], weight=weights[:L.NUM_CLASSES]))
+    assert torch.allclose(weighted(logits, target), expected.squeeze(), atol=1e-6)
+    assert not torch.allclose(weighted(logits, target), plain(logits, target), atol=1e-3)
+    # Equal weights are the unweighted loss (the weighted mean is normalised per slice).
+    assert torch.allclose(SliceWeightedDiceCE(torch.full((12,), 2.0))(logits, target), plain(logits, target), atol=1e-6)
+
+    def gradient_share(loss_fn) -> float:
+        x = logits.clone().requires_grad_(True)
+        loss_fn(x, target).backward()
+        per_pixel = x.grad[0].abs().sum(0)
+        return float(per_pixel[label[0] == ORGAN_CLASS_NAMES.index("diaphragm")].sum() / per_pixel.sum())
+
+    assert gradient_share(weighted) > 1.5 * gradient_share(plain)
+    with pytest.raises(SarcoError, match="does not predict"):
+        class_weight_vector({"liver": 2}, ORGAN_CLASS_NAMES[: L.NUM_CLASSES])
 
 
 def test_train_config_from_params_reads_request_text():
@@ -273,10 +331,17 @@ def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys
     out = tmp_path / "organs.pt"
     # From scratch the first epoch is always written.
     assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--iterations-per-epoch", "2",
-                 "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes"]) == 0
-    assert "3 of 3 training slices have organ maps" in capsys.readouterr().out
+                 "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes",
+                 "--class-weights", "diaphragm:3,liver:2"]) == 0
+    text = capsys.readouterr().out
+    assert "3 of 3 training slices have organ maps" in text and "class weights diaphragm 3, liver 2" in text
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["class_names"] == ORGAN_CLASS_NAMES and ckpt["meta"]["train_config"]["organ_classes"] is True
+    assert ckpt["meta"]["train_config"]["class_weights"] == {"diaphragm": 3.0, "liver": 2.0}
+    # An organ weight needs the organ classes: a five-class network fails before training.
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "five_w.pt"), "--epochs", "1",
+                 "--batch-size", "2", "--crop", "64", "--threads", "1", "--class-weights", "liver:2"]) != 0
+    assert "does not predict" in capsys.readouterr().err and not (tmp_path / "five_w.pt").exists()
     model = load_checkpoint(out)
     ph = generate(13, size=128, level="T12")
     result = segment_volume(ph.hu, ph.spacing, model=model)

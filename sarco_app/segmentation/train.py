@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sarco_app import labels as L
 from sarco_app.errors import SarcoError
 from sarco_app.segmentation.distributed import Group, in_worker
 from sarco_app.segmentation.network import (
@@ -117,6 +118,11 @@ class TrainConfig:
     # (e.g. sqlite:///path/mlflow.db).
     tensorboard_dir: str | None = None
     mlflow_uri: str | None = None
+    # Per-class cross-entropy weights by class name (labels.NAMES, labels.ORGAN_NAMES or
+    # 'background'; others 1), e.g. {"diaphragm": 3, "liver": 2}: an experiment against organs
+    # pressed on the wall being labelled muscle (docs/plausibility.md, "Class-weighted loss").
+    # Request text: "diaphragm:3,liver:2" (parse_class_weights).
+    class_weights: dict | None = None
 
     #: Settings a request (HTTP params, CLI options, script options) may give, by kind. Others
     #: (windows, network, spacing_mm) come from the checkpoint being fine-tuned or from code.
@@ -126,6 +132,7 @@ class TrainConfig:
         "augment": bool, "init_from": str, "time_limit_s": float, "relabel_muscle_by_hu": bool,
         "split_head_iterations": int, "split_head_lr": float, "organ_classes": bool, "last_path": str,
         "device": str, "nproc": int, "state_dir": str, "tensorboard_dir": str, "mlflow_uri": str,
+        "class_weights": dict,
     }
 
     @classmethod
@@ -145,6 +152,12 @@ class TrainConfig:
         for name, kind in cls.PARAM_KINDS.items():
             raw = params.get(name)
             if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
+                continue
+            if kind is dict:
+                try:
+                    values[name] = parse_class_weights(raw)
+                except SarcoError as exc:
+                    problems.append(str(exc))
                 continue
             try:
                 values[name] = _parse_setting(raw, kind)
@@ -203,6 +216,11 @@ class TrainConfig:
         need(self.time_limit_s is None or (finite(self.time_limit_s) and self.time_limit_s > 0),
              f"time_limit_s must be > 0, or 0/None for none (got {self.time_limit_s!r})")
         need(isinstance(self.nproc, int) and self.nproc >= 1, f"nproc must be >= 1 (got {self.nproc!r})")
+        if self.class_weights is not None:
+            try:
+                parse_class_weights(self.class_weights)
+            except SarcoError as exc:
+                problems.append(str(exc))
         if isinstance(self.nproc, int) and self.nproc >= 1 and isinstance(self.batch_size, int) and self.batch_size >= 1:
             need(self.batch_size % self.nproc == 0,
                  f"nproc {self.nproc} does not divide batch_size {self.batch_size}: every process takes an "
@@ -216,6 +234,60 @@ class TrainConfig:
             problems.append(str(exc))
         if problems:
             raise SarcoError("invalid training settings: " + "; ".join(problems))
+
+
+#: Names a class weight may be given for: background, the tissues and the organ classes.
+CLASS_WEIGHT_NAMES: tuple[str, ...] = ("background", *L.LABELS, *L.ORGAN_NAMES)
+
+
+def parse_class_weights(raw: str | dict | None) -> dict[str, float] | None:
+    """Class weights from request text ``"diaphragm:3,liver:2,imat:2"`` (or a dict of the same)
+    -> ``{name: weight}``; empty text gives None. Names are :data:`CLASS_WEIGHT_NAMES`; a weight
+    must be a finite number > 0. Raises :class:`SarcoError` naming every bad entry."""
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        items = [(str(k), v) for k, v in raw.items()]
+    else:
+        text = str(raw).strip()
+        if not text:
+            return None
+        items = []
+        for part in text.split(","):
+            name, sep, value = part.partition(":")
+            items.append((name, value if sep else None))
+    weights, problems = {}, []
+    for name, value in items:
+        key = name.strip().lower()
+        if key not in CLASS_WEIGHT_NAMES:
+            problems.append(f"unknown class {name.strip()!r} (use {', '.join(CLASS_WEIGHT_NAMES)})")
+            continue
+        try:
+            weight = _parse_setting(value, float) if value is not None else None
+        except (ValueError, TypeError):
+            weight = None
+        if weight is None or not math.isfinite(weight) or weight <= 0:
+            problems.append(f"class weight of {key} must be a number > 0 (got {value!r})")
+            continue
+        if key in weights:
+            problems.append(f"class {key} weighted twice")
+        weights[key] = float(weight)
+    if problems:
+        raise SarcoError("invalid class_weights: " + "; ".join(problems))
+    return weights or None
+
+
+def class_weight_vector(weights: dict[str, float] | None, class_names: Sequence[str]) -> torch.Tensor | None:
+    """Weights per output channel of a network whose classes are ``class_names`` (1 where not
+    given), or None without weights. A weighted class the network lacks (an organ on a
+    five-class network) is a :class:`SarcoError`."""
+    if not weights:
+        return None
+    missing = [name for name in weights if name not in class_names]
+    if missing:
+        raise SarcoError(f"class_weights name {', '.join(missing)}, which the network does not predict "
+                         "(organ classes need organ_classes / --organ-classes)")
+    return torch.tensor([float(weights.get(name, 1.0)) for name in class_names], dtype=torch.float32)
 
 
 def _parse_setting(raw: Any, kind: type) -> Any:
@@ -258,19 +330,29 @@ class SliceWeightedDiceCE(torch.nn.Module):
     ``weight * (Dice loss + cross-entropy)``: with weights 1 it is MONAI's ``DiceCELoss`` on the
     batch (Dice per slice and class, cross-entropy over equal crops), and a batch split over
     processes averages to the same value (DDP averages the gradients).
+
+    ``class_weights`` (one per network channel, :func:`class_weight_vector`) weight the
+    cross-entropy per pixel by its true class, normalised per slice by the summed weights (torch's
+    weighted mean); slices without an organ map use the first five. The Dice term is unweighted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, class_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         from monai.losses import DiceLoss
 
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, smooth_nr=1e-4,
                              smooth_dr=1e-4, reduction="none")
+        self.register_buffer("class_weights", None if class_weights is None else class_weights.float())
 
     def per_slice(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Dice loss (mean over classes) + mean cross-entropy of each slice, ``(N,)``."""
+        """Dice loss (mean over classes) + mean cross-entropy (class-weighted mean with
+        ``class_weights``) of each slice, ``(N,)``."""
         dice = self.dice(logits, label[:, None]).flatten(1).mean(1)
-        return dice + F.cross_entropy(logits, label, reduction="none").flatten(1).mean(1)
+        ce = F.cross_entropy(logits, label, reduction="none").flatten(1)
+        if self.class_weights is None:
+            return dice + ce.mean(1)
+        pixel_weight = self.class_weights[: logits.shape[1]][label].flatten(1)
+        return dice + (ce * pixel_weight).sum(1) / pixel_weight.sum(1)
 
     def forward(self, logits: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
         label, organs = target["label"], target["organs"]
@@ -343,9 +425,10 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
         target = {key: batch[key].to(device, non_blocking=non_blocking) for key in ("label", "weight", "organs")}
         return encode_windows(batch["hu"], windows).to(device, non_blocking=non_blocking), target
 
+    loss = SliceWeightedDiceCE(class_weight_vector(config.class_weights, model.class_names)).to(group.device)
     trainer = SupervisedTrainer(device=group.device, max_epochs=config.epochs, train_data_loader=batches,
                                 epoch_length=per_epoch, network=group.wrap(model.network), optimizer=opt,
-                                loss_function=SliceWeightedDiceCE(), prepare_batch=prepare_batch,
+                                loss_function=loss, prepare_batch=prepare_batch,
                                 inferer=SimpleInferer(), decollate=False, optim_set_to_none=True)
     # MONAI Label keeps only the last lines of a train log: the engines' own chatter stays out.
     for name in ("ignite", "monai.engines"):
@@ -544,6 +627,9 @@ def train(
             + ("it is retrained afterwards" if config.split_head_iterations
                else "it is not saved with the new backbone (split_head_iterations > 0 retrains one)"))
     organs = bool(model.organ_classes)
+    if config.epochs > 0 and config.class_weights:
+        class_weight_vector(config.class_weights, model.class_names)  # a class the network lacks fails here
+        log("cross-entropy class weights " + ", ".join(f"{k} {v:g}" for k, v in config.class_weights.items()))
     record, iterations = RunRecord(), 0
     if config.epochs > 0:  # head-only runs never use the working-grid copies
         train_data = [to_working(s, model.spacing_mm, organs) for s in samples]
