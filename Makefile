@@ -5,6 +5,8 @@ STUDIES ?= demo_studies
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 DEMO_COUNT ?= 8
+# Test files run on 2 pytest-xdist workers, one file per worker at a time (module fixtures stay whole).
+TEST_WORKERS ?= 2
 # MONAI Label re-launches `python` from PATH, so the venv's bin must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -40,7 +42,7 @@ run-pacs: venv pacs-deps
 		$(if $(UPLOAD),--upload $(UPLOAD)) $(if $(PACS_AUTH),--auth $(PACS_AUTH))
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(STUDIES)
