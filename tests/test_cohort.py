@@ -11,6 +11,7 @@ import pytest
 from sarco_app import labels as L
 from sarco_app.__main__ import main as cli
 from sarco_app.measurement.cohort import column_from_header, quantify_studies
+from sarco_app.measurement.cohort_parts import parts_dir
 from sarco_app.inputs.ingest import load_image, make_image, save_image, save_label
 from sarco_app.inputs.patient import PatientInfo
 from sarco_app.measurement.quantify import load_label, quantify_scan
@@ -227,3 +228,18 @@ def test_reference_derived_from_cohort_export(exported, tmp_path, capsys):
     # Only one man is 39 or younger: no table, a clear error.
     assert cli(["reference", "--cohort", str(out.with_suffix(".csv")), "--out", str(tmp_path / "x.csv")]) != 0
     assert "fewer than two" in capsys.readouterr().err
+
+
+def test_two_images_with_one_id_are_refused_before_anything_is_measured(tmp_path, capsys):
+    """``a.nii`` beside ``a.nii.gz`` would share one row and one part file: the command names
+    both and writes nothing, rather than report one scan's numbers for the other."""
+    hu, label = ring_phantom(seed=3)
+    image = make_image(hu, (0.8, 0.8), PatientInfo(sex="F", age=50))
+    save_image(image, tmp_path / "a.nii.gz")
+    save_image(image, tmp_path / "a.nii")
+    save_label(label, image, tmp_path / "labels" / "final" / "a.nii.gz")
+    out = tmp_path / "out" / "r.xlsx"
+    assert cli(["cohort", "--studies", str(tmp_path), "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "name more than one input" in err and "a.nii.gz" in err and str(tmp_path / "a.nii") in err
+    assert not out.exists() and not parts_dir(out).exists()

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from sarco_app.errors import SarcoError
 from sarco_app.parallel import Executor
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,20 @@ def _reusable(record: dict[str, Any], settings: dict[str, Any]) -> bool:
     return record.get("settings") == settings and not status.startswith("error")
 
 
+def _refuse_repeated_ids(scans: Sequence[tuple[str, Any]]) -> None:
+    """Two inputs with one id (``a.nii`` beside ``a.nii.gz``) would share a row and a part file,
+    so one scan's numbers would silently stand for both: refuse before measuring anything."""
+    seen: dict[str, list[str]] = {}
+    for scan_id, item in scans:
+        path = getattr(item, "path", None) or (item[1] if isinstance(item, tuple) and len(item) > 1 else item)
+        seen.setdefault(scan_id, []).append(str(path))
+    repeated = {scan_id: paths for scan_id, paths in seen.items() if len(paths) > 1}
+    if repeated:
+        listed = "; ".join(f"{scan_id!r}: {', '.join(paths)}" for scan_id, paths in repeated.items())
+        raise SarcoError(f"{len(repeated)} scan id(s) name more than one input ({listed}); "
+                         "rename or move one of each so every scan has its own id")
+
+
 def run_scans(
     scans: Sequence[tuple[str, Any]],
     task: Callable[..., dict[str, Any]],
@@ -172,6 +187,7 @@ def run_scans(
     None), ``wall_s`` (seconds for the measuring, cluster start included), ``startup_s``
     (seconds to start the cluster) and ``parts`` (the folder).
     """
+    _refuse_repeated_ids(scans)
     parts = parts_dir(out_path)
     existing = read_parts(parts)
     records: dict[str, dict[str, Any]] = {}
