@@ -193,12 +193,11 @@ def test_damaged_retrained_checkpoint_falls_back_to_the_shipped_model(server, mo
 
 def test_train_rejects_bad_params_before_reading_data(server, model_dir):
     before = sorted(p.name for p in model_dir.iterdir())
-    status, log = run_training(server, {"epochs": "ten", "crop": 100, "lr": -1})
+    # One request with several bad values: every one is named (each training request starts a
+    # new process that imports MONAI, so the cases share requests).
+    status, log = run_training(server, {"epochs": "ten", "crop": 100, "lr": -1, "split_head_iterations": -1})
     assert status == "ERROR"
-    assert "epochs must be an integer, not 'ten'" in log
-    status, log = run_training(server, {"epochs": -1, "crop": 100, "lr": -1, "split_head_iterations": -1})
-    assert status == "ERROR"
-    for text in ("epochs must be >= 0", "crop must be a multiple of 16", "lr must be in [0, 1]",
+    for text in ("epochs must be an integer, not 'ten'", "crop must be a multiple of 16", "lr must be in [0, 1]",
                  "split_head_iterations must be >= 0"):
         assert text in log
     assert "labelled images" not in log  # failed before the datastore's labels were read

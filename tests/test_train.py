@@ -160,6 +160,11 @@ def test_train_config_from_params_reads_request_text():
         TrainConfig.from_params({"epochs": "2.5", "augment": "maybe", "epoch": 3})
     for text in ("epochs must be an integer, not '2.5'", "augment must be true or false", "unknown setting 'epoch'"):
         assert text in str(err.value)
+    # A value of the wrong kind does not hide the others' range problems: one reply names all.
+    with pytest.raises(SarcoError) as err:
+        TrainConfig.from_params({"epochs": "ten", "crop": 100, "lr": -1})
+    for text in ("epochs must be an integer, not 'ten'", "crop must be a multiple of 16", "lr must be in [0, 1]"):
+        assert text in str(err.value)
 
 
 def test_train_config_check_names_every_bad_setting():

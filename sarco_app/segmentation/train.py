@@ -164,12 +164,13 @@ class TrainConfig:
             except ValueError:
                 what = {int: "an integer", float: "a number", bool: "true or false", str: "text"}[kind]
                 problems.append(f"{name} must be {what}, not {raw!r}")
-        if problems:
-            raise SarcoError("invalid training params: " + "; ".join(problems))
         for name in ("iterations_per_epoch", "time_limit_s"):
             if values.get(name) == 0:
                 values[name] = None
         config = cls(**values)
+        if problems:
+            # The values of the right kind are range-checked too, so one reply names them all.
+            raise SarcoError("invalid training params: " + "; ".join(problems + config.problems()))
         config.check()
         return config
 
@@ -182,6 +183,12 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise :class:`SarcoError` naming every setting out of range, before any work starts."""
+        problems = self.problems()
+        if problems:
+            raise SarcoError("invalid training settings: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """One line per setting out of range (empty when the config can run)."""
         problems = []
 
         def need(ok: bool, text: str) -> None:
@@ -232,8 +239,7 @@ class TrainConfig:
                      f"nproc {self.nproc} on CUDA needs {self.nproc} GPUs; {torch.cuda.device_count()} are visible")
         except SarcoError as exc:
             problems.append(str(exc))
-        if problems:
-            raise SarcoError("invalid training settings: " + "; ".join(problems))
+        return problems
 
 
 #: Names a class weight may be given for: background, the tissues and the organ classes.
