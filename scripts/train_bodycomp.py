@@ -114,6 +114,9 @@ def main(argv=None) -> int:
                              "background and the organ classes; others 1)")
     parser.add_argument("--last", type=Path, default=None,
                         help="also write the last epoch's network here (no split head), whatever its validation Dice")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="training processes (torch DDP; each takes batch-size / nproc crops of every batch)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--levels", type=str, default=None,
                         help="level weights, e.g. 'L3:0.4,L1:0.15,L2:0.1,L4:0.1,T12:0.13,T11:0.12' "
                              "(default: L3 70 %%, L1/L2/L4 10 %% each)")
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
         "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
         "split_head_lr": args.split_head_lr, "organ_classes": args.organ_classes,
         "last_path": str(args.last) if args.last else None, "class_weights": args.class_weights,
+        "nproc": args.nproc, "device": args.device,
     })
     if args.features:
         features = [int(f) for f in args.features.split(",")]

@@ -191,18 +191,29 @@ def test_damaged_retrained_checkpoint_falls_back_to_the_shipped_model(server, mo
             checkpoint.write_bytes(backup)
 
 
-def test_train_rejects_bad_params_before_reading_data(server, model_dir):
+def train_jobs(server) -> list:
+    """Every training job the server has run (``GET /train/?all=true``; 404 before the first)."""
+    r = requests.get(f"{server}/train/", params={"all": "true"}, timeout=30)
+    assert r.status_code in (200, 404), r.text
+    return r.json() if r.status_code == 200 else []
+
+
+def test_train_rejects_bad_params_before_a_job_starts(server, model_dir):
+    """Bad params get a 422 naming every problem at once, and no training job starts (the
+    route checks them in the server process; the job would check them again)."""
     before = sorted(p.name for p in model_dir.iterdir())
-    # One request with several bad values: every one is named (each training request starts a
-    # new process that imports MONAI, so the cases share requests).
-    status, log = run_training(server, {"epochs": "ten", "crop": 100, "lr": -1, "split_head_iterations": -1})
-    assert status == "ERROR"
-    for text in ("epochs must be an integer, not 'ten'", "crop must be a multiple of 16", "lr must be in [0, 1]",
-                 "split_head_iterations must be >= 0"):
-        assert text in log
-    assert "labelled images" not in log  # failed before the datastore's labels were read
-    status, log = run_training(server, {"epochs": 0, "fine_tune": False, "split_head_iterations": 3})
-    assert status == "ERROR" and "epochs 0 trains only the split head" in log
+    jobs = train_jobs(server)
+    for params, reasons in (
+        ({"epochs": "ten", "crop": 100, "lr": -1, "split_head_iterations": -1, "pseudo_weight": 0},
+         ("epochs must be an integer, not 'ten'", "crop must be a multiple of 16", "lr must be in [0, 1]",
+          "split_head_iterations must be >= 0", "pseudo_weight must be in (0, 1]")),
+        ({"epochs": 0, "fine_tune": False, "split_head_iterations": 3}, ("epochs 0 trains only the split head",)),
+        ({"pseudo_min_confidence": "high"}, ("pseudo_min_confidence must be a number, not 'high'",)),
+    ):
+        r = requests.post(f"{server}/train/bodycomp_unet", json=params, timeout=30)
+        assert r.status_code == 422, r.text
+        assert all(reason in r.json()["detail"] for reason in reasons), r.json()["detail"]
+    assert train_jobs(server) == jobs
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 

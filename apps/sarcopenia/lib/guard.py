@@ -12,6 +12,7 @@ routes here replace those handlers (same paths, parameters and roles) and:
   values that look like server paths: 400;
 * write each upload to one temporary file that is removed on every path, success or not;
 * answer datastore errors with their status (400, 404, 409) and a one-line reason;
+* check training params before a training job starts: 422 naming every bad value;
 * remove the dataset zip once it is sent.
 
 :func:`install_guard` puts these routes in front of the stock ones (the first match wins).
@@ -30,6 +31,7 @@ from typing import Any, Dict, Iterator, Optional
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
+from monailabel.endpoints import train as stock_train
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -365,6 +367,33 @@ def batch_infer(
     except SarcoError as exc:
         raise _http(exc) from None
     return run(model, images, params, run_sync)
+
+
+# --- training --------------------------------------------------------------------------------
+def check_train_request(model: str, params: Optional[dict]) -> None:
+    """Check a training request in the server process, so bad params get a 422 naming every
+    problem at once instead of a background job that starts a process only to fail (trainers
+    without a ``check_request`` method, and unknown models, are left to the stock handler)."""
+    trainer = getattr(app_instance(), "_trainers", {}).get(model)
+    check = getattr(trainer, "check_request", None)
+    if check is None:
+        return
+    try:
+        check(dict(params or {}))
+    except SarcoError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+@router.post("/train/{model}", summary=f"{RBAC_ADMIN} Run Training Task for specific model (params checked first)")
+async def train_model(
+    model: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    enqueue: Optional[bool] = False,
+    user: User = Depends(RBAC(ADMIN)),
+):
+    check_train_request(model, params)
+    return stock_train.run_model(model, params, run_sync, enqueue)
 
 
 @router.post("/infer/wsi/{model}", include_in_schema=False)

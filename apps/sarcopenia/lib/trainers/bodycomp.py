@@ -112,14 +112,6 @@ class BodyCompTrainer(TrainTask):
         req = dict(self.config())
         req.update({k: v for k, v in request.items() if k in req})
         fine_tune = as_bool(req["fine_tune"])
-        # The checkpoint to fine-tune is found when training starts; until then a placeholder
-        # lets check() accept epochs 0 (split head only) for a fine-tune.
-        config = TrainConfig.from_params({**{name: req[name] for name in _REQUEST_SETTINGS},
-                                          "init_from": "the current model" if fine_tune else None})
-        # TensorBoard logs of every run: <model_dir>/train_logs/ (tensorboard --logdir there).
-        config.tensorboard_dir = str(self.output_path.parent / "train_logs")
-        if as_bool(req["multi_gpu"]) and config.nproc == 1:
-            config.nproc = gpu_processes(config)
         loop = {"include_pseudo": as_bool(req["include_pseudo"])}
         problems = []
         for key, name, ok, rule in (("pseudo_min_confidence", "min_confidence", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -131,9 +123,25 @@ class BodyCompTrainer(TrainTask):
                 continue
             if not ok(loop[name]):
                 problems.append(f"{key} must be {rule}, not {req[key]!r}")
+        # The checkpoint to fine-tune is found when training starts; until then a placeholder
+        # lets check() accept epochs 0 (split head only) for a fine-tune.
+        try:
+            config = TrainConfig.from_params({**{name: req[name] for name in _REQUEST_SETTINGS},
+                                              "init_from": "the current model" if fine_tune else None})
+        except SarcoError as exc:
+            raise SarcoError("; ".join([str(exc), *problems])) from None
         if problems:
             raise SarcoError("invalid training params: " + "; ".join(problems))
+        # TensorBoard logs of every run: <model_dir>/train_logs/ (tensorboard --logdir there).
+        config.tensorboard_dir = str(self.output_path.parent / "train_logs")
+        if as_bool(req["multi_gpu"]) and config.nproc == 1:
+            config.nproc = gpu_processes(config)
         return config, fine_tune, loop
+
+    def check_request(self, request: dict[str, Any]) -> None:
+        """Raise :class:`SarcoError` naming every bad param of ``request`` (the server's route
+        calls this before it starts the training job; the job checks again)."""
+        self._train_config(request)
 
     def stats(self) -> dict[str, Any]:
         from sarco_app.segmentation.pseudo import read_rounds
