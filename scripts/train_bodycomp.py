@@ -18,6 +18,10 @@ with the backbone frozen (stage 3, 14 min)::
         --crop 192 --batch-size 4 --time-limit 2700 --out models/bodycomp_unet.pt
     .venv/bin/python -m scripts.train_bodycomp --seed 21 --init models/bodycomp_unet.pt --epochs 0 \
         --count 300 --split-head-iterations 1500 --threads 1 --out models/bodycomp_unet.pt
+
+Stages 4 and 5 (organ classes, class weights) are in the model card. ``--nproc N`` trains in N
+processes under torch DDP (the same run as one process; each takes batch-size / N crops of every
+batch), ``--device cuda`` on a GPU.
 """
 
 from __future__ import annotations
