@@ -400,3 +400,30 @@ def test_compare_models_keeps_the_served_model_unless_beaten(phantom_samples, tm
     assert tie["replace"] is False and tie["candidate"] == tie["served"]
     first = compare_models(untrained, None, samples)
     assert first["replace"] is True and first["served"] is None
+
+
+def test_training_quiets_the_engine_loggers_for_its_run_only(phantom_samples, tmp_path):
+    """ignite's and MONAI's engine loggers are raised to WARNING while a run trains (MONAI Label
+    keeps only a train log's last lines) and get their levels back when it ends."""
+    import logging
+
+    from sarco_app.segmentation.train import TrainConfig, train
+
+    names = ("ignite", "monai.engines")
+    before = {name: logging.getLogger(name).level for name in names}
+    seen = {}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+        def log(line: str) -> None:
+            if line.startswith("epoch "):  # printed from inside the run
+                seen.update({name: logging.getLogger(name).level for name in names})
+
+        train(phantom_samples[:2], tmp_path / "m.pt", TrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2,
+                                                                   crop=64, threads=1), log=log)
+        assert seen == {name: logging.WARNING for name in names}
+        assert {name: logging.getLogger(name).level for name in names} == {name: logging.DEBUG for name in names}
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)

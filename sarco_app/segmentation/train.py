@@ -30,6 +30,7 @@ With ``organ_classes`` the network also learns the organ classes of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -37,7 +38,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -436,9 +437,8 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
                                 epoch_length=per_epoch, network=group.wrap(model.network), optimizer=opt,
                                 loss_function=loss, prepare_batch=prepare_batch,
                                 inferer=SimpleInferer(), decollate=False, optim_set_to_none=True)
-    # MONAI Label keeps only the last lines of a train log: the engines' own chatter stays out.
-    for name in ("ignite", "monai.engines"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # MONAI Label keeps only the last lines of a train log: the engines' own chatter stays out
+    # (for this run only: the levels are put back when it ends).
     trainer.logger.setLevel(logging.WARNING)
     evaluator = make_evaluator(model, val_data)
     record = RunRecord()
@@ -534,8 +534,23 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
 
     if group.is_main:
         _attach_trackers(trainer, config, log)
-    trainer.run()
+    with quiet_loggers("ignite", "monai.engines"):
+        trainer.run()
     return record, trainer.state.iteration
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the named loggers to ``level`` inside the block and restore their levels after."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, before):
+            lg.setLevel(old)
 
 
 def _attach_trackers(trainer, config: TrainConfig, log: Callable[[str], None]) -> None:
