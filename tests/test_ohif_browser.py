@@ -139,6 +139,16 @@ for (let k = 0; k < volume.dimensions[2]; k++) {
 return {set: set, dims: volume.dimensions, segments: segments, sops: sops, perSlice: perSlice};
 """
 
+# True once OHIF's CT volume (not a derived labelmap) has every frame loaded.
+CT_LOADED_JS = """
+if (!window.cornerstone) return false;
+const ct = window.cornerstone.cache.getVolumes().find(
+  v => v.imageIds && v.imageIds.length && !String(v.imageIds[0]).startsWith('derived'));
+if (!ct) return false;
+const status = ct.loadStatus;
+return status ? Boolean(status.loaded) : true;
+"""
+
 # What the MONAI Label panel's client does in save_label: PUT the labelmap as label.bin.
 SAVE_JS = """
 const [server, image, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
@@ -168,7 +178,9 @@ def test_ohif_runs_bodycomp_and_the_saved_label_arrives_as_seg(server, orthanc, 
     browser.add_cookie({"name": "MONAILABEL_SERVER_URL", "value": f"{server}/"})
     browser.get(f"{server}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
     wait_for("the MONAI Label panel", lambda: browser.find_elements(By.CSS_SELECTOR, "button.actionButton"))
-    time.sleep(3)  # the viewports load the series (over the server's DICOMweb proxy, with Orthanc's auth)
+    # The viewports load the series (over the server's DICOMweb proxy, with Orthanc's auth); the
+    # panel segments OHIF's CT volume, so every frame must be in before "Run Segmentation".
+    wait_for("the CT volume in OHIF", lambda: browser.execute_script(CT_LOADED_JS))
     before = screenshot(browser, "before_infer.png")
 
     browser.find_elements(By.CSS_SELECTOR, "button.actionButton")[0].click()  # connect: GET /info/
