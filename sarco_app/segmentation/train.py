@@ -437,9 +437,6 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
                                 epoch_length=per_epoch, network=group.wrap(model.network), optimizer=opt,
                                 loss_function=loss, prepare_batch=prepare_batch,
                                 inferer=SimpleInferer(), decollate=False, optim_set_to_none=True)
-    # MONAI Label keeps only the last lines of a train log: the engines' own chatter stays out
-    # (for this run only: the levels are put back when it ends).
-    trainer.logger.setLevel(logging.WARNING)
     evaluator = make_evaluator(model, val_data)
     record = RunRecord()
     epoch_losses: list[float] = []
@@ -534,7 +531,9 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
 
     if group.is_main:
         _attach_trackers(trainer, config, log)
-    with quiet_loggers("ignite", "monai.engines"):
+    # MONAI Label keeps only the last lines of a train log: the engines' own chatter stays out
+    # (for this run only: the levels are put back when it ends).
+    with quiet_loggers("ignite", "monai.engines", trainer.logger.name):
         trainer.run()
     return record, trainer.state.iteration
 
