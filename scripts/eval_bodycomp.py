@@ -203,6 +203,7 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED,
     print(f"\n== held-out upper-abdomen phantoms ({per_group} per group, seeds from {seed_base}; default output) ==")
     diaphragm = L.ORGAN_NAMES.index("diaphragm") + 1
     for g, level in enumerate(UPPER_LEVELS):
+        level_fp = {name: [] for name in models}  # organs + diaphragm per group
         for spacing, size in ((None, 512), (3.0, 140)):
             group = f"{level} {'clinical' if spacing is None else '3 mm'}"
             pooled = {name: PooledOverlap() for name in models}
@@ -235,12 +236,22 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED,
                       f"muscle area error mean {100 * np.mean(errors[name]):+.1f} %, "
                       f"worst {100 * max(errors[name], key=abs):+.1f} %; organs as muscle "
                       f"{np.mean(organ_fp[name]):.2f} cm², diaphragm as muscle {np.mean(diaphragm_fp[name]):.2f} cm²")
+                level_fp[name].append(float(np.mean(organ_fp[name]) + np.mean(diaphragm_fp[name])))
                 rows.append({"set": "upper", "group": group, "case": "pooled", "method": "unet+hu",
                              **({"model": name} if others else {}),
                              **{f"dice_{k}": round(dice[k], 4) for k in TISSUES if dice.get(k) is not None},
                              "muscle_area_error": round(float(np.mean(errors[name])), 4),
                              "organ_as_muscle_cm2": round(float(np.mean(organ_fp[name])), 2),
                              "diaphragm_as_muscle_cm2": round(float(np.mean(diaphragm_fp[name])), 2)})
+        base_name = next(iter(models))
+        base = float(np.mean(level_fp[base_name]))
+        parts = []
+        for name, fp in level_fp.items():
+            part = f"{name} {np.mean(fp):.2f} cm²"
+            if name != base_name and base > 0:
+                part += f" ({100 * (np.mean(fp) / base - 1):+.0f} % against {base_name})"
+            parts.append(part)
+        print(f"  {level} organs + diaphragm as muscle, mean of the two pixel groups: {', '.join(parts)}")
 
 
 def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEED) -> None:
@@ -482,6 +493,8 @@ def main(argv=None) -> int:
                         help="held-out phantoms per upper-abdomen level (T11-L2) and spacing (clinical, 3 mm)")
     parser.add_argument("--plausibility-phantoms", type=int, default=24,
                         help="L1/L2 phantoms for the plausibility measures against known truth (part 3)")
+    parser.add_argument("--upper-seed", type=int, default=UPPER_SEED,
+                        help="first seed of the upper-abdomen phantoms (another stream, e.g. 970000)")
     parser.add_argument("--upper-only", action="store_true",
                         help="only the held-out upper-abdomen phantoms (--upper per group); --compare adds models")
     parser.add_argument("--compare", nargs="+", default=[], metavar="NAME=MODEL",
@@ -524,10 +537,10 @@ def main(argv=None) -> int:
         return 0
     rows: list[dict] = []
     if args.upper_only:
-        eval_upper(model, args.upper, rows, others=others or None, name=args.model.stem)
+        eval_upper(model, args.upper, rows, seed_base=args.upper_seed, others=others or None, name=args.model.stem)
     elif not args.skip_phantoms:
         eval_phantoms(model, args.per_group, docs, rows, args.seed_base)
-        eval_upper(model, args.upper, rows)
+        eval_upper(model, args.upper, rows, seed_base=args.upper_seed)
         eval_like_real(model, args.like_real, rows)
     if not args.upper_only:
         eval_real(model, docs, rows)
