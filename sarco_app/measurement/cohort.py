@@ -195,7 +195,8 @@ def quantify_studies(
 
     run = run_scans(
         [(study[0], study) for study in studies], measure_labelled, out_path, settings, failed_labelled_row,
-        force=force, workers=workers, scheduler=scheduler, progress=progress, desc="quantify", unit="scan",
+        source=lambda study: study[1], force=force, workers=workers, scheduler=scheduler, progress=progress,
+        desc="quantify", unit="scan",
         announce=announce, slice_index=slice_index, reference=reference, cutoffs=cutoffs,
         overlay_dir=str(overlay_dir) if overlays else None,
     )

@@ -131,13 +131,12 @@ def _reusable(record: dict[str, Any], settings: dict[str, Any]) -> bool:
     return record.get("settings") == settings and not status.startswith("error")
 
 
-def _refuse_repeated_ids(scans: Sequence[tuple[str, Any]]) -> None:
+def _refuse_repeated_ids(scans: Sequence[tuple[str, Any]], source: Callable[[Any], Any]) -> None:
     """Two inputs with one id (``a.nii`` beside ``a.nii.gz``) would share a row and a part file,
     so one scan's numbers would silently stand for both: refuse before measuring anything."""
     seen: dict[str, list[str]] = {}
     for scan_id, item in scans:
-        path = getattr(item, "path", None) or (item[1] if isinstance(item, tuple) and len(item) > 1 else item)
-        seen.setdefault(scan_id, []).append(str(path))
+        seen.setdefault(scan_id, []).append(str(source(item)))
     repeated = {scan_id: paths for scan_id, paths in seen.items() if len(paths) > 1}
     if repeated:
         listed = "; ".join(f"{scan_id!r}: {', '.join(paths)}" for scan_id, paths in repeated.items())
@@ -152,6 +151,7 @@ def run_scans(
     settings: Callable[[Any], dict[str, Any]],
     failed_row: Callable[[str, Any, str], dict[str, Any]],
     *,
+    source: Callable[[Any], Any] = str,
     force: bool = False,
     workers: int | None = 1,
     scheduler: str | None = None,
@@ -175,6 +175,8 @@ def run_scans(
         docstring); parts made with other settings are measured again.
     failed_row : callable
         ``failed_row(scan id, item, reason)`` -> the row of a task that raised or whose worker died.
+    source : callable
+        ``source(item)`` -> the input file or folder, named when two scans share an id.
     force : bool
         Measure every scan again, ignoring existing parts.
     workers, scheduler, announce :
@@ -187,7 +189,7 @@ def run_scans(
     None), ``wall_s`` (seconds for the measuring, cluster start included), ``startup_s``
     (seconds to start the cluster) and ``parts`` (the folder).
     """
-    _refuse_repeated_ids(scans)
+    _refuse_repeated_ids(scans, source)
     parts = parts_dir(out_path)
     existing = read_parts(parts)
     records: dict[str, dict[str, Any]] = {}

@@ -289,7 +289,8 @@ def quantify_raw_folder(
 
     run = run_scans(
         [(entry.name, entry) for entry in entries], measure_raw, out_path, settings, failed_raw_row,
-        force=force, workers=workers, scheduler=scheduler, progress=progress, desc="cohort", unit="series",
+        source=lambda entry: entry.path, force=force, workers=workers, scheduler=scheduler, progress=progress,
+        desc="cohort", unit="series",
         announce=announce, method=method, model_path=model_path, reference=reference, cutoffs=cutoffs,
         overlay_dir=str(overlay_dir) if overlays else None,
     )

@@ -102,10 +102,11 @@ class BodyCompTrainer(TrainTask):
             log(f"bodycomp_unet: skipping unreadable checkpoint {message}")
         return Path(model.path) if model else None
 
-    def _train_config(self, request: dict[str, Any]):
+    def _checked_params(self, request: dict[str, Any]):
         """Request params -> :class:`~sarco_app.segmentation.train.TrainConfig`
-        (:meth:`~sarco_app.segmentation.train.TrainConfig.from_params`), checked before any data
-        is read."""
+        (:meth:`~sarco_app.segmentation.train.TrainConfig.from_params`), ``fine_tune`` and the
+        pseudo-label loop's settings, checked before any data is read. Pure validation: nothing
+        here looks at devices, so the server's route can call it in its own process."""
         from sarco_app.errors import SarcoError
         from sarco_app.segmentation.train import TrainConfig
 
@@ -132,16 +133,21 @@ class BodyCompTrainer(TrainTask):
             raise SarcoError("; ".join([str(exc), *problems])) from None
         if problems:
             raise SarcoError("invalid training params: " + "; ".join(problems))
+        return config, fine_tune, loop, as_bool(req["multi_gpu"])
+
+    def _train_config(self, request: dict[str, Any]):
+        """:meth:`_checked_params` plus the run's settings: TensorBoard folder and GPU processes."""
+        config, fine_tune, loop, multi_gpu = self._checked_params(request)
         # TensorBoard logs of every run: <model_dir>/train_logs/ (tensorboard --logdir there).
         config.tensorboard_dir = str(self.output_path.parent / "train_logs")
-        if as_bool(req["multi_gpu"]) and config.nproc == 1:
+        if multi_gpu and config.nproc == 1:
             config.nproc = gpu_processes(config)
         return config, fine_tune, loop
 
     def check_request(self, request: dict[str, Any]) -> None:
         """Raise :class:`SarcoError` naming every bad param of ``request`` (the server's route
         calls this before it starts the training job; the job checks again)."""
-        self._train_config(request)
+        self._checked_params(request)
 
     def stats(self) -> dict[str, Any]:
         from sarco_app.segmentation.pseudo import read_rounds
