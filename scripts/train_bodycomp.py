@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--class-weights", default=None, metavar="NAME:W,...",
                         help="cross-entropy weight per class, e.g. 'diaphragm:3,liver:2' (tissue names, "
                              "background and the organ classes; others 1)")
+    parser.add_argument("--class-weight-border-mm", type=float, default=0.0, metavar="MM",
+                        help="spread the class weights this far (mm) across every border (default 0: off)")
     parser.add_argument("--last", type=Path, default=None,
                         help="also write the last epoch's network here (no split head), whatever its validation Dice")
     parser.add_argument("--nproc", type=int, default=1,
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         "relabel_muscle_by_hu": args.relabel_muscle_by_hu, "split_head_iterations": args.split_head_iterations,
         "split_head_lr": args.split_head_lr, "organ_classes": args.organ_classes,
         "last_path": str(args.last) if args.last else None, "class_weights": args.class_weights,
-        "nproc": args.nproc, "device": args.device,
+        "class_weight_border_mm": args.class_weight_border_mm, "nproc": args.nproc, "device": args.device,
     })
     if args.features:
         features = [int(f) for f in args.features.split(",")]

@@ -148,6 +148,33 @@ def test_class_weights_weight_the_cross_entropy_per_class():
         class_weight_vector({"liver": 2}, ORGAN_CLASS_NAMES[: L.NUM_CLASSES])
 
 
+def test_class_weight_border_spreads_the_weight_to_both_sides_of_a_border():
+    """With a border of r pixels, a muscle pixel within r of a weighted organ weighs as the organ
+    does (its loss counts as much as the organ pixel across the border), one farther away keeps
+    weight 1; without a border the muscle pixel next to the organ keeps weight 1."""
+    from sarco_app.segmentation.network import ORGAN_CLASS_NAMES
+    from sarco_app.segmentation.train import SliceWeightedDiceCE, TrainConfig, class_weight_vector
+
+    liver = ORGAN_CLASS_NAMES.index("liver")
+    label = torch.full((1, 16, 16), L.MUSCLE, dtype=torch.long)
+    label[0, :, :8] = liver  # organ left of column 8, muscle from column 8
+    weights = class_weight_vector({"liver": 3}, ORGAN_CLASS_NAMES)
+
+    def muscle_gradient(border_px: int, column: int) -> float:
+        x = torch.zeros(1, len(ORGAN_CLASS_NAMES), 16, 16, requires_grad=True)
+        SliceWeightedDiceCE(weights, border_px=border_px).per_slice(x, label).sum().backward()
+        return float(x.grad[0, :, :, column].abs().sum())
+
+    # Equal logits: every pixel's cross-entropy gradient is the same up to its weight; the Dice
+    # term does not depend on the weights, so differences between the two runs are the weights'.
+    near, far = muscle_gradient(2, 9), muscle_gradient(2, 12)
+    assert muscle_gradient(0, 9) == pytest.approx(muscle_gradient(0, 12), rel=1e-5)
+    assert near > 1.5 * far  # within 2 px of the organ: weight 3; beyond: weight 1
+    assert muscle_gradient(2, 10) < 1.5 * far  # column 10 lies 3 px from the organ
+    with pytest.raises(SarcoError, match="class_weight_border_mm must be in"):
+        TrainConfig.from_params({"class_weight_border_mm": -1})
+
+
 def test_train_config_from_params_reads_request_text():
     from sarco_app.segmentation.train import TrainConfig
 
@@ -337,12 +364,14 @@ def test_train_cli_with_organ_classes_serves_only_tissue_values(tmp_path, capsys
     # From scratch the first epoch is always written.
     assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--iterations-per-epoch", "2",
                  "--batch-size", "2", "--crop", "64", "--threads", "1", "--organ-classes",
-                 "--class-weights", "diaphragm:3,liver:2"]) == 0
+                 "--class-weights", "diaphragm:3,liver:2", "--class-weight-border-mm", "4"]) == 0
     text = capsys.readouterr().out
-    assert "3 of 3 training slices have organ maps" in text and "class weights diaphragm 3, liver 2" in text
+    assert "3 of 3 training slices have organ maps" in text
+    assert "class weights diaphragm 3, liver 2, spread 4 mm across borders" in text
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["class_names"] == ORGAN_CLASS_NAMES and ckpt["meta"]["train_config"]["organ_classes"] is True
     assert ckpt["meta"]["train_config"]["class_weights"] == {"diaphragm": 3.0, "liver": 2.0}
+    assert ckpt["meta"]["train_config"]["class_weight_border_mm"] == 4.0
     # An organ weight needs the organ classes: a five-class network fails before training.
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "five_w.pt"), "--epochs", "1",
                  "--batch-size", "2", "--crop", "64", "--threads", "1", "--class-weights", "liver:2"]) != 0

@@ -46,6 +46,9 @@ def add_parser(subparsers):
     parser.add_argument("--class-weights", default=None, metavar="NAME:W,...",
                         help="cross-entropy weight per class, e.g. 'diaphragm:3,liver:2,imat:2' (names: background, "
                              "muscle, sat, vat, imat and, with --organ-classes, the organ classes; others 1)")
+    parser.add_argument("--class-weight-border-mm", type=float, default=None, metavar="MM",
+                        help="spread the class weights this far (mm) across every border, so both sides of a "
+                             "weighted organ's border weigh alike (default 0: off)")
     parser.add_argument("--last", type=Path, default=None,
                         help="also write every epoch's network here (no split head), whatever its validation Dice")
     parser.add_argument("--device", default=None, help="where the network runs: auto (the default: CUDA when a GPU is there, else CPU), cpu, cuda or cuda:N")
@@ -78,7 +81,7 @@ def run(args) -> int:
         "threads": args.threads, "organ_classes": args.organ_classes, "device": args.device,
         "last_path": str(args.last) if args.last else None, "nproc": args.nproc, "state_dir": str(args.state_dir) if args.state_dir else None,
         "tensorboard_dir": str(args.tensorboard_dir) if args.tensorboard_dir else None, "mlflow_uri": args.mlflow_uri,
-        "class_weights": args.class_weights,
+        "class_weights": args.class_weights, "class_weight_border_mm": args.class_weight_border_mm,
     })
     result = train_from_folder(args.data, args.out, config, log=lambda line: print(line, flush=True))
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result["best_dice"].items() if v is not None)

@@ -124,6 +124,10 @@ class TrainConfig:
     # pressed on the wall being labelled muscle (docs/plausibility.md, "Class-weighted loss").
     # Request text: "diaphragm:3,liver:2" (parse_class_weights).
     class_weights: dict | None = None
+    # Spread each pixel's class weight over the pixels within this distance (mm), so the pixels on
+    # both sides of a weighted organ's border weigh alike: the weighting then pays for border
+    # errors in both directions instead of moving the border into the wall muscle (0: off).
+    class_weight_border_mm: float = 0.0
 
     #: Settings a request (HTTP params, CLI options, script options) may give, by kind. Others
     #: (windows, network, spacing_mm) come from the checkpoint being fine-tuned or from code.
@@ -133,7 +137,7 @@ class TrainConfig:
         "augment": bool, "init_from": str, "time_limit_s": float, "relabel_muscle_by_hu": bool,
         "split_head_iterations": int, "split_head_lr": float, "organ_classes": bool, "last_path": str,
         "device": str, "nproc": int, "state_dir": str, "tensorboard_dir": str, "mlflow_uri": str,
-        "class_weights": dict,
+        "class_weights": dict, "class_weight_border_mm": float,
     }
 
     @classmethod
@@ -224,6 +228,8 @@ class TrainConfig:
         need(self.time_limit_s is None or (finite(self.time_limit_s) and self.time_limit_s > 0),
              f"time_limit_s must be > 0, or 0/None for none (got {self.time_limit_s!r})")
         need(isinstance(self.nproc, int) and self.nproc >= 1, f"nproc must be >= 1 (got {self.nproc!r})")
+        need(finite(self.class_weight_border_mm) and 0 <= self.class_weight_border_mm <= 50,
+             f"class_weight_border_mm must be in [0, 50] (got {self.class_weight_border_mm!r})")
         if self.class_weights is not None:
             try:
                 parse_class_weights(self.class_weights)
@@ -341,15 +347,19 @@ class SliceWeightedDiceCE(torch.nn.Module):
     ``class_weights`` (one per network channel, :func:`class_weight_vector`) weight the
     cross-entropy per pixel by its true class, normalised per slice by the summed weights (torch's
     weighted mean); slices without an organ map use the first five. The Dice term is unweighted.
+    ``border_px`` > 0 spreads the weights: each pixel takes the largest weight within that many
+    pixels (a max-filter of the weight map), so both sides of a weighted class's border weigh the
+    same and the weight no longer biases where the border lies.
     """
 
-    def __init__(self, class_weights: torch.Tensor | None = None) -> None:
+    def __init__(self, class_weights: torch.Tensor | None = None, border_px: int = 0) -> None:
         super().__init__()
         from monai.losses import DiceLoss
 
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, smooth_nr=1e-4,
                              smooth_dr=1e-4, reduction="none")
         self.register_buffer("class_weights", None if class_weights is None else class_weights.float())
+        self.border_px = int(border_px)
 
     def per_slice(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Dice loss (mean over classes) + mean cross-entropy (class-weighted mean with
@@ -358,7 +368,11 @@ class SliceWeightedDiceCE(torch.nn.Module):
         ce = F.cross_entropy(logits, label, reduction="none").flatten(1)
         if self.class_weights is None:
             return dice + ce.mean(1)
-        pixel_weight = self.class_weights[: logits.shape[1]][label].flatten(1)
+        pixel_weight = self.class_weights[: logits.shape[1]][label]
+        if self.border_px > 0:
+            size = 2 * self.border_px + 1
+            pixel_weight = F.max_pool2d(pixel_weight[:, None], size, stride=1, padding=self.border_px)[:, 0]
+        pixel_weight = pixel_weight.flatten(1)
         return dice + (ce * pixel_weight).sum(1) / pixel_weight.sum(1)
 
     def forward(self, logits: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -432,7 +446,9 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
         target = {key: batch[key].to(device, non_blocking=non_blocking) for key in ("label", "weight", "organs")}
         return encode_windows(batch["hu"], windows).to(device, non_blocking=non_blocking), target
 
-    loss = SliceWeightedDiceCE(class_weight_vector(config.class_weights, model.class_names)).to(group.device)
+    border_px = round(config.class_weight_border_mm / model.spacing_mm)
+    loss = SliceWeightedDiceCE(class_weight_vector(config.class_weights, model.class_names),
+                               border_px=border_px).to(group.device)
     trainer = SupervisedTrainer(device=group.device, max_epochs=config.epochs, train_data_loader=batches,
                                 epoch_length=per_epoch, network=group.wrap(model.network), optimizer=opt,
                                 loss_function=loss, prepare_batch=prepare_batch,
@@ -649,7 +665,8 @@ def train(
     organs = bool(model.organ_classes)
     if config.epochs > 0 and config.class_weights:
         class_weight_vector(config.class_weights, model.class_names)  # a class the network lacks fails here
-        log("cross-entropy class weights " + ", ".join(f"{k} {v:g}" for k, v in config.class_weights.items()))
+        log("cross-entropy class weights " + ", ".join(f"{k} {v:g}" for k, v in config.class_weights.items())
+            + (f", spread {config.class_weight_border_mm:g} mm across borders" if config.class_weight_border_mm else ""))
     record, iterations = RunRecord(), 0
     if config.epochs > 0:  # head-only runs never use the working-grid copies
         train_data = [to_working(s, model.spacing_mm, organs) for s in samples]
