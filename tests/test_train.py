@@ -440,6 +440,9 @@ def test_training_quiets_the_engine_loggers_for_its_run_only(phantom_samples, tm
 
     names = ("ignite", "monai.engines")
     before = {name: logging.getLogger(name).level for name in names}
+    # The validation engine's own logger is quieted only while it runs, too.
+    evaluator_logger = logging.getLogger("ignite.engine.engine.SupervisedEvaluator")
+    evaluator_level = evaluator_logger.level
     seen = {}
     try:
         for name in names:
@@ -453,6 +456,7 @@ def test_training_quiets_the_engine_loggers_for_its_run_only(phantom_samples, tm
                                                                    crop=64, threads=1), log=log)
         assert seen == {name: logging.WARNING for name in names}
         assert {name: logging.getLogger(name).level for name in names} == {name: logging.DEBUG for name in names}
+        assert evaluator_logger.level == evaluator_level
     finally:
         for name, level in before.items():
             logging.getLogger(name).setLevel(level)

@@ -30,7 +30,6 @@ With ``organ_classes`` the network also learns the organ classes of
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -38,7 +37,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +61,7 @@ from sarco_app.segmentation.network import (
 )
 from sarco_app.segmentation.split_head import raw_dice_with_and_without_head, train_split_head
 from sarco_app.segmentation.training_data import CropBatches, Sample, load_studies, to_working
-from sarco_app.segmentation.validation import main_score, make_evaluator, validate
+from sarco_app.segmentation.validation import main_score, make_evaluator, quiet_loggers, validate
 
 logger = logging.getLogger(__name__)
 
@@ -552,20 +551,6 @@ def _run_backbone(model: BodyCompModel, config: TrainConfig, group: Group, train
     with quiet_loggers("ignite", "monai.engines", trainer.logger.name):
         trainer.run()
     return record, trainer.state.iteration
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
-    """Raise the named loggers to ``level`` inside the block and restore their levels after."""
-    loggers = [logging.getLogger(name) for name in names]
-    before = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(level)
-    try:
-        yield
-    finally:
-        for lg, old in zip(loggers, before):
-            lg.setLevel(old)
 
 
 def _attach_trackers(trainer, config: TrainConfig, log: Callable[[str], None]) -> None:

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -78,6 +80,20 @@ def working_batches(val: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[di
     return [{"hu": hu[None], "label": torch.as_tensor(lab)[None].long()} for hu, lab in val]
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the named loggers to ``level`` inside the block and restore their levels after."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, before):
+            lg.setLevel(old)
+
+
 def make_evaluator(model: BodyCompModel, val: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> SupervisedEvaluator:
     """A MONAI ``SupervisedEvaluator`` of ``model``'s raw network on the working-grid slices
     ``val`` (:func:`sarco_app.segmentation.training_data.to_working`); after ``run()``,
@@ -92,8 +108,6 @@ def make_evaluator(model: BodyCompModel, val: Sequence[tuple[torch.Tensor, torch
     evaluator = SupervisedEvaluator(device=model.device, val_data_loader=data, epoch_length=max(1, len(data)),
                                     network=model.network, prepare_batch=prepare_batch,
                                     inferer=WorkingGridInferer(), decollate=False)
-    # MONAI Label keeps only the last lines of a train log: the engine's own chatter stays out.
-    evaluator.logger.setLevel("WARNING")
     PooledDice(output_transform=lambda out: (out[Keys.PRED], out[Keys.LABEL])).attach(evaluator, "val_dice")
     return evaluator
 
@@ -105,7 +119,10 @@ def validate(model: BodyCompModel, val: Sequence[tuple[torch.Tensor, torch.Tenso
     share of the slices). ``evaluator`` reuses one from :func:`make_evaluator`."""
     evaluator = evaluator or make_evaluator(model, val)
     if evaluator.state.epoch_length and evaluator.data_loader:
-        evaluator.run()
+        # MONAI Label keeps only the last lines of a train log: the engine's own chatter stays
+        # out, for this run only.
+        with quiet_loggers(evaluator.logger.name):
+            evaluator.run()
         return dict(evaluator.state.metrics["val_dice"])
     # A process without validation slices still takes part in the count's reduction.
     metric = PooledDice()
