@@ -200,6 +200,7 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED,
     if per_group <= 0:
         return
     models = {name: model, **(others or {})}
+    group_dice = {name: [] for name in models}  # pooled Dice per group, for the summary below
     print(f"\n== held-out upper-abdomen phantoms ({per_group} per group, seeds from {seed_base}; default output) ==")
     diaphragm = L.ORGAN_NAMES.index("diaphragm") + 1
     for g, level in enumerate(UPPER_LEVELS):
@@ -231,6 +232,7 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED,
                                  "diaphragm_as_muscle_cm2": round(diaphragm_fp[name][-1], 2)})
             for name in models:
                 dice = pooled[name].dice()
+                group_dice[name].append(dice)
                 shown = " ".join(f"{k} {dice[k]:.4f}" for k in TISSUES if dice.get(k) is not None)
                 print(f"  {group:12s}{f' {name:10s}' if others else ''} Dice {shown}; "
                       f"muscle area error mean {100 * np.mean(errors[name]):+.1f} %, "
@@ -252,6 +254,22 @@ def eval_upper(model, per_group: int, rows: list, seed_base: int = UPPER_SEED,
                 part += f" ({100 * (np.mean(fp) / base - 1):+.0f} % against {base_name})"
             parts.append(part)
         print(f"  {level} organs + diaphragm as muscle, mean of the two pixel groups: {', '.join(parts)}")
+    base_name = next(iter(models))
+    for name in list(models)[1:]:
+        print(f"  {name} against {base_name}, pooled Dice change over the {len(group_dice[name])} groups: "
+              + dice_change_summary(group_dice[base_name], group_dice[name]))
+
+
+def dice_change_summary(base: list[dict], other: list[dict]) -> str:
+    """'muscle min -0.0031 max +0.0040 mean +0.0011; sat ...': the change of each tissue's Dice
+    from ``base`` to ``other``, group by group (lists of per-group Dice dicts, same order)."""
+    parts = []
+    for tissue in TISSUES:
+        change = [o[tissue] - b[tissue] for b, o in zip(base, other)
+                  if b.get(tissue) is not None and o.get(tissue) is not None]
+        if change:
+            parts.append(f"{tissue} min {min(change):+.4f} max {max(change):+.4f} mean {np.mean(change):+.4f}")
+    return "; ".join(parts)
 
 
 def eval_like_real(model, count: int, rows: list, seed_base: int = LIKE_REAL_SEED) -> None:

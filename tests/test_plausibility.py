@@ -252,3 +252,17 @@ def test_liver_labelled_muscle_on_real_ct_is_flagged(real_data, tmp_path, capsys
     assert bad["cavity_muscle_share"] > sound.cavity_muscle_share + 0.4
     assert bad["organ_blob_muscle_share"] > sound.organ_blob_muscle_share + 0.4
     assert bad["cavity_components_cm2"] > sound.cavity_components_cm2 + 150
+
+
+def test_eval_summary_of_dice_changes_is_per_tissue_over_groups():
+    """``eval_bodycomp --compare`` prints the min / max / mean change of each tissue's Dice over
+    the groups (the model card's summary lines come from it, not from hand arithmetic); a tissue
+    absent in a group is left out of that group only."""
+    from scripts.eval_bodycomp import dice_change_summary
+
+    base = [{"muscle": 0.90, "sat": 0.95, "vat": 0.9, "imat": None}, {"muscle": 0.80, "sat": 0.97, "vat": 0.9, "imat": 0.5}]
+    other = [{"muscle": 0.93, "sat": 0.94, "vat": 0.9, "imat": 0.7}, {"muscle": 0.79, "sat": 0.97, "vat": 0.9, "imat": 0.6}]
+    text = dice_change_summary(base, other)
+    assert "muscle min -0.0100 max +0.0300 mean +0.0100" in text
+    assert "sat min -0.0100 max +0.0000 mean -0.0050" in text
+    assert "imat min +0.1000 max +0.1000 mean +0.1000" in text
