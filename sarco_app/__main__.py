@@ -4,6 +4,9 @@ Each module in :mod:`sarco_app.commands` defines one sub-command with two functi
 ``add_parser(subparsers)`` (registers the command and its options, returns its parser) and
 ``run(args) -> int`` (the exit status). Input errors are raised as
 :class:`sarco_app.errors.SarcoError` (or ``ValueError`` / ``OSError``) and printed on one line.
+A module may name its file options in ``INPUTS`` and ``OUTPUTS`` ('--json', or a positional's name): an
+output that would overwrite an input, another output or a stored final label is refused before
+the command runs (:func:`refuse_overwrites`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+from pathlib import Path
 
 from sarco_app import __version__, commands
 
@@ -28,8 +33,66 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         command_parser = module.add_parser(sub)
-        command_parser.set_defaults(_run=module.run)
+        command_parser.set_defaults(_run=module.run,
+                                    _inputs=_dests(command_parser, getattr(module, "INPUTS", ())),
+                                    _outputs=_dests(command_parser, getattr(module, "OUTPUTS", ())))
     return parser
+
+
+def _dests(parser: argparse.ArgumentParser, options) -> tuple[tuple[str, str], ...]:
+    """(option as the user types it, argparse dest) of each named option ('--json', or a
+    positional's name); a name the parser lacks is a programming error."""
+    found = []
+    for option in options:
+        action = next((a for a in parser._actions if option in a.option_strings or a.dest == option), None)
+        if action is None:
+            raise KeyError(f"{parser.prog}: no option {option!r}")
+        found.append((option, action.dest))
+    return tuple(found)
+
+
+#: File types an output may not replace inside an input folder (images, labels, checkpoints).
+_DATA_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".pt", ".nrrd", ".mha")
+
+
+def _paths(value) -> list[Path]:
+    if value is None or value == "":
+        return []
+    return [Path(v) for v in value] if isinstance(value, (list, tuple)) else [Path(value)]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def refuse_overwrites(args: argparse.Namespace) -> None:
+    """Raise :class:`SarcoError` when an output option names an input file, the same file as
+    another output, an existing image/label/checkpoint inside an input folder, or a stored final
+    label (``labels/final/``): the command would destroy what it reads or an annotator's work."""
+    from sarco_app.errors import SarcoError
+
+    inputs = [(name, path) for name, dest in args._inputs for path in _paths(getattr(args, dest, None))]
+    outputs = [(name, path) for name, dest in args._outputs for path in _paths(getattr(args, dest, None))]
+    problems = []
+    for i, (name, out) in enumerate(outputs):
+        for in_name, source in inputs:
+            inside = (source.is_dir() and out.is_file() and out.name.lower().endswith(_DATA_SUFFIXES)
+                      and source.resolve() in out.resolve().parents)
+            if _same(out, source) or inside:
+                what = "is" if _same(out, source) else "lies inside"
+                problems.append(f"{name} {out} {what} the input {in_name} {source}")
+        for other_name, other in outputs[i + 1:]:
+            if _same(out, other):
+                problems.append(f"{name} and {other_name} name the same file {out}")
+        if out.is_file() and out.parent.name == "final" and out.parent.parent.name == "labels":
+            problems.append(f"{name} {out} is a stored final label")
+    if problems:
+        raise SarcoError("refusing to overwrite: " + "; ".join(problems) + " (choose another output path)")
 
 
 class _StderrWarnings(logging.Handler):
@@ -50,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_warnings()
     try:
+        refuse_overwrites(args)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

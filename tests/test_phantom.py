@@ -390,3 +390,20 @@ def test_organ_maps_are_written_on_request(tmp_path):
     assert np.array_equal(organs, ph.organ_label)
     phantom.write_cohort(tmp_path / "plain", 1, seed=4, size=96)
     assert not (tmp_path / "plain" / "labels" / "organs").exists()
+
+
+def test_phantom_refuses_a_folder_that_holds_phantoms_unless_forced(tmp_path, capsys):
+    """Writing phantoms again into a studies folder would replace its images and final labels
+    (perhaps corrected by an annotator) and a manifest that no longer lists every study: refused,
+    nothing changed; ``--force`` replaces them."""
+    out = tmp_path / "studies"
+    assert cli(["phantom", "--count", "2", "--seed", "9", "--size", "64", "--out", str(out)]) == 0
+    label = out / "labels" / "final" / "phantom_0000.nii.gz"
+    before = label.read_bytes()
+    capsys.readouterr()
+    assert cli(["phantom", "--count", "1", "--seed", "3", "--size", "64", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "already holds" in err and "manifest.csv" in err and "--force" in err
+    assert label.read_bytes() == before and len(list(csv.DictReader((out / "manifest.csv").open()))) == 2
+    assert cli(["phantom", "--count", "1", "--seed", "3", "--size", "64", "--out", str(out), "--force"]) == 0
+    assert label.read_bytes() != before

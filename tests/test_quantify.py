@@ -468,3 +468,31 @@ def test_height_in_metres_is_refused_not_measured(tmp_path, capsys):
     with pytest.raises(SarcoError, match="weight_kg 7000 is outside"):
         patient_from_params({"weight_kg": "7000"})
     assert patient_from_params({"height_cm": "172", "weight_kg": "70"}).height_cm == 172.0
+
+
+def test_cli_refuses_outputs_that_would_overwrite_inputs_or_final_labels(tmp_path, capsys):
+    """An output option naming an input, another output, a data file inside an input folder or a
+    stored final label is refused before the command runs, and the files stay as they were."""
+    out = tmp_path / "studies"
+    assert cli(["phantom", "--count", "1", "--seed", "2", "--size", "64", "--out", str(out)]) == 0
+    image, label = out / "phantom_0000.nii.gz", out / "labels" / "final" / "phantom_0000.nii.gz"
+    before = {p: p.read_bytes() for p in (image, label, out / "manifest.csv")}
+    capsys.readouterr()
+    cases = [
+        (["quantify", "--image", str(image), "--label", str(label), "--json", str(label)], "is the input --label"),
+        (["segment", str(image), "--out", str(image), "--method", "threshold"], "is the input image"),
+        (["segment", str(image), "--out", str(label), "--method", "threshold"], "is a stored final label"),
+        (["evaluate", "--pred", str(label), "--truth", str(label), "--csv", str(label)], "is the input --pred"),
+        (["reference", "--cohort", str(out / "manifest.csv"), "--out", str(out / "manifest.csv")], "is the input --cohort"),
+        (["train", "--data", str(out), "--out", str(image), "--epochs", "1"], "lies inside the input --data"),
+        (["quantify", "--image", str(image), "--label", str(label), "--json", str(tmp_path / "x"),
+          "--overlay", str(tmp_path / "x")], "--json and --overlay name the same file"),
+    ]
+    for argv, reason in cases:
+        assert cli(argv) != 0, argv
+        err = capsys.readouterr().err
+        assert "refusing to overwrite" in err and reason in err, (argv, err)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "x").exists()
+    # Distinct outputs still work.
+    assert cli(["quantify", "--image", str(image), "--label", str(label), "--json", str(tmp_path / "q.json")]) == 0

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 
+#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+INPUTS = ('--studies', '--input', '--reference')
+OUTPUTS = ('--out',)
+
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "cohort",

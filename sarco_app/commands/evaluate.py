@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 
+#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+INPUTS = ('--pred', '--truth')
+OUTPUTS = ('--csv', '--markdown')
+
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "evaluate",

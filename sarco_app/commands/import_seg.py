@@ -12,6 +12,10 @@ from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.labels import NAMES
 
 
+#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+INPUTS = ('image_series', 'seg')
+OUTPUTS = ('--out',)
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "import-seg",

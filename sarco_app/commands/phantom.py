@@ -28,6 +28,9 @@ def add_parser(subparsers):
     parser.add_argument("--organs", action="store_true",
                         help="also write each phantom's organ map (liver, spleen, kidney, bowel, bone, diaphragm, "
                              "other) to OUT/labels/organs/<id>.nii.gz, for `train --organ-classes`")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that already holds phantoms, replacing their images, final "
+                             "labels and manifest (refused without it)")
     return parser
 
 
@@ -48,7 +51,8 @@ def run(args) -> int:
     if not lo <= args.size <= hi:
         raise SarcoError(f"--size must be {lo}-{hi} pixels, got {args.size}")
     manifest = phantom.write_cohort(args.out, args.count, args.seed, fmt, size=args.size,
-                                    level=level if level.lower() == "mixed" else level.upper(), organs=args.organs)
+                                    level=level if level.lower() == "mixed" else level.upper(), organs=args.organs,
+                                    force=args.force)
     print(f"wrote {args.count} phantom(s) ({fmt}, {args.size}x{args.size}, level {level}) to {args.out}")
     print(f"manifest: {manifest}")
     return 0

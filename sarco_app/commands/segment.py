@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
+#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+INPUTS = ('image', '--model')
+OUTPUTS = ('--out',)
+
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "segment",

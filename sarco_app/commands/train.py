@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
+#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+INPUTS = ('--data', '--init')
+OUTPUTS = ('--out', '--last')
+
 def add_parser(subparsers):
     from sarco_app.segmentation.train import TrainConfig
 

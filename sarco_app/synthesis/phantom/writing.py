@@ -179,14 +179,15 @@ def _write_dicom(phantom: Phantom, path: Path, case_id: str) -> None:
 
 
 def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nifti", *,
-                 size: int = 512, level: str = "L3", organs: bool = False) -> Path:
+                 size: int = 512, level: str = "L3", organs: bool = False, force: bool = False) -> Path:
     """Write ``count`` phantoms (alternating sex, a third sarcopenic, random BMI) and
     ``manifest.csv`` into ``out_dir``; returns the manifest path.
 
     ``level`` is one of :data:`LEVELS` or ``"mixed"`` (random level per phantom, mostly L3).
     The manifest has one row per phantom with the columns :data:`MANIFEST_COLUMNS`; the areas
     are those of the written label maps. ``organs`` also writes the organ maps
-    (:func:`write_phantom`).
+    (:func:`write_phantom`). A folder that already holds a manifest or any of the files to be
+    written (images, final labels: perhaps corrected by an annotator) is refused unless ``force``.
     """
     try:
         count = int(count)
@@ -204,6 +205,14 @@ def write_cohort(out_dir: str | Path, count: int, seed: int, format: str = "nift
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SarcoError(f"{out}: exists and is not a folder")
+    if not force and out.is_dir():
+        ids = [f"phantom_{i:04d}" for i in range(count)]
+        taken = [p for p in (out / "manifest.csv", *(out / f"{i}.nii.gz" for i in ids), *(out / i for i in ids),
+                             *(out / "labels" / "final" / f"{i}.nii.gz" for i in ids)) if p.exists()]
+        if taken:
+            raise SarcoError(f"{out} already holds {len(taken)} of the files this would write "
+                             f"({', '.join(str(p.relative_to(out)) for p in taken[:3])}{', ...' if len(taken) > 3 else ''}); "
+                             "choose an empty folder, or --force to replace them and their final labels")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     # Progress on stderr when it is a terminal (disable=None), silent in logs and tests.
