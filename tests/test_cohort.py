@@ -243,3 +243,19 @@ def test_two_images_with_one_id_are_refused_before_anything_is_measured(tmp_path
     err = capsys.readouterr().err
     assert "name more than one input" in err and "a.nii.gz" in err and str(tmp_path / "a.nii") in err
     assert not out.exists() and not parts_dir(out).exists()
+
+
+def test_an_empty_final_label_is_a_failed_row_not_a_sarcopenic_patient(tmp_path):
+    """A final label with no tissue (saved before anything was drawn) is recorded as a failure
+    and left out of the statistics, instead of an SMA of 0 flagged as sarcopenia."""
+    for study_id, empty in (("a", False), ("b", True)):
+        hu, label = ring_phantom(seed=4)
+        image = make_image(hu, (0.8, 0.8), PatientInfo(sex="F", age=50, height_cm=165, weight_kg=60))
+        save_image(image, tmp_path / f"{study_id}.nii.gz")
+        save_label(np.zeros_like(label) if empty else label, image, tmp_path / "labels" / "final" / f"{study_id}.nii.gz")
+    out = tmp_path / "out" / "r.xlsx"
+    assert cli(["cohort", "--studies", str(tmp_path), "--out", str(out), "--no-overlays"]) == 0
+    scans = pd.read_excel(out, sheet_name="scans").rename(columns=column_from_header).set_index("id")
+    assert scans.loc["a", "status"] == "ok"
+    assert scans.loc["b", "status"] == "error: the final label holds no tissue on slice 0"
+    assert pd.isna(scans.loc["b", "smi_cm2_m2"])

@@ -141,6 +141,7 @@ def test_3d_image_and_slice_param(server, studies):
     assert response.json()["tissues"] == _expected(studies, "s3")["tissues"]
     response = _infer(server, "s3", {"slice": 0})
     assert response.status_code == 200 and response.json()["tissues"]["muscle"]["pixels"] == 0
+    assert response.json()["indices"]["sma_cm2"] is None  # nothing labelled: no SMA, not 0
     response = _infer(server, "s3", {"slice": 9})
     assert response.status_code == 400 and "out of range" in response.json()["detail"]
 

@@ -300,7 +300,12 @@ def test_3d_slice_choice_and_errors():
     image = make_image(hu, (1.0, 1.0, 3.0), PatientInfo(sex="M"))
     assert quantify_scan(image, label)["slice_index"] == 3  # the only labelled slice
     assert quantify_scan(image, label, slice_index=-2)["slice_index"] == 3
-    assert quantify_scan(image, label, slice_index=0)["tissues"]["muscle"]["pixels"] == 0
+    unlabelled = quantify_scan(image, label, slice_index=0)
+    assert unlabelled["tissues"]["muscle"]["pixels"] == 0
+    # No muscle labelled is no measurement, not an SMA of 0 and a "sarcopenia" category.
+    assert unlabelled["indices"]["sma_cm2"] is None and unlabelled["t_scores"]["sma_cm2"] is None
+    assert unlabelled["categories"]["sma_cm2"] is None
+    assert unlabelled["reasons"]["sma_cm2"] == "no muscle labelled on the slice"
     with pytest.raises(SarcoError, match="out of range"):
         quantify_scan(image, label, slice_index=5)
     label[0, 0, 1] = L.SAT
@@ -496,3 +501,28 @@ def test_cli_refuses_outputs_that_would_overwrite_inputs_or_final_labels(tmp_pat
     assert not (tmp_path / "x").exists()
     # Distinct outputs still work.
     assert cli(["quantify", "--image", str(image), "--label", str(label), "--json", str(tmp_path / "q.json")]) == 0
+
+
+def test_float_labels_with_nan_or_fractions_are_refused(tmp_path, capsys):
+    """A float label holding NaN or fractions (resampled with interpolation) is refused by
+    quantify and evaluate instead of NaN being cast to some class; whole-number floats load."""
+    hu = np.full((40, 30), -1000.0, dtype=np.float32)
+    hu[5:30, 5:25] = 40.0
+    image = make_image(hu, (1.0, 1.0), PatientInfo(sex="F", height_cm=160, weight_kg=60))
+    save_image(image, tmp_path / "ct.nii.gz")
+    label = np.zeros(hu.shape, dtype=np.uint8)
+    label[5:30, 5:25] = L.MUSCLE
+    save_label(label, image, tmp_path / "whole.nii.gz")
+    assert cli(["quantify", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "whole.nii.gz")]) == 0
+    import nibabel as nib
+
+    stored = nib.load(str(tmp_path / "whole.nii.gz"))
+    for value, reason in ((np.nan, "NaN"), (1.5, "fraction")):
+        bad = np.asarray(stored.dataobj).astype(np.float32)
+        bad.flat[0] = value
+        nib.save(nib.Nifti1Image(bad, stored.affine), str(tmp_path / "bad.nii.gz"))
+        capsys.readouterr()
+        assert cli(["quantify", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "bad.nii.gz")]) != 0
+        assert reason in capsys.readouterr().err
+        assert cli(["evaluate", "--pred", str(tmp_path / "bad.nii.gz"), "--truth", str(tmp_path / "whole.nii.gz")]) != 0
+        assert reason in capsys.readouterr().err

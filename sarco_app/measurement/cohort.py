@@ -219,6 +219,9 @@ def measure_labelled(study: tuple[str, Path, Path], slice_index: int | None, ref
             image, label = _load_pair(image_path, label_path)
         with timed(seconds, "quantify"):
             result = quantify_scan(image, label, slice_index, None, reference, cutoffs)
+        if not any(stats["pixels"] for stats in result["tissues"].values()):
+            # An empty final label is a scan not labelled yet, not a patient without muscle.
+            raise SarcoError(f"the final label holds no tissue on slice {result['slice_index']}")
         row.update(flatten_result(result))
         if overlay_dir is not None:
             with timed(seconds, "write"):

@@ -89,6 +89,10 @@ def load_label(path: str | Path, image: CTImage, max_value: int | None = None) -
         raise SarcoError(
             f"label {path.name} has shape {tuple(data.shape)} but the image has shape {expected}"
         )
+    try:  # NaN or fractions (a label resampled with interpolation) would be cast to some class
+        L.check_label_values(data, max_value if max_value is not None else L.IMAT)
+    except SarcoError as exc:
+        raise SarcoError(f"label {path.name}: {exc}") from None
     data = image.from_original(np.rint(data).astype(np.int16))
     if max_value is not None:
         if data.size and (data.min() < 0 or data.max() > max_value):
@@ -217,17 +221,22 @@ def body_indices(tissues: dict[str, dict], patient: dict[str, Any]) -> tuple[dic
     radiation attenuation (HU); ``vat_sat_ratio`` VAT area / SAT area; ``total_adipose_cm2``
     SAT + VAT + IMAT. Returns ``(indices, reasons)``.
     """
-    sma = tissues["muscle"]["area_cm2"]
     height, weight, bmi = patient["height_cm"], patient["weight_kg"], patient["bmi"]
     reasons: dict[str, str] = {}
+    # No muscle labelled is a missing label, not a muscle area of 0: an SMI of 0 would read as
+    # the most sarcopenic patient of the cohort.
+    sma = tissues["muscle"]["area_cm2"] if tissues["muscle"]["pixels"] > 0 else None
     indices: dict[str, Any] = {"sma_cm2": sma}
-    indices["smi_cm2_m2"] = sma / (height / 100.0) ** 2 if height else None
+    if sma is None:
+        for name in ("sma_cm2", "smi_cm2_m2", "sma_per_weight", "sma_per_bmi"):
+            reasons[name] = "no muscle labelled on the slice"
+    indices["smi_cm2_m2"] = sma / (height / 100.0) ** 2 if height and sma is not None else None
     if height is None:
         reasons["smi_cm2_m2"] = "height unknown"
-    indices["sma_per_weight"] = sma / weight if weight else None
+    indices["sma_per_weight"] = sma / weight if weight and sma is not None else None
     if weight is None:
         reasons["sma_per_weight"] = "weight unknown"
-    indices["sma_per_bmi"] = sma / bmi if bmi else None
+    indices["sma_per_bmi"] = sma / bmi if bmi and sma is not None else None
     if bmi is None:
         reasons["sma_per_bmi"] = "BMI unknown (" + _unknown(height=height, weight=weight) + ")"
     indices["muscle_hu_mean"] = tissues["muscle"]["hu_mean"]

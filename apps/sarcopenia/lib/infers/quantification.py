@@ -114,5 +114,6 @@ class QuantificationInfer(DirectInferTask):
             raise http_error(400, str(exc)) from exc
         result = clean_json(result)
         result["latencies"] = {"total": round(time.time() - begin, 3)}
-        logger.info(f"quantification of {image_path}: SMA {result['indices']['sma_cm2']:.2f} cm²")
+        sma = result["indices"]["sma_cm2"]
+        logger.info(f"quantification of {image_path}: SMA {'none labelled' if sma is None else f'{sma:.2f} cm²'}")
         return None, result
