@@ -16,11 +16,12 @@ from tests.dicom_factory import write_ct_slice
 RNG = np.random.default_rng(17)
 
 
-def _series(folder, orientation=(1, 0, 0, 0, 1, 0), z_step=2.5, n=4, rows=12, cols=10, series_uid="1.2.3.4"):
+def _series(folder, orientation=(1, 0, 0, 0, 1, 0), z_step=2.5, n=4, rows=12, cols=10, series_uid="1.2.3.4",
+            origin=(-20.0, 15.0, 40.0)):
     raw = RNG.integers(0, 2000, size=(n, rows, cols)).astype(np.int16)
     row_dir, col_dir = np.array(orientation[:3], float), np.array(orientation[3:], float)
     normal = np.cross(row_dir, col_dir)
-    positions = [np.array([-20.0, 15.0, 40.0]) + k * z_step * normal for k in range(n)]
+    positions = [np.array(origin, dtype=float) + k * z_step * normal for k in range(n)]
     for k in range(n):
         write_ct_slice(folder / f"s{k:02d}.dcm", raw[k], position=positions[k], orientation=orientation,
                        series_uid=series_uid, SOPInstanceUID=pydicom.uid.generate_uid(),
@@ -103,6 +104,25 @@ def test_seg_of_another_series_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "references series 1.2.3.4, not this image's series 1.2.3.5" in err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_seg_off_a_series_without_uid_is_refused_and_a_truncated_seg_is_a_clear_error(tmp_path, capsys):
+    """A series without a SeriesInstanceUID cannot be compared by UID: a SEG none of whose
+    pixels lands on its slices is refused (it used to write an empty label), and a SEG cut short
+    is one line, not a traceback."""
+    first = _series(tmp_path / "a")
+    elsewhere = _series(tmp_path / "b", series_uid=None, origin=(-20.0, 15.0, 400.0))
+    _label_file(ingest.load_image(first), tmp_path / "label.nii.gz")
+    assert cli(["export-seg", str(first), str(tmp_path / "label.nii.gz"), "--out", str(tmp_path / "seg.dcm")]) == 0
+    capsys.readouterr()
+    assert cli(["import-seg", str(elsewhere), str(tmp_path / "seg.dcm"), "--out", str(tmp_path / "x.nii.gz")]) == 1
+    assert "lies on this image's slices" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+    data = (tmp_path / "seg.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])
+    assert cli(["import-seg", str(first), str(tmp_path / "cut.dcm"), "--out", str(tmp_path / "y.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and not (tmp_path / "y.nii.gz").exists()
 
 
 def test_series_without_uids_and_non_seg_files_are_clear_errors(tmp_path, capsys):

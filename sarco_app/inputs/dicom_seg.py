@@ -256,7 +256,10 @@ def load_dicom_seg(path: Any, image: ingest.CTImage, segment: int | None = None)
     """
     ds = path if hasattr(path, "SOPClassUID") else read_dicom_seg(path)
     path = Path(getattr(ds, "filename_for_messages", "SEG"))
-    frames = np.asarray(ds.pixel_array)
+    try:
+        frames = np.asarray(ds.pixel_array)
+    except Exception as exc:  # a truncated file: no or short pixel data
+        raise IngestError(f"{path.name}: the SEG's pixel data cannot be read ({exc})") from None
     frames = frames[None] if frames.ndim == 2 else frames
     shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -271,12 +274,14 @@ def load_dicom_seg(path: Any, image: ingest.CTImage, segment: int | None = None)
 
     to_voxel = np.linalg.inv(np.asarray(image.affine, dtype=float))
     mask = np.zeros(image.hu.shape, dtype=bool)
+    drawn = 0  # set pixels of the chosen frames, to notice a SEG that lies off this image
     for frame, group in zip(frames, per_frame):
         if segment is not None and int(item(group, "SegmentIdentificationSequence").ReferencedSegmentNumber) != segment:
             continue
         rows, cols = np.nonzero(frame)
         if rows.size == 0:
             continue
+        drawn += rows.size
         position = np.array(item(group, "PlanePositionSequence").ImagePositionPatient, dtype=float)
         cosines = np.array(item(group, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float)
         row_mm, col_mm = (float(v) for v in item(group, "PixelMeasuresSequence").PixelSpacing)
@@ -288,6 +293,10 @@ def load_dicom_seg(path: Any, image: ingest.CTImage, segment: int | None = None)
             voxel = voxel[:, :2]
         inside = np.all((voxel >= 0) & (voxel < np.array(image.hu.shape)), axis=1)
         mask[tuple(voxel[inside].T)] = True
+    if drawn and not mask.any():
+        # Without series UIDs to compare, the geometry tells: not one pixel lands on this image.
+        raise IngestError(f"{path.name}: none of its {drawn} segment pixels lies on this image's slices "
+                          "(a SEG of another series or study?)")
     return mask
 
 
