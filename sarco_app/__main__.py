@@ -6,7 +6,8 @@ Each module in :mod:`sarco_app.commands` defines one sub-command with two functi
 :class:`sarco_app.errors.SarcoError` (or ``ValueError`` / ``OSError``) and printed on one line.
 A module may name its file options in ``INPUTS`` and ``OUTPUTS`` ('--json', or a positional's name): an
 output that would overwrite an input, another output or a stored final label is refused before
-the command runs (:func:`refuse_overwrites`).
+the command runs (:func:`refuse_overwrites`), and ``OUTPUT_SUFFIXES`` ({option: suffixes}) names
+the file types an output option can write.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         command_parser = module.add_parser(sub)
+        suffixes = getattr(module, "OUTPUT_SUFFIXES", {})
         command_parser.set_defaults(_run=module.run,
                                     _inputs=_dests(command_parser, getattr(module, "INPUTS", ())),
-                                    _outputs=_dests(command_parser, getattr(module, "OUTPUTS", ())))
+                                    _outputs=_dests(command_parser, getattr(module, "OUTPUTS", ())),
+                                    _suffixes=dict(zip(_dests(command_parser, suffixes), suffixes.values())))
     return parser
 
 
@@ -93,6 +96,10 @@ def refuse_overwrites(args: argparse.Namespace) -> None:
             problems.append(f"{name} {out} is a stored final label")
     if problems:
         raise SarcoError("refusing to overwrite: " + "; ".join(problems) + " (choose another output path)")
+    for (name, dest), allowed in args._suffixes.items():
+        for out in _paths(getattr(args, dest, None)):
+            if not out.name.lower().endswith(allowed):
+                raise SarcoError(f"{name} {out}: the file name must end in {' or '.join(allowed)}")
 
 
 class _StderrWarnings(logging.Handler):

@@ -526,3 +526,18 @@ def test_float_labels_with_nan_or_fractions_are_refused(tmp_path, capsys):
         assert reason in capsys.readouterr().err
         assert cli(["evaluate", "--pred", str(tmp_path / "bad.nii.gz"), "--truth", str(tmp_path / "whole.nii.gz")]) != 0
         assert reason in capsys.readouterr().err
+
+
+def test_cli_output_file_types_are_checked_before_the_command_runs(tmp_path, capsys):
+    """A label output must be NIfTI and an L3 figure PNG: a wrong name is one line up front, not
+    a nibabel or OpenCV traceback after the work."""
+    out = tmp_path / "studies"
+    assert cli(["phantom", "--count", "1", "--seed", "2", "--size", "64", "--out", str(out)]) == 0
+    image = out / "phantom_0000.nii.gz"
+    capsys.readouterr()
+    for argv, text in ((["segment", str(image), "--out", str(tmp_path / "seg.txt"), "--method", "threshold"],
+                        "--out"), (["l3", str(image), "--png", str(tmp_path / "l3.txt")], "--png")):
+        assert cli(argv) != 0
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {text}") and "must end in" in err
+    assert not (tmp_path / "seg.txt").exists() and not (tmp_path / "l3.txt").exists()

@@ -85,8 +85,16 @@ def test_train_cli_errors(tmp_path, capsys):
     # Settings are checked before the (missing) studies are read: the message names the setting.
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--crop", "100"]) != 0
     assert "crop must be a multiple of 16" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--crop", "100000"]) != 0
+    assert "crop must be a multiple of 16 in 32-1024 pixels" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--lr", "nan"]) != 0
     assert "lr must be in [0, 1]" in capsys.readouterr().err
+    # An output that cannot be written fails before the studies are read, not after training.
+    (tmp_path / "a_file").write_text("x")
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "a_file" / "m.pt")]) != 0
+    assert "cannot create its folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) != 0
+    assert "is a folder, not a checkpoint file" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt"), "--device", "tpu"]) != 0
     assert "unknown device 'tpu'" in capsys.readouterr().err
     # Class weights: every bad entry named, before the studies are read.

@@ -15,6 +15,7 @@ from sarco_app.labels import NAMES
 #: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image_series', 'seg')
 OUTPUTS = ('--out',)
+OUTPUT_SUFFIXES = {"--out": (".nii.gz", ".nii")}
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(

@@ -27,6 +27,7 @@ NOT_IN_FOV = 2
 #: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image',)
 OUTPUTS = ('--json', '--png')
+OUTPUT_SUFFIXES = {"--png": (".png",)}
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(

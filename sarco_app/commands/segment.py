@@ -8,6 +8,7 @@ from pathlib import Path
 #: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image', '--model')
 OUTPUTS = ('--out',)
+OUTPUT_SUFFIXES = {"--out": (".nii.gz", ".nii")}
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(

@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,8 +213,9 @@ class TrainConfig:
              "fine_tune) and split_head_iterations > 0")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1,
              f"batch_size must be >= 1 (got {self.batch_size!r})")
-        need(isinstance(self.crop, int) and self.crop >= 32 and self.crop % 16 == 0,
-             f"crop must be a multiple of 16 and >= 32 pixels (got {self.crop!r})")
+        # 1024 working pixels (2 m at 2 mm) hold any body; more only exhausts memory.
+        need(isinstance(self.crop, int) and 32 <= self.crop <= 1024 and self.crop % 16 == 0,
+             f"crop must be a multiple of 16 in 32-1024 pixels (got {self.crop!r})")
         need(self.iterations_per_epoch is None
              or (isinstance(self.iterations_per_epoch, int) and self.iterations_per_epoch >= 1),
              f"iterations_per_epoch must be >= 1, or 0/None for one pass (got {self.iterations_per_epoch!r})")
@@ -613,6 +615,7 @@ def train(
     log = log or logger.info  # the CLI passes print; the server's trainer its own logger
     config = config or TrainConfig()
     config.check()
+    check_output_path(out_path)
     if not samples:
         raise SarcoError("no training samples")
     if group is None and config.nproc > 1 and not in_worker():
@@ -716,11 +719,26 @@ def train(
     }
 
 
+def check_output_path(path: str | Path) -> None:
+    """Raise :class:`SarcoError` unless a checkpoint can be written at ``path`` (its folder is
+    created): found before training, not when the first epoch tries to save."""
+    path = Path(path)
+    if path.is_dir():
+        raise SarcoError(f"{path} is a folder, not a checkpoint file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SarcoError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SarcoError(f"{path}: not writable here")
+
+
 def train_from_folder(data_dir: str | Path, out_path: str | Path, config: TrainConfig | None = None,
                       log: Callable[[str], None] | None = None, tag: str = "final") -> dict[str, Any]:
     """:func:`train` on the labelled slices of a studies folder (see
     :func:`~sarco_app.segmentation.training_data.load_studies`)."""
     log = log or logger.info
+    check_output_path(out_path)  # before the studies are read
     samples = load_studies(data_dir, tag=tag)
     log(f"{len(samples)} labelled slices found in {data_dir}")
     return train(samples, out_path, config, log=log)
