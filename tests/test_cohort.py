@@ -259,3 +259,21 @@ def test_an_empty_final_label_is_a_failed_row_not_a_sarcopenic_patient(tmp_path)
     assert scans.loc["a", "status"] == "ok"
     assert scans.loc["b", "status"] == "error: the final label holds no tissue on slice 0"
     assert pd.isna(scans.loc["b", "smi_cm2_m2"])
+
+
+def test_cohort_refuses_to_replace_a_csv_it_did_not_write(tmp_path, capsys):
+    """``--out studies/manifest.xlsx`` would write ``manifest.csv`` over the studies folder's
+    own manifest: refused while no workbook of that name exists; a rerun (workbook there)
+    replaces its own companions."""
+    hu, label = ring_phantom(seed=5)
+    image = make_image(hu, (0.8, 0.8), PatientInfo(sex="M", age=40, height_cm=175, weight_kg=70))
+    save_image(image, tmp_path / "a.nii.gz")
+    save_label(label, image, tmp_path / "labels" / "final" / "a.nii.gz")
+    (tmp_path / "manifest.csv").write_text("id,sex\na,M\n")
+    assert cli(["cohort", "--studies", str(tmp_path), "--out", str(tmp_path / "manifest.xlsx"), "--no-overlays"]) != 0
+    assert "no earlier cohort run" in capsys.readouterr().err
+    assert (tmp_path / "manifest.csv").read_text() == "id,sex\na,M\n"
+    out = tmp_path / "out" / "r.xlsx"
+    for _ in range(2):  # the second run finds its own workbook and companions
+        assert cli(["cohort", "--studies", str(tmp_path), "--out", str(out), "--no-overlays"]) == 0
+    assert "1 of 1 scan(s) quantified" in capsys.readouterr().out

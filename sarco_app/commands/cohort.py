@@ -80,7 +80,22 @@ def run_raw(args) -> int:
     return 0 if result["failed"] < n else 1
 
 
+def refuse_foreign_companions(out: Path) -> None:
+    """The workbook's CSV companions (``<stem>.csv``, ``<stem>_summary.csv``) replace files of
+    those names; when the workbook itself is not there, such a file is someone else's (a
+    studies folder's ``manifest.csv`` beside ``--out manifest.xlsx``): refuse."""
+    from sarco_app.errors import SarcoError
+
+    out = Path(out)
+    companions = [out.with_suffix(".csv"), out.with_name(out.stem + "_summary.csv")]
+    foreign = [str(p) for p in companions if p.exists() and not out.exists()]
+    if foreign:
+        raise SarcoError(f"--out {out} would overwrite {', '.join(foreign)}, which no earlier cohort run "
+                         "wrote here; choose another --out")
+
+
 def run(args) -> int:
+    refuse_foreign_companions(args.out)
     if getattr(args, "input", None) is not None:
         return run_raw(args)
     from sarco_app.measurement.cohort import quantify_studies
@@ -99,7 +114,7 @@ def run(args) -> int:
     )
     n = len(result["rows"])
     _report_run(result)
-    print(f"{n} scan(s) quantified, {result['failed']} failed")
+    print(f"{n - result['failed']} of {n} scan(s) quantified, {result['failed']} failed")
     for row in result["rows"]:
         if row["status"] != "ok":
             print(f"  {row['id']}: {row['status']}", file=sys.stderr)
