@@ -84,11 +84,11 @@ def refuse_overwrites(args: argparse.Namespace) -> None:
     problems = []
     for i, (name, out) in enumerate(outputs):
         for in_name, source in inputs:
-            inside = (source.is_dir() and out.is_file() and out.name.lower().endswith(_DATA_SUFFIXES)
-                      and source.resolve() in out.resolve().parents)
-            if _same(out, source) or inside:
-                what = "is" if _same(out, source) else "lies inside"
-                problems.append(f"{name} {out} {what} the input {in_name} {source}")
+            if _same(out, source):
+                problems.append(f"{name} {out} is the input {in_name} {source}")
+            elif (source.is_dir() and out.is_file() and out.name.lower().endswith(_DATA_SUFFIXES)
+                  and source.resolve() in out.resolve().parents):
+                problems.append(f"{name} {out} lies inside the input {in_name} {source}")
         for other_name, other in outputs[i + 1:]:
             if _same(out, other):
                 problems.append(f"{name} and {other_name} name the same file {out}")

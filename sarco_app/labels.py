@@ -107,20 +107,28 @@ def max_label_value(tag: str) -> int:
     return len(ORGAN_NAMES) if tag == ORGAN_TAG else IMAT
 
 
+def check_whole_numbers(label: np.ndarray) -> None:
+    """``SarcoError`` unless every value of ``label`` is a whole number: a float label holding
+    NaN, infinities or fractions (resampled with interpolation) would be cast to some class."""
+    label = np.asarray(label)
+    if label.dtype.kind in "biu":
+        return
+    if label.dtype.kind != "f":
+        raise SarcoError(f"label values must be numbers, not {label.dtype}")
+    finite = np.isfinite(label)
+    if not finite.all():
+        raise SarcoError(f"label has {int((~finite).sum())} NaN or infinite value(s)")
+    if not np.array_equal(label, np.round(label)):
+        raise SarcoError("label values must be whole numbers (0-4), not fractions")
+
+
 def check_label_values(label: np.ndarray, max_value: int = IMAT) -> None:
     """``SarcoError`` unless every value of ``label`` is a whole number in ``0..max_value``
     (NaN and infinities included in the refusal)."""
     label = np.asarray(label)
     if label.dtype.kind == "b":
         return
-    if label.dtype.kind not in "iuf":
-        raise SarcoError(f"label values must be numbers, not {label.dtype}")
-    if label.dtype.kind == "f":
-        finite = np.isfinite(label)
-        if not finite.all():
-            raise SarcoError(f"label has {int((~finite).sum())} NaN or infinite value(s)")
-        if not np.array_equal(label, np.round(label)):
-            raise SarcoError("label values must be whole numbers (0-4), not fractions")
+    check_whole_numbers(label)
     if label.size and (label.min() < 0 or label.max() > max_value):
         bad = np.unique(label[(label < 0) | (label > max_value)])[:5]
         raise SarcoError(f"label values must lie in 0..{max_value}; found {', '.join(f'{v:g}' for v in bad)}")

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('--studies', '--input', '--reference')
 OUTPUTS = ('--out',)
+
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
@@ -85,10 +86,10 @@ def refuse_foreign_companions(out: Path) -> None:
     those names; when the workbook itself is not there, such a file is someone else's (a
     studies folder's ``manifest.csv`` beside ``--out manifest.xlsx``): refuse."""
     from sarco_app.errors import SarcoError
+    from sarco_app.measurement.cohort import workbook_companions
 
     out = Path(out)
-    companions = [out.with_suffix(".csv"), out.with_name(out.stem + "_summary.csv")]
-    foreign = [str(p) for p in companions if p.exists() and not out.exists()]
+    foreign = [str(p) for p in workbook_companions(out) if p.exists() and not out.exists()]
     if foreign:
         raise SarcoError(f"--out {out} would overwrite {', '.join(foreign)}, which no earlier cohort run "
                          "wrote here; choose another --out")

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('--pred', '--truth')
 OUTPUTS = ('--csv', '--markdown')
+
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(

@@ -10,9 +10,10 @@ from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.measurement.quantify import load_label
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image_series', 'label')
 OUTPUTS = ('--out',)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(

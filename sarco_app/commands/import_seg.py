@@ -12,10 +12,11 @@ from sarco_app.inputs import dicom_seg, ingest
 from sarco_app.labels import NAMES
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image_series', 'seg')
 OUTPUTS = ('--out',)
 OUTPUT_SUFFIXES = {"--out": (".nii.gz", ".nii")}
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(

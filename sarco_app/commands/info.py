@@ -9,10 +9,6 @@ from sarco_app.inputs import dicom, ingest
 from sarco_app.errors import IngestError
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
-INPUTS = ('path',)
-OUTPUTS = ()
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "info",

@@ -24,10 +24,11 @@ from sarco_app.errors import SarcoError
 NOT_IN_FOV = 2
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image',)
 OUTPUTS = ('--json', '--png')
 OUTPUT_SUFFIXES = {"--png": (".png",)}
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(

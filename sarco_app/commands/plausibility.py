@@ -6,10 +6,6 @@ import json
 from pathlib import Path
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
-INPUTS = ('image', '--label', '--model')
-OUTPUTS = ()
-
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "plausibility",

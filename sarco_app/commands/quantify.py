@@ -38,9 +38,10 @@ def add_patient_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--age", type=positive_float, help="age in years (overrides DICOM/sidecar)")
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('--image', '--label', '--reference')
 OUTPUTS = ('--json', '--overlay')
+
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('image', '--model')
 OUTPUTS = ('--out',)
 OUTPUT_SUFFIXES = {"--out": (".nii.gz", ".nii")}
+
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(

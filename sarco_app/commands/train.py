@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-#: File options (argparse dests) checked by sarco_app.__main__.refuse_overwrites.
+#: File options (as typed; a positional by its name) checked by sarco_app.__main__.refuse_overwrites.
 INPUTS = ('--data', '--init')
 OUTPUTS = ('--out', '--last')
+
 
 def add_parser(subparsers):
     from sarco_app.segmentation.train import TrainConfig

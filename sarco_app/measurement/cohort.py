@@ -267,6 +267,12 @@ def summary_measures(reference: ReferenceTable) -> list[str]:
     return list(dict.fromkeys(measures))  # muscle_hu_mean is listed twice
 
 
+def workbook_companions(out_path: Path) -> tuple[Path, Path]:
+    """The CSV files written beside the workbook: ``<stem>.csv`` (scans) and ``<stem>_summary.csv``."""
+    out_path = Path(out_path)
+    return out_path.with_suffix(".csv"), out_path.with_name(out_path.stem + "_summary.csv")
+
+
 def write_workbook(
     rows: list[dict[str, Any]],
     out_path: Path,
@@ -296,9 +302,8 @@ def write_workbook(
         _reference_frame(reference, cutoffs).to_excel(writer, sheet_name="reference", index=False)
         for sheet in writer.sheets.values():
             format_sheet(sheet)
-    csv_path = out_path.with_suffix(".csv")
+    csv_path, summary_csv = workbook_companions(out_path)
     frame.to_csv(csv_path, index=False)
-    summary_csv = out_path.with_name(out_path.stem + "_summary.csv")
     summary.to_csv(summary_csv, index=False)
     return {"rows": rows, "xlsx": out_path, "csv": csv_path, "summary_csv": summary_csv,
             "failed": int((frame["status"] != "ok").sum())}

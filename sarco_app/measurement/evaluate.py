@@ -77,10 +77,10 @@ def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raw = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for a damaged file
         raise SarcoError(f"{path.name}: not a readable NIfTI label ({reason(exc, path)})") from exc
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # NaN would be cast to some class
-        raise SarcoError(f"{path.name}: {int((~np.isfinite(raw)).sum())} NaN or infinite value(s) — not a label map")
-    if raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
-        raise SarcoError(f"{path.name}: fractional values — a label resampled with interpolation, or an image?")
+    try:
+        L.check_whole_numbers(raw)
+    except SarcoError as exc:
+        raise SarcoError(f"{path.name}: {exc}") from None
     data = np.rint(raw).astype(np.int16)
     bad = np.setdiff1d(np.unique(data), [0, *L.NAMES])
     if bad.size:

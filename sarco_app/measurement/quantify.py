@@ -89,8 +89,8 @@ def load_label(path: str | Path, image: CTImage, max_value: int | None = None) -
         raise SarcoError(
             f"label {path.name} has shape {tuple(data.shape)} but the image has shape {expected}"
         )
-    try:  # NaN or fractions (a label resampled with interpolation) would be cast to some class
-        L.check_label_values(data, max_value if max_value is not None else L.IMAT)
+    try:
+        L.check_whole_numbers(data)
     except SarcoError as exc:
         raise SarcoError(f"label {path.name}: {exc}") from None
     data = image.from_original(np.rint(data).astype(np.int16))
